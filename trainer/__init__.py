@@ -1,0 +1,1 @@
+"""SFT and GRPO trainers built on the cp core."""
