@@ -3,20 +3,25 @@
     ParallelDims ──build()──> DeviceMesh (dp, cp_ring, cp_ulysses; flattened cp, dp_cp)
     setup_cp_params(full batch) ──> CPBatch(local shards, CPParams)
     ulysses_attention(q, k, v, params)    all-to-all seq<->head around any local kernel
+    ring_attention(q, k, v, params)       K/V ring with online-softmax merge (zigzag balanced)
+    hybrid_attention(q, k, v, params)     Ulysses inside cp_ulysses groups x ring across cp_ring
     shard / unshard                       full tensor <-> this rank's shard (layouts registry)
 
 Everything takes its groups and per-batch metadata explicitly (CPParams); nothing is global.
 """
 
-from cp.collectives import gather_seq, head_to_seq, seq_to_head
+from cp.collectives import RingExchange, gather_seq, head_to_seq, seq_to_head
 from cp.dims import CP_STYLES, ParallelDims
-from cp.kernels import KERNELS, AttnMask, hf_kernel, resolve_kernel
+from cp.hybrid import hybrid_attention
+from cp.kernels import BLOCK_KERNELS, KERNELS, AttnMask, hf_kernel, merge_attention, resolve_kernel
 from cp.layouts import LAYOUTS, get_layout, shard_indices
 from cp.params import CPBatch, CPParams, setup_cp_params, shard, unshard
+from cp.ring import ring_attention
 from cp.ulysses import ulysses_attention
 
 __all__ = [
-    "CP_STYLES", "KERNELS", "LAYOUTS", "AttnMask", "CPBatch", "CPParams", "ParallelDims", "gather_seq",
-    "get_layout", "head_to_seq", "hf_kernel", "resolve_kernel", "seq_to_head", "setup_cp_params", "shard",
-    "shard_indices", "ulysses_attention", "unshard",
+    "BLOCK_KERNELS", "CP_STYLES", "KERNELS", "LAYOUTS", "AttnMask", "CPBatch", "CPParams", "ParallelDims",
+    "RingExchange", "gather_seq", "get_layout", "head_to_seq", "hf_kernel", "hybrid_attention", "merge_attention",
+    "resolve_kernel", "ring_attention", "seq_to_head", "setup_cp_params", "shard", "shard_indices",
+    "ulysses_attention", "unshard",
 ]

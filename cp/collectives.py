@@ -20,7 +20,8 @@ Group of size 1 (or None): everything is a no-op.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -48,30 +49,48 @@ def _is_even_split(head_index: HeadIndex, num_heads: int) -> bool:
     return all(list(h) == list(range(j * per, (j + 1) * per)) for j, h in enumerate(head_index))
 
 
-def _seq_to_head(x: torch.Tensor, group: dist.ProcessGroup, head_index: HeadIndex) -> torch.Tensor:
+@dataclass
+class _Exchange:
+    """One all-to-all, packed: the send buffer, split sizes (None = even), the receive buffer, and
+    how to turn the received buffer into the result."""
+
+    send: torch.Tensor
+    recv: torch.Tensor
+    output_splits: list[int] | None
+    input_splits: list[int] | None
+    unpack: Callable[[torch.Tensor], torch.Tensor]
+
+    def run(self, group: dist.ProcessGroup, async_op: bool = False):
+        return dist.all_to_all_single(self.recv, self.send, output_split_sizes=self.output_splits,
+                                      input_split_sizes=self.input_splits, group=group, async_op=async_op)
+
+
+def _pack_seq_to_head(x: torch.Tensor, group: dist.ProcessGroup, head_index: HeadIndex) -> _Exchange:
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     B, s, H, D = x.shape
     if _is_even_split(head_index, H):
         h = H // size
         send = x.reshape(B, s, size, h, D).permute(2, 0, 1, 3, 4).contiguous()  # [B, s, H, D] -> [P, B, s, h, D]
-        recv = torch.empty_like(send)  # [P(source rank), B, s, h, D]
-        dist.all_to_all_single(recv, send, group=group)
         if B == 1:
-            return recv.view(1, size * s, h, D)  # [P, 1, s, h, D] -> [1, S, h, D] (no copy)
-        return recv.permute(1, 0, 2, 3, 4).reshape(B, size * s, h, D)  # [P, B, s, h, D] -> [B, S, h, D]
+            unpack = lambda recv: recv.view(1, size * s, h, D)  # [P, 1, s, h, D] -> [1, S, h, D] (no copy)
+        else:
+            unpack = lambda recv: recv.permute(1, 0, 2, 3, 4).reshape(B, size * s, h, D)  # [P, B, s, h, D] -> [B, S, h, D]
+        return _Exchange(send, torch.empty_like(send), None, None, unpack)
     # Uneven or overlapping head sets: one flat buffer, one split per destination.
     pieces = [x[:, :, list(idx)] for idx in head_index]  # each [B, s, h_j, D]
-    send = torch.cat([p.reshape(-1) for p in pieces])
     mine = len(head_index[rank])
+    send = torch.cat([p.reshape(-1) for p in pieces])
     recv = x.new_empty(size * B * s * mine * D)
-    dist.all_to_all_single(recv, send, output_split_sizes=[B * s * mine * D] * size,
-                           input_split_sizes=[p.numel() for p in pieces], group=group)
-    recv = recv.view(size, B, s, mine, D)  # [P(source), B, s, h_mine, D]
-    return recv.permute(1, 0, 2, 3, 4).reshape(B, size * s, mine, D)  # -> [B, S, h_mine, D]
+
+    def unpack(recv):
+        recv = recv.view(size, B, s, mine, D)  # [P(source), B, s, h_mine, D]
+        return recv.permute(1, 0, 2, 3, 4).reshape(B, size * s, mine, D)  # -> [B, S, h_mine, D]
+
+    return _Exchange(send, recv, [B * s * mine * D] * size, [p.numel() for p in pieces], unpack)
 
 
-def _head_to_seq(x: torch.Tensor, group: dist.ProcessGroup, head_index: HeadIndex, num_heads: int) -> torch.Tensor:
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+def _pack_head_to_seq(x: torch.Tensor, group: dist.ProcessGroup, head_index: HeadIndex, num_heads: int) -> _Exchange:
+    size = dist.get_world_size(group)
     B, S, h, D = x.shape
     s = S // size
     if _is_even_split(head_index, num_heads):
@@ -79,41 +98,108 @@ def _head_to_seq(x: torch.Tensor, group: dist.ProcessGroup, head_index: HeadInde
             send = x.reshape(size, 1, s, h, D)  # [1, S, h, D] -> [P(dest), 1, s, h, D] (no copy)
         else:
             send = x.reshape(B, size, s, h, D).transpose(0, 1).contiguous()  # [B, S, h, D] -> [P, B, s, h, D]
-        recv = torch.empty_like(send)  # [P(source rank = head chunk), B, s, h, D]
-        dist.all_to_all_single(recv, send.contiguous(), group=group)
-        return recv.permute(1, 2, 0, 3, 4).reshape(B, s, size * h, D)  # [P, B, s, h, D] -> [B, s, H, D]
-    send = x.reshape(B, size, s, h, D).transpose(0, 1).contiguous()  # [B, S, h, D] -> [P, B, s, h, D]
+        # recv: [P(source = head chunk), B, s, h, D] -> [B, s, P, h, D] -> [B, s, H, D]
+        unpack = lambda recv: recv.permute(1, 2, 0, 3, 4).reshape(B, s, size * h, D)
+        return _Exchange(send, torch.empty_like(send), None, None, unpack)
+    send = x.reshape(B, size, s, h, D).transpose(0, 1).reshape(-1)  # [B, S, h, D] -> [P, B, s, h, D] -> flat
     counts = [len(idx) for idx in head_index]
     recv = x.new_empty(B * s * sum(counts) * D)
-    dist.all_to_all_single(recv, send.view(-1), output_split_sizes=[B * s * c * D for c in counts],
-                           input_split_sizes=[B * s * h * D] * size, group=group)
-    out = x.new_zeros(B, s, num_heads, D)
-    for idx, flat in zip(head_index, recv.split([B * s * c * D for c in counts])):
-        # Overlapping head sets (replicated KV heads) sum: this is the adjoint of the replication.
-        out.index_add_(2, torch.tensor(list(idx), device=x.device), flat.view(B, s, len(idx), D))
-    return out
+
+    def unpack(recv):
+        out = recv.new_zeros(B, s, num_heads, D)
+        for idx, flat in zip(head_index, recv.split([B * s * c * D for c in counts])):
+            # Overlapping head sets (replicated KV heads) sum: the adjoint of the replication.
+            out.index_add_(2, torch.tensor(list(idx), device=recv.device), flat.view(B, s, len(idx), D))
+        return out
+
+    return _Exchange(send, recv, [B * s * c * D for c in counts], [B * s * h * D] * size, unpack)
 
 
-class _SeqToHead(torch.autograd.Function):
+def _pack(direction: str, x, group, head_index, num_heads) -> _Exchange:
+    if direction == "seq_to_head":
+        return _pack_seq_to_head(x, group, head_index)
+    return _pack_head_to_seq(x, group, head_index, num_heads)
+
+
+_INVERSE = {"seq_to_head": "head_to_seq", "head_to_seq": "seq_to_head"}
+
+
+def _all_to_all(direction: str, x, group, head_index, num_heads) -> torch.Tensor:
+    exchange = _pack(direction, x, group, head_index, num_heads)
+    exchange.run(group)
+    return exchange.unpack(exchange.recv)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Synchronous all-to-all in `direction`; backward is the inverse direction."""
+
     @staticmethod
-    def forward(ctx, x, group, head_index):
-        ctx.group, ctx.head_index, ctx.num_heads = group, head_index, x.shape[2]
-        return _seq_to_head(x, group, head_index)
+    def forward(ctx, x, direction, group, head_index, num_heads):
+        ctx.args = (_INVERSE[direction], group, head_index, num_heads)
+        return _all_to_all(direction, x, group, head_index, num_heads)
 
     @staticmethod
     def backward(ctx, grad):
-        return _head_to_seq(grad.contiguous(), ctx.group, ctx.head_index, ctx.num_heads), None, None
+        return _all_to_all(ctx.args[0], grad.contiguous(), *ctx.args[1:]), None, None, None, None
 
 
-class _HeadToSeq(torch.autograd.Function):
+class PendingAllToAll:
+    """An all-to-all in flight (forward) and, later, its gradient's inverse all-to-all (backward)."""
+
+    def __init__(self):
+        self.forward: tuple | None = None  # (work, exchange)
+        self.backward: tuple | None = None
+
+
+class _StartAllToAll(torch.autograd.Function):
+    """Launch the all-to-all; returns the receive buffer (filled once _WaitAllToAll has waited).
+    Backward waits for the gradient's inverse all-to-all that _WaitAllToAll.backward launched."""
+
     @staticmethod
-    def forward(ctx, x, group, head_index, num_heads):
-        ctx.group, ctx.head_index = group, head_index
-        return _head_to_seq(x, group, head_index, num_heads)
+    def forward(ctx, x, direction, group, head_index, num_heads, pending):
+        exchange = _pack(direction, x, group, head_index, num_heads)
+        pending.forward = (exchange.run(group, async_op=True), exchange)
+        ctx.pending = pending
+        return exchange.recv
+
+    @staticmethod
+    def backward(ctx, _unused):
+        work, exchange = ctx.pending.backward
+        work.wait()
+        ctx.pending.backward = None
+        return exchange.unpack(exchange.recv), None, None, None, None, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    """Wait and unpack; backward launches the inverse all-to-all of the gradient without waiting."""
+
+    @staticmethod
+    def forward(ctx, recv, direction, group, head_index, num_heads, pending):
+        work, exchange = pending.forward
+        work.wait()
+        pending.forward = None
+        ctx.args = (_INVERSE[direction], group, head_index, num_heads)
+        ctx.pending, ctx.recv_shape, ctx.recv_dtype = pending, recv.shape, recv.dtype
+        return exchange.unpack(recv)
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_to_head(grad.contiguous(), ctx.group, ctx.head_index), None, None, None
+        direction, group, head_index, num_heads = ctx.args
+        exchange = _pack(direction, grad.contiguous(), group, head_index, num_heads)
+        ctx.pending.backward = (exchange.run(group, async_op=True), exchange)
+        # The receive buffer's gradient is carried by `pending`; autograd only needs a placeholder.
+        placeholder = torch.zeros((), dtype=ctx.recv_dtype, device=grad.device).expand(ctx.recv_shape)
+        return placeholder, None, None, None, None, None
+
+
+def _resolve(x, group, head_index, num_heads, direction):
+    size = group_size(group)
+    if head_index is None:
+        head_index = even_head_index(num_heads, size)
+    _check_head_index(head_index, num_heads, size)
+    if direction == "head_to_seq" and x.shape[1] % size:
+        raise ValueError(f"sequence length {x.shape[1]} is not divisible by the group size {size}")
+    return head_index
 
 
 def seq_to_head(x: torch.Tensor, group: dist.ProcessGroup | None, head_index: HeadIndex | None = None) -> torch.Tensor:
@@ -123,10 +209,8 @@ def seq_to_head(x: torch.Tensor, group: dist.ProcessGroup | None, head_index: He
     """
     if group_size(group) == 1:
         return x if head_index is None else x[:, :, list(head_index[0])]
-    if head_index is None:
-        head_index = even_head_index(x.shape[2], group_size(group))
-    _check_head_index(head_index, x.shape[2], group_size(group))
-    return _SeqToHead.apply(x.contiguous(), group, head_index)
+    head_index = _resolve(x, group, head_index, x.shape[2], "seq_to_head")
+    return _AllToAll.apply(x.contiguous(), "seq_to_head", group, head_index, x.shape[2])
 
 
 def head_to_seq(x: torch.Tensor, group: dist.ProcessGroup | None, head_index: HeadIndex | None = None,
@@ -138,14 +222,22 @@ def head_to_seq(x: torch.Tensor, group: dist.ProcessGroup | None, head_index: He
     size = group_size(group)
     if size == 1:
         return x
-    if num_heads is None:
-        num_heads = x.shape[2] * size
-    if head_index is None:
-        head_index = even_head_index(num_heads, size)
-    _check_head_index(head_index, num_heads, size)
-    if x.shape[1] % size:
-        raise ValueError(f"sequence length {x.shape[1]} is not divisible by the group size {size}")
-    return _HeadToSeq.apply(x.contiguous(), group, head_index, num_heads)
+    num_heads = x.shape[2] * size if num_heads is None else num_heads
+    head_index = _resolve(x, group, head_index, num_heads, "head_to_seq")
+    return _AllToAll.apply(x.contiguous(), "head_to_seq", group, head_index, num_heads)
+
+
+def start_all_to_all(x: torch.Tensor, direction: str, group: dist.ProcessGroup, head_index: HeadIndex,
+                     num_heads: int) -> Callable[[], torch.Tensor]:
+    """Launch seq_to_head / head_to_seq asynchronously; returns `wait()` giving the result.
+
+    Compute issued between start and wait overlaps the communication, in forward and (mirrored by
+    autograd) in backward. Results are identical to the synchronous functions. Group size > 1.
+    """
+    head_index = _resolve(x, group, head_index, num_heads, direction)
+    pending = PendingAllToAll()
+    recv = _StartAllToAll.apply(x.contiguous(), direction, group, head_index, num_heads, pending)
+    return lambda: _WaitAllToAll.apply(recv, direction, group, head_index, num_heads, pending)
 
 
 def _check_head_index(head_index: HeadIndex, num_heads: int, size: int) -> None:
@@ -179,3 +271,37 @@ def gather_seq(x: torch.Tensor, group: dist.ProcessGroup | None, dim: int = 1) -
     if group_size(group) == 1:
         return x
     return _GatherSeq.apply(x.contiguous(), group, dim)
+
+
+class RingExchange:
+    """Batched P2P for the ring: send tensors to the next rank, receive the previous rank's.
+
+        ex = RingExchange(group)
+        ex.start([k, v])        # isend to rank+1, irecv from rank-1, one batch_isend_irecv
+        ... compute on k, v ...
+        k, v = ex.wait()        # the previous rank's tensors
+    """
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.next = dist.get_global_rank(group, (rank + 1) % size)
+        self.prev = dist.get_global_rank(group, (rank - 1) % size)
+        self._works: list = []
+        self._sent: list[torch.Tensor] = []  # kept alive until wait()
+        self._recv: list[torch.Tensor] = []
+
+    def start(self, tensors: list[torch.Tensor]) -> None:
+        if self._works:
+            raise RuntimeError("RingExchange.start called twice without wait")
+        self._sent = [t.contiguous() for t in tensors]
+        self._recv = [torch.empty_like(t) for t in self._sent]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in self._sent]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in self._recv]
+        self._works = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> list[torch.Tensor]:
+        for work in self._works:
+            work.wait()
+        self._works, self._sent = [], []
+        return self._recv

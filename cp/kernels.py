@@ -15,11 +15,17 @@ included. `sinks` are per-head logits (GPT-OSS `s_aux`) that join every query's 
 denominator once, with a zero value vector.
 
 Kernels (`KERNELS`, chosen by name; `resolve_kernel` is the one entry point):
-    "math"  explicit softmax in fp32 (or fp64 for fp64 inputs): exact, supports everything,
-            also returns the log-sum-exp (`attention_with_lse`). Memory O(B*H*Sq*Sk).
+    "math"  explicit softmax in fp32 (or fp64 for fp64 inputs), differentiated by autograd:
+            exact, supports everything (`attention_with_lse` also returns the LSE). O(B*H*Sq*Sk).
     "sdpa"  torch scaled_dot_product_attention with a boolean mask (plain causal without one);
-            sinks fall back to "math".
+            sinks go to "lse".
+    "lse"   a block kernel with LSE (below; cpu_flash on CPU) with its own backward; sinks merged
+            from the LSE exactly once.
     "auto"  "sdpa" (the default).
+
+Block kernels (`BLOCK_KERNELS`, for the ring and "lse"): forward returns (out, lse) of one block;
+backward takes the FINAL out/lse of the query rows (flash-attention style), so blocks can be done
+one at a time in any order and merged with `merge_attention`, the one online-softmax merge.
 Any HF AttentionInterface function (sdpa, eager, ...) becomes a kernel through `hf_kernel(fn)`.
 """
 
@@ -82,8 +88,7 @@ def attention_with_lse(q, k, v, mask: AttnMask, *, scale: float | None = None,
     Computed in fp32 (fp64 stays fp64); the LSE includes the sink. Rows with no visible key give
     out = 0 and lse = -inf.
     """
-    groups = _check_gqa(q, k)
-    dtype = torch.promote_types(q.dtype, torch.float32)
+    groups, dtype = _check_gqa(q, k), acc_dtype(q)
     qh = q.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
     kh = k.transpose(1, 2).to(dtype).repeat_interleave(groups, dim=1)  # [B, Sk, Hkv, D] -> [B, H, Sk, D]
     vh = v.transpose(1, 2).to(dtype).repeat_interleave(groups, dim=1)  # [B, Sk, Hkv, D] -> [B, H, Sk, D]
@@ -105,8 +110,8 @@ def math_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks
 
 
 def sdpa_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks: torch.Tensor | None = None):
-    if sinks is not None:  # SDPA has no sink term
-        return math_attention(q, k, v, mask, scale=scale, sinks=sinks)
+    if sinks is not None:  # SDPA has no sink term: the LSE path merges it exactly
+        return lse_attention(q, k, v, mask, scale=scale, sinks=sinks)
     _check_gqa(q, k)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, S, H, D] -> [B, H, S, D]
     if mask.is_plain_causal():
@@ -120,7 +125,16 @@ def sdpa_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks
 
 Kernel = Callable[..., torch.Tensor]
 
-KERNELS: dict[str, Kernel] = {"math": math_attention, "sdpa": sdpa_attention, "auto": sdpa_attention}
+
+def lse_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks: torch.Tensor | None = None,
+                  block_kernel=None):
+    """One block through a block kernel with LSE (cpu_flash on CPU): sinks merged exactly, fused memory use."""
+    kernel = resolve_block_kernel(block_kernel, q.device)
+    return _BlockAttention.apply(q, k, v, sinks, mask.dense(), _default_scale(q, scale), kernel)
+
+
+KERNELS: dict[str, Kernel] = {"math": math_attention, "sdpa": sdpa_attention, "lse": lse_attention,
+                              "auto": sdpa_attention}
 
 
 def resolve_kernel(kernel: str | Kernel | None) -> Kernel:
@@ -154,4 +168,154 @@ def hf_kernel(fn: Callable, module: torch.nn.Module | None = None) -> Kernel:
                     scaling=_default_scale(q, scale), dropout=0.0, is_causal=False, **extra)
         return out  # HF attention functions return BSHD
 
+    return kernel
+
+
+# ----------------------------------------------------------------------------------------------
+# Block kernels with LSE, for the ring: forward returns (out, lse) of one (query block, key block)
+# pair; backward takes the FINAL out/lse of the query block (flash-attention style), so blocks can
+# be processed one at a time in any order and the result is exact.
+
+
+def merge_attention(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor):
+    """The one online-softmax merge. out/block_out [B, S, H, D] fp32, lse/block_lse [B, H, S] fp32.
+
+    Returns the attention over the union of both key sets. -inf LSEs (no visible key) are safe.
+    """
+    new_lse = torch.logaddexp(lse, block_lse)  # [B, H, S]
+    finite = torch.isfinite(new_lse)
+    safe = torch.where(finite, new_lse, torch.zeros_like(new_lse))
+    w_old = torch.where(finite, torch.exp(lse - safe), torch.zeros_like(lse)).transpose(1, 2)[..., None]  # -> [B, S, H, 1]
+    w_new = torch.where(finite, torch.exp(block_lse - safe), torch.zeros_like(lse)).transpose(1, 2)[..., None]
+    return out * w_old + block_out * w_new, new_lse
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (tests prove exactness to rounding)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    return t.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, Sk, Hkv, D] -> [B, H, Sk, D]
+
+
+def _sum_kv_groups(t: torch.Tensor, groups: int) -> torch.Tensor:
+    B, H, Sk, D = t.shape
+    return t.view(B, H // groups, groups, Sk, D).sum(2).transpose(1, 2)  # [B, H, Sk, D] -> [B, Sk, Hkv, D]
+
+
+@dataclass(frozen=True)
+class MathBlockKernel:
+    """Explicit fp32 (fp64 for fp64) block attention with LSE (exact on any device; memory O(B*H*Sq*Sk) per block)."""
+
+    name: str = "math"
+
+    def forward(self, q, k, v, allowed: torch.Tensor, scale: float):
+        """q [B, Sq, H, D], k/v [B, Sk, Hkv, D], allowed [B, Sq, Sk] -> out [B, Sq, H, D], lse [B, H, Sq] (acc_dtype)."""
+        groups, dtype = _check_gqa(q, k), acc_dtype(q)
+        qh = q.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
+        scores = torch.matmul(qh, _expand_kv(k.to(dtype), groups).transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, Sq]
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        out = torch.matmul(torch.exp(scores - safe[..., None]), _expand_kv(v.to(dtype), groups))  # [B, H, Sq, D]
+        return out.transpose(1, 2), lse  # -> [B, Sq, H, D]
+
+    def backward(self, q, k, v, out, dout, lse, delta, allowed: torch.Tensor, scale: float):
+        """Gradients of one block given the query block's FINAL out [B, Sq, H, D], lse [B, H, Sq] and
+        delta = rowsum(dout * out) [B, H, Sq]. Returns dq [B, Sq, H, D], dk/dv [B, Sk, Hkv, D] (acc_dtype)."""
+        groups, dtype = _check_gqa(q, k), acc_dtype(q)
+        qh = q.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
+        kh, vh = _expand_kv(k.to(dtype), groups), _expand_kv(v.to(dtype), groups)  # [B, H, Sk, D]
+        doh = dout.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
+        scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
+        probs = torch.exp(scores - lse[..., None]).masked_fill(~allowed[:, None], 0.0)
+        dv = torch.matmul(probs.transpose(-1, -2), doh)  # [B, H, Sk, D]
+        dscores = probs * (torch.matmul(doh, vh.transpose(-1, -2)) - delta[..., None]) * scale  # [B, H, Sq, Sk]
+        dq = torch.matmul(dscores, kh).transpose(1, 2)  # [B, H, Sq, D] -> [B, Sq, H, D]
+        dk = torch.matmul(dscores.transpose(-1, -2), qh)  # [B, H, Sk, D]
+        return dq, _sum_kv_groups(dk, groups), _sum_kv_groups(dv, groups)
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, Sq, Sk] bool -> [B, 1, Sq, Sk] additive (0 / -inf) in the query dtype (fused kernels want that)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))[:, None]
+
+
+@dataclass(frozen=True)
+class CpuFlashBlockKernel:
+    """torch's fused CPU flash attention (aten::_scaled_dot_product_flash_attention_for_cpu), which
+    returns the LSE, and its backward, which accepts the FINAL out/lse: scores never materialised."""
+
+    name: str = "cpu_flash"
+
+    def forward(self, q, k, v, allowed: torch.Tensor, scale: float):
+        groups = _check_gqa(q, k)
+        qh = q.transpose(1, 2)  # [B, Sq, H, D] -> [B, H, Sq, D]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qh, _expand_kv(k, groups), _expand_kv(v, groups), 0.0, False,
+            attn_mask=_additive_mask(allowed, q.dtype), scale=scale)
+        lse = lse.to(acc_dtype(q)).masked_fill(~allowed.any(-1)[:, None], float("-inf"))  # no visible key: -inf, not 0
+        return out.transpose(1, 2).to(acc_dtype(q)), lse  # [B, H, Sq, D] -> [B, Sq, H, D]
+
+    def backward(self, q, k, v, out, dout, lse, delta, allowed: torch.Tensor, scale: float):
+        groups = _check_gqa(q, k)
+        bhsd = lambda t: t.transpose(1, 2).to(q.dtype)  # [B, S, H, D] -> [B, H, S, D]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            bhsd(dout), bhsd(q), _expand_kv(k, groups), _expand_kv(v, groups), bhsd(out), lse.to(acc_dtype(q)), 0.0, False,
+            attn_mask=_additive_mask(allowed, q.dtype), scale=scale)
+        dtype = acc_dtype(q)
+        return (dq.transpose(1, 2).to(dtype), _sum_kv_groups(dk.to(dtype), groups),  # [B, H, Sq, D] -> [B, Sq, H, D]
+                _sum_kv_groups(dv.to(dtype), groups))
+
+
+BLOCK_KERNELS = {"math": MathBlockKernel(), "cpu_flash": CpuFlashBlockKernel()}
+
+
+def merge_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
+    """Join the sink logits (one per head, zero value vector) to a finished softmax: exactly once."""
+    return merge_attention(out, lse, torch.zeros_like(out), _sink_lse(sinks, lse))
+
+
+def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """d loss / d sink_h = -sum_{b,i} p_sink[b,h,i] * delta[b,h,i], with p_sink = exp(sink - lse)."""
+    return -(torch.exp(_sink_lse(sinks, lse) - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
+
+
+def _sink_lse(sinks: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    return sinks.to(lse.dtype)[None, :, None].expand_as(lse)  # [H] -> [B, H, L]
+
+
+class _BlockAttention(torch.autograd.Function):
+    """Attention of one (query, key) block through a block kernel; sinks merged once."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, allowed, scale, kernel):
+        out, lse = kernel.forward(q, k, v, allowed, scale)
+        if sinks is not None:
+            out, lse = merge_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks, allowed)
+        ctx.scale, ctx.kernel = scale, kernel
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, sinks, allowed = ctx.saved_tensors
+        dout = dout.to(out.dtype)
+        delta = (dout * out).sum(-1).transpose(1, 2)  # [B, L, H] -> [B, H, L]
+        dq, dk, dv = ctx.kernel.backward(q, k, v, out, dout, lse, delta, allowed, ctx.scale)
+        dsinks = None if sinks is None else sinks_grad(sinks, lse, delta)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None
+
+
+def resolve_block_kernel(kernel, device: torch.device | None = None):
+    """Block kernels (with LSE) for the ring: a name in BLOCK_KERNELS, "auto"/None (cpu_flash on CPU,
+    math elsewhere), or an object with the same forward/backward (the test override hook)."""
+    if kernel is None or kernel == "auto":
+        kernel = "cpu_flash" if device is None or device.type == "cpu" else "math"
+    if isinstance(kernel, str):
+        try:
+            return BLOCK_KERNELS[kernel]
+        except KeyError:
+            raise ValueError(f"unknown ring block kernel {kernel!r}; known: {sorted(BLOCK_KERNELS)}") from None
     return kernel

@@ -84,11 +84,15 @@ class CPParams:
     def ulysses_rank(self) -> int:
         return self.cp_rank % self.ulysses_size
 
-    def ulysses_gathered_index(self) -> torch.Tensor:
-        """Global positions, in order, of the sequence a Ulysses all-to-all gathers on this rank:
-        the shards of this rank's Ulysses group concatenated ([S_pad / ring])."""
-        first = self.ring_rank * self.ulysses_size
+    def ring_block_index(self, ring_rank: int) -> torch.Tensor:
+        """Global positions, in order, of the block ring rank `ring_rank` holds once its Ulysses
+        group has gathered its shards ([S_pad / ring]; with no Ulysses level, that rank's shard)."""
+        first = ring_rank * self.ulysses_size
         return self.shard_index[first:first + self.ulysses_size].reshape(-1)
+
+    def ulysses_gathered_index(self) -> torch.Tensor:
+        """Global positions, in order, of the sequence a Ulysses all-to-all gathers on this rank."""
+        return self.ring_block_index(self.ring_rank)
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cp.collectives import head_to_seq, seq_to_head
+from cp.collectives import head_to_seq, seq_to_head, start_all_to_all
 from cp.kernels import AttnMask, Kernel, resolve_kernel
 from cp.params import CPParams
+from cp.validation import check_qkv
 
 
 def ulysses_head_index(num_heads: int, num_kv_heads: int, size: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -43,7 +44,7 @@ def ulysses_head_index(num_heads: int, num_kv_heads: int, size: int) -> tuple[li
     return q_index, kv_index
 
 
-def _match_local_gqa(k: torch.Tensor, v: torch.Tensor, q_heads: list[int], kv_heads: list[int], groups: int):
+def match_local_gqa(k: torch.Tensor, v: torch.Tensor, q_heads: list[int], kv_heads: list[int], groups: int):
     """Make local KV heads line up with local query heads as kernel GQA expects (head i -> i // g).
 
     Holds already for even splits; otherwise expand KV to one head per query head.
@@ -56,46 +57,87 @@ def _match_local_gqa(k: torch.Tensor, v: torch.Tensor, q_heads: list[int], kv_he
     return k.index_select(2, index), v.index_select(2, index)  # [B, S, kv_r, D] -> [B, S, h_r, D]
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParams, window, sinks) -> None:
-    """Shape and argument checks shared by the CP attention paths; raise before any collective."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q/k/v must be BSHD [B, S_local, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if k.shape != v.shape[:3] + k.shape[3:] or q.shape[:2] != k.shape[:2]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree on batch, "
-                         "sequence or KV heads")
-    if q.shape[0] != params.batch_size or q.shape[1] != params.local_len:
-        raise ValueError(f"q has [B, S_local] = {list(q.shape[:2])} but CPParams describe "
-                         f"[{params.batch_size}, {params.local_len}] (S_pad={params.padded_len}, cp={params.cp_size})")
-    if window is not None and window < 1:
-        raise ValueError(f"window={window}: a sliding window must be >= 1 (or None for full attention)")
-    if sinks is not None and sinks.shape != (q.shape[2],):
-        raise ValueError(f"sinks must have one logit per query head ({q.shape[2]}); got shape {tuple(sinks.shape)}")
+def _head_chunks(num_heads: int, num_kv: int, chunks: int) -> list[tuple[list[int], list[int]]]:
+    """Split heads into `chunks` groups that keep every query head with its KV head."""
+    if chunks < 1 or chunks > num_kv:
+        raise ValueError(f"chunks={chunks}: Ulysses head chunks must be between 1 and the number of KV heads "
+                         f"({num_kv}) so every chunk keeps its query heads with their KV heads")
+    groups = num_heads // num_kv
+    kv_chunks = [c.tolist() for c in torch.arange(num_kv).tensor_split(chunks)]
+    return [(list(range(kv[0] * groups, (kv[-1] + 1) * groups)), kv) for kv in kv_chunks]
+
+
+def _local_attention(q_full, k_full, v_full, params: CPParams, q_heads, kv_heads, groups, *, causal, scale, window,
+                     sinks, attn_fn):
+    """The kernel on the gathered full sequence of this rank's heads: [B, S, h_r, D]."""
+    k_full, v_full = match_local_gqa(k_full, v_full, q_heads, kv_heads, groups)
+    pos = params.ulysses_gathered_index().to(q_full.device)  # global position of each gathered token
+    doc = params.doc_ids[:, pos]  # [B, S]
+    mask = AttnMask(q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, causal=causal, window=window)
+    local_sinks = None if sinks is None else sinks[q_heads]
+    return resolve_kernel(attn_fn)(q_full, k_full, v_full, mask, scale=scale, sinks=local_sinks)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParams, *,
                       causal: bool = True, scale: float | None = None, window: int | None = None,
-                      sinks: torch.Tensor | None = None, attn_fn: str | Kernel | None = None) -> torch.Tensor:
+                      sinks: torch.Tensor | None = None, attn_fn: str | Kernel | None = None,
+                      chunks: int = 1) -> torch.Tensor:
     """Exact attention of this rank's sequence shards q [B, S/P, H, D], k/v [B, S/P, Hkv, D].
 
     attn_fn: the local kernel on the full sequence: a name in cp.kernels.KERNELS, a callable with
-    the kernel signature, or an HF attention function wrapped by cp.kernels.hf_kernel. Returns
-    [B, S/P, H, D].
+    the kernel signature, or an HF attention function wrapped by cp.kernels.hf_kernel.
+    chunks: > 1 pipelines the all-to-alls by head groups (KV heads split in `chunks`, query heads
+    follow): the all-to-all of group i+1 runs while group i attends. Same numbers as chunks=1.
+    Returns [B, S/P, H, D].
     """
     check_qkv(q, k, v, params, window, sinks)
+    num_heads, num_kv = q.shape[2], k.shape[2]
+    ulysses_head_index(num_heads, num_kv, params.ulysses_size)  # validates before any collective
+    kw = dict(causal=causal, scale=scale, window=window, attn_fn=attn_fn)
+    plan = _head_chunks(num_heads, num_kv, chunks)
+    if chunks == 1 or params.ulysses_size == 1:
+        return _ulysses_single_shot(q, k, v, params, sinks=sinks, **kw)
+    if min(len(q_heads) for q_heads, _ in plan) < params.ulysses_size:
+        raise ValueError(f"chunks={chunks} leaves fewer query heads in a chunk than the {params.ulysses_size} "
+                         "Ulysses ranks: use fewer chunks")
+    return _ulysses_pipelined(q, k, v, params, plan, sinks=sinks, **kw)
+
+
+def _ulysses_single_shot(q, k, v, params: CPParams, *, sinks, **kw) -> torch.Tensor:
     group, size = params.ulysses_group, params.ulysses_size
     rank = dist.get_rank(group) if size > 1 else 0
     num_heads, num_kv = q.shape[2], k.shape[2]
     q_index, kv_index = ulysses_head_index(num_heads, num_kv, size)
-
     q_full = seq_to_head(q, group, q_index)  # [B, S/P, H, D] -> [B, S, h_r, D]
     k_full = seq_to_head(k, group, kv_index)  # [B, S/P, Hkv, D] -> [B, S, kv_r, D]
     v_full = seq_to_head(v, group, kv_index)  # [B, S/P, Hkv, D] -> [B, S, kv_r, D]
-    k_full, v_full = _match_local_gqa(k_full, v_full, q_index[rank], kv_index[rank], num_heads // num_kv)
-
-    pos = params.ulysses_gathered_index().to(q.device)  # global position of each gathered token
-    doc = params.doc_ids[:, pos]  # [B, S]
-    mask = AttnMask(q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, causal=causal, window=window)
-    local_sinks = None if sinks is None else sinks[q_index[rank]]
-    out = resolve_kernel(attn_fn)(q_full, k_full, v_full, mask, scale=scale, sinks=local_sinks)  # [B, S, h_r, D]
+    out = _local_attention(q_full, k_full, v_full, params, q_index[rank], kv_index[rank], num_heads // num_kv,
+                           sinks=sinks, **kw)  # [B, S, h_r, D]
     return head_to_seq(out, group, q_index, num_heads)  # [B, S, h_r, D] -> [B, S/P, H, D]
+
+
+def _ulysses_pipelined(q, k, v, params: CPParams, plan, *, sinks, **kw) -> torch.Tensor:
+    """Head-chunked Ulysses: all-to-alls of chunk i+1 (and the way back of chunk i) overlap chunk i's attention."""
+    group, size = params.ulysses_group, params.ulysses_size
+    rank = dist.get_rank(group)
+    groups = q.shape[2] // k.shape[2]
+
+    def start(chunk):
+        q_heads, kv_heads = chunk
+        q_index, kv_index = ulysses_head_index(len(q_heads), len(kv_heads), size)
+        waits = [start_all_to_all(q[:, :, q_heads], "seq_to_head", group, q_index, len(q_heads)),  # -> [B, S, h, D]
+                 start_all_to_all(k[:, :, kv_heads], "seq_to_head", group, kv_index, len(kv_heads)),
+                 start_all_to_all(v[:, :, kv_heads], "seq_to_head", group, kv_index, len(kv_heads))]
+        return q_index, kv_index, waits
+
+    outputs, next_chunk = [], start(plan[0])
+    for i, (q_heads, kv_heads) in enumerate(plan):
+        q_index, kv_index, waits = next_chunk
+        if i + 1 < len(plan):
+            next_chunk = start(plan[i + 1])  # in flight while this chunk attends
+        q_full, k_full, v_full = (wait() for wait in waits)
+        chunk_sinks = None if sinks is None else sinks[q_heads]
+        out = _local_attention(q_full, k_full, v_full, params, q_index[rank], kv_index[rank], groups,
+                               sinks=chunk_sinks, **kw)  # [B, S, h_r, D]
+        outputs.append(start_all_to_all(out, "head_to_seq", group, q_index, len(q_heads)))  # -> [B, S/P, H_i, D]
+    return torch.cat([wait() for wait in outputs], dim=2)  # chunks in head order -> [B, S/P, H, D]

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import cp
 
-ATTENTION = {"ulysses": cp.ulysses_attention}
+ATTENTION = {"ulysses": cp.ulysses_attention, "ring": cp.ring_attention, "hybrid": cp.hybrid_attention}
 
 
 def random_docs(total: int, rng: random.Random) -> list[int]:
@@ -58,7 +58,8 @@ def main() -> None:
         print(f"world={world} S={S} H={H} kv_heads={Hkv} D={D} window={args.window} docs={len(lens[0])} "
               f"(lengths {lens[0][:6]}{'...' if len(lens[0]) > 6 else ''})")
     for style in args.styles:
-        dims = cp.ParallelDims(world_size=world, cp=world, cp_style=style)
+        cp_ulysses = (2 if world % 2 == 0 and world >= 4 else 1) if style == "hybrid" else None
+        dims = cp.ParallelDims(world_size=world, cp=world, cp_style=style, cp_ulysses=cp_ulysses)
         dims.build()
         batch = cp.setup_cp_params(torch.zeros(1, S, dtype=torch.long), dims, seq_lens=lens)
         p = batch.params
@@ -74,7 +75,8 @@ def main() -> None:
         dist.all_reduce(errs, op=dist.ReduceOp.MAX)
         if rank == 0:
             ok = "OK" if errs.max() < 1e-4 else "MISMATCH"
-            print(f"{style:8s} cp={world}: max|out-ref|={errs[0]:.2e} max|dq|={errs[1]:.2e} max|dk|={errs[2]:.2e} "
+            shape = f"{dims.ring}x{dims.ulysses}" if style == "hybrid" else str(world)
+            print(f"{style:8s} cp={shape}: max|out-ref|={errs[0]:.2e} max|dq|={errs[1]:.2e} max|dk|={errs[2]:.2e} "
                   f"max|dv|={errs[3]:.2e}  fwd+bwd {elapsed * 1e3:.0f} ms  {ok}")
     dist.destroy_process_group()
 

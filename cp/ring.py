@@ -1,0 +1,175 @@
+"""Ring attention: K/V blocks travel around the ring, queries stay; blocks merged by online softmax.
+
+    ring of R ranks, rank r holds q_r, k_r, v_r (zigzag: chunks r and 2R-1-r of the sequence)
+
+    forward, step s = 0 .. R-1 (block j = r - s mod R):
+        start  isend(k_j, v_j -> r+1), irecv(k_{j-1}, v_{j-1} <- r-1)       [batch_isend_irecv]
+        for each (query run, key run) of the block that has a visible pair:  [skip the rest]
+            out_b, lse_b = kernel.forward(q[run], k_j[run], v_j[run], mask)
+            out, lse = merge_attention(out, lse, out_b, lse_b)               [fp32]
+        wait
+    sinks: merged once at the end as a key with logit s_h and a zero value.
+
+    backward (flash style, with the FINAL lse and delta = rowsum(dout * out)):
+        K/V travel the ring again; the dK/dV accumulator of block j travels WITH it, each rank
+        adding its queries' share; after R steps one last hop returns it to its owner.
+
+The mask of a block comes from GLOBAL positions and document ids (CPParams), so packed documents
+crossing shard and zigzag boundaries, sliding windows and causality are exact; a (query run, key
+run) pair with no visible key (future chunk, out of window, no shared document) costs nothing.
+Runs are maximal stretches of consecutive positions (2 per rank for zigzag), so half-masked zigzag
+blocks are computed on their visible half only. K/V travel with Hkv heads (GQA expanded locally).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cp.collectives import RingExchange, group_size
+from cp.kernels import (AttnMask, _default_scale, acc_dtype, merge_attention, merge_sinks, resolve_block_kernel,
+                        sinks_grad)
+from cp.params import CPParams
+from cp.validation import check_qkv
+
+Piece = tuple[slice, slice, torch.Tensor]  # (query run, key run, allowed [B, q_run, k_run])
+
+
+def _runs(pos: torch.Tensor) -> list[slice]:
+    """Maximal stretches of consecutive global positions, as slices into `pos`."""
+    breaks = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
+    bounds = [0] + breaks + [len(pos)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _may_see(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window: int | None) -> bool:
+    """Cheap range test on two runs of consecutive positions, before any mask is built."""
+    q_lo, q_hi, k_lo, k_hi = int(q_pos[0]), int(q_pos[-1]), int(k_pos[0]), int(k_pos[-1])
+    if causal and k_lo > q_hi:
+        return False
+    if window is not None:
+        gap = q_lo - k_hi if causal else max(q_lo - k_hi, k_lo - q_hi)
+        if gap >= window:
+            return False
+    return True
+
+
+@dataclass(frozen=True, eq=False)
+class RingPlan:
+    """Which (query run, key run) pieces each ring step computes, with their masks."""
+
+    group: dist.ProcessGroup | None
+    steps: list[list[Piece]]  # steps[s]: pieces against the block received at step s
+
+    @staticmethod
+    def build(params: CPParams, causal: bool, window: int | None) -> RingPlan:
+        size, rank = params.ring_size, params.ring_rank
+        q_pos = params.ring_block_index(rank)
+        steps = []
+        for step in range(size):
+            k_pos = params.ring_block_index((rank - step) % size)
+            pieces = []
+            for qs in _runs(q_pos):
+                for ks in _runs(k_pos):
+                    if not _may_see(q_pos[qs], k_pos[ks], causal, window):
+                        continue
+                    qp, kp = q_pos[qs], k_pos[ks]
+                    allowed = AttnMask(qp, kp, params.doc_ids[:, qp], params.doc_ids[:, kp], causal, window).dense()
+                    if allowed.any():  # e.g. no query and key share a document: skipped
+                        pieces.append((qs, ks, allowed))
+            steps.append(pieces)
+        return RingPlan(group=params.ring_group, steps=steps)
+
+
+def _exchange(plan: RingPlan) -> RingExchange | None:
+    return RingExchange(plan.group) if group_size(plan.group) > 1 else None
+
+
+def ring_forward(q, k, v, plan: RingPlan, scale: float, kernel):
+    """Returns out [B, L, H, D] and lse [B, H, L] (fp32, fp64 for fp64) over all blocks of the ring."""
+    B, L, H, D = q.shape
+    out = torch.zeros(B, L, H, v.shape[-1], dtype=acc_dtype(q), device=q.device)
+    lse = torch.full((B, H, L), float("-inf"), dtype=acc_dtype(q), device=q.device)
+    exchange, (k_cur, v_cur) = _exchange(plan), (k, v)
+    for step, pieces in enumerate(plan.steps):
+        last = step == len(plan.steps) - 1
+        if not last:
+            exchange.start([k_cur, v_cur])  # the next block travels while this one is computed
+        for qs, ks, allowed in pieces:
+            block_out, block_lse = kernel.forward(q[:, qs], k_cur[:, ks], v_cur[:, ks], allowed, scale)
+            out[:, qs], lse[:, :, qs] = merge_attention(out[:, qs], lse[:, :, qs], block_out, block_lse)
+        if not last:
+            k_cur, v_cur = exchange.wait()
+    return out, lse
+
+
+def ring_backward(q, k, v, out, dout, lse, delta, plan: RingPlan, scale: float, kernel):
+    """dq for this rank's queries; dk, dv for this rank's own K/V block (accumulated in acc_dtype)."""
+    dq = torch.zeros(q.shape, dtype=acc_dtype(q), device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc_dtype(q), device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc_dtype(q), device=q.device)
+    kv_exchange, grad_exchange = _exchange(plan), _exchange(plan)
+    k_cur, v_cur = k, v
+    for step, pieces in enumerate(plan.steps):
+        last = step == len(plan.steps) - 1
+        if not last:
+            kv_exchange.start([k_cur, v_cur])
+        for qs, ks, allowed in pieces:
+            dq_b, dk_b, dv_b = kernel.backward(q[:, qs], k_cur[:, ks], v_cur[:, ks], out[:, qs], dout[:, qs],
+                                               lse[:, :, qs], delta[:, :, qs], allowed, scale)
+            dq[:, qs] += dq_b
+            dk[:, ks] += dk_b
+            dv[:, ks] += dv_b
+        if grad_exchange is not None:
+            grad_exchange.start([dk, dv])  # the accumulator follows its block; the last hop reaches the owner
+        if not last:
+            k_cur, v_cur = kv_exchange.wait()
+        if grad_exchange is not None:
+            dk, dv = grad_exchange.wait()
+    return dq, dk, dv
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, plan, scale, kernel):
+        out, lse = ring_forward(q, k, v, plan, scale, kernel)
+        if sinks is not None:  # the sink joins each query's softmax exactly once, after the ring
+            out, lse = merge_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.plan, ctx.scale, ctx.kernel = plan, scale, kernel
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        dout = dout.to(out.dtype)
+        delta = (dout * out).sum(-1).transpose(1, 2)  # [B, L, H] -> [B, H, L]
+        dq, dk, dv = ring_backward(q, k, v, out, dout, lse, delta, ctx.plan, ctx.scale, ctx.kernel)
+        dsinks = None if sinks is None else sinks_grad(sinks, lse, delta)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None
+
+
+def ring_core(q, k, v, params: CPParams, *, causal: bool, scale: float | None, window: int | None,
+              sinks: torch.Tensor | None, kernel=None) -> torch.Tensor:
+    """The ring over params.ring_group on blocks laid out as params.ring_block_index describes."""
+    plan = RingPlan.build(params, causal, window)
+    return _RingAttention.apply(q, k, v, sinks, plan, _default_scale(q, scale), resolve_block_kernel(kernel, q.device))
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParams, *, causal: bool = True,
+                   scale: float | None = None, window: int | None = None, sinks: torch.Tensor | None = None,
+                   kernel=None) -> torch.Tensor:
+    """Exact attention of this rank's shards q [B, L, H, D], k/v [B, L, Hkv, D] over the ring.
+
+    params come from setup_cp_params with style "ring" (zigzag layout by default; "contiguous"
+    also works). kernel: a block kernel name in cp.kernels.BLOCK_KERNELS or an object with the
+    same forward/backward (test override). Returns [B, L, H, D].
+    """
+    check_qkv(q, k, v, params, window, sinks)
+    if params.ulysses_size > 1:
+        raise ValueError(f"these CPParams have a Ulysses level of {params.ulysses_size}: use cp.hybrid_attention")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
+    return ring_core(q, k, v, params, causal=causal, scale=scale, window=window, sinks=sinks, kernel=kernel)
