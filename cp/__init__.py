@@ -18,10 +18,11 @@ from cp.layouts import LAYOUTS, get_layout, shard_indices
 from cp.params import CPBatch, CPParams, setup_cp_params, shard, unshard
 from cp.ring import ring_attention
 from cp.ulysses import ulysses_attention
+from cp.validation import assert_cp_style_supports_model
 
 __all__ = [
     "BLOCK_KERNELS", "CP_STYLES", "KERNELS", "LAYOUTS", "AttnMask", "CPBatch", "CPParams", "ParallelDims",
-    "RingExchange", "gather_seq", "get_layout", "head_to_seq", "hf_kernel", "hybrid_attention", "merge_attention",
+    "RingExchange", "assert_cp_style_supports_model", "gather_seq", "get_layout", "head_to_seq", "hf_kernel", "hybrid_attention", "merge_attention",
     "resolve_kernel", "ring_attention", "seq_to_head", "setup_cp_params", "shard", "shard_indices",
     "ulysses_attention", "unshard",
 ]

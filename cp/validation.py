@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
+from torch import nn
 
 from cp.params import CPParams
 
@@ -23,3 +26,66 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParam
         raise ValueError(f"window={window}: a sliding window must be >= 1 (or None for full attention)")
     if sinks is not None and sinks.shape != (q.shape[2],):
         raise ValueError(f"sinks must have one logit per query head ({q.shape[2]}); got shape {tuple(sinks.shape)}")
+
+
+# Sequence mixers that are not softmax attention, by class name. cptrain runs the listed ones under
+# Ulysses (models/ has their wrappers); any other mixer family is refused rather than run wrong.
+SUPPORTED_SEQUENCE_MIXERS = {
+    "Qwen3_5GatedDeltaNet": "Qwen3.5 GatedDeltaNet (linear attention)",
+    "Qwen3_5MoeGatedDeltaNet": "Qwen3.5-MoE GatedDeltaNet (linear attention)",
+    "Qwen3NextGatedDeltaNet": "Qwen3-Next GatedDeltaNet (linear attention)",
+    "NemotronHMamba2Mixer": "NemotronH Mamba2 (SSM)",
+    # cptrain's own wrappers (models/), seen when apply_cp runs on an already prepared model
+    "UlyssesGatedDeltaNet": "GatedDeltaNet under Ulysses (linear attention)",
+    "UlyssesMamba2Mixer": "Mamba2 under Ulysses (SSM)",
+}
+# Class-name words that mark a recurrent / linear-attention / SSM / long-conv sequence mixer. Matched
+# case-sensitively at a CamelCase word start ("GptOssModel" holds no "Ssm" word).
+_SEQUENCE_MIXER_MARKERS = re.compile(
+    r"(?:^|(?<=[a-z0-9_]))(?:DeltaNet|Mamba|Mixer|Ssm|SSM|LinearAttention|Lightning|Rwkv|RWKV|RetNet|Retention"
+    r"|Hyena|ShortConv|LSTM|Lstm|Hgrn|HGRN|GatedLinear|RecurrentBlock|Rglru)")
+# HF config layer-type names we understand (config.layer_types / layers_block_type).
+_KNOWN_LAYER_TYPES = {"full_attention", "sliding_attention", "attention", "linear_attention", "mamba", "mlp", "moe",
+                      "dense", "sparse"}
+
+
+def _sequence_mixers(model: nn.Module) -> dict[str, str]:
+    """{module path: class name} of every non-softmax sequence mixer (outermost match only)."""
+    found: dict[str, str] = {}
+    for path, module in model.named_modules():
+        name = type(module).__name__
+        if not (name in SUPPORTED_SEQUENCE_MIXERS or _SEQUENCE_MIXER_MARKERS.search(name)):
+            continue
+        if any(path.startswith(parent + ".") for parent in found):
+            continue
+        found[path] = name
+    return found
+
+
+def assert_cp_style_supports_model(cp_style: str, model: nn.Module) -> None:
+    """Raise at startup if `model` cannot run exactly under `cp_style`, naming the fix.
+
+    - attention must go through transformers' AttentionInterface (that is how CP attention is routed);
+    - linear-attention / SSM mixers run only under Ulysses (ring and hybrid split the sequence the
+      mixers' recurrences run along);
+    - a mixer family cptrain has no CP path for is refused under every style.
+    """
+    if cp_style not in ("ulysses", "ring", "hybrid"):
+        raise ValueError(f"unknown model.cp_style={cp_style!r}; choose ulysses, ring or hybrid")
+    routes_attention = getattr(type(model), "_can_set_attn_implementation", None)
+    if not (routes_attention() if routes_attention else getattr(model, "_supports_attention_backend", False)):
+        raise ValueError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+                         "so CP attention cannot be installed: use a model whose attention does (Llama-style HF models)")
+    config = getattr(model, "config", None)
+    layer_types = set(getattr(config, "layer_types", None) or []) | set(getattr(config, "layers_block_type", None) or [])
+    unknown = sorted(layer_types - _KNOWN_LAYER_TYPES)
+    if unknown:
+        raise ValueError(f"{type(model).__name__} has layer types {unknown} that cptrain has no CP path for; "
+                         "refusing to run them silently wrong")
+    for path, name in _sequence_mixers(model).items():
+        if name not in SUPPORTED_SEQUENCE_MIXERS:
+            raise ValueError(f"layer {path} ({name}) is a sequence mixer cptrain has no CP path for; "
+                             "it would run silently wrong under any CP style")
+        if cp_style != "ulysses":
+            raise ValueError(f"{cp_style} CP cannot run linear-attention or SSM layers ({SUPPORTED_SEQUENCE_MIXERS[name]} "
+                             f"at {path}): use model.cp_style=ulysses")

@@ -1,0 +1,66 @@
+"""models.apply_cp: make an HF transformers model run under context parallelism, from the outside.
+
+    apply_cp(model, dims, attn=None)
+      1. cp.assert_cp_style_supports_model(dims.cp_style, model)   refuse what would run wrong
+      2. check the attention heads against the Ulysses degree         (fail at startup, not step 900)
+      3. register "cptrain_cp_<attn>" with AttentionInterface and switch the model to it
+      4. wrap every Gated DeltaNet / Mamba2 mixer in its Ulysses wrapper (one file per family)
+      5. config.use_cache = False                                    (CP is for training passes)
+
+Call it before FSDP's fully_shard (wrappers keep the original module as a child, so parameters
+keep their tensors; their names gain one level). Then call the model with
+`model(input_ids=batch.input_ids, position_ids=batch.position_ids, cp_params=batch.params)`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+import cp
+from models.attention import CP_ATTENTION_PREFIX, check_inner_kernel, register_cp_attention
+from models.gated_deltanet import is_gated_deltanet, wrap_gated_deltanet
+from models.mamba2 import is_mamba2_mixer, wrap_mamba2_mixer
+
+
+def _configured_attn(model: nn.Module) -> str:
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if attn.startswith(CP_ATTENTION_PREFIX + "_"):  # apply_cp ran before: keep its inner kernel
+        return attn[len(CP_ATTENTION_PREFIX) + 1:]
+    return attn
+
+
+def _check_heads(model: nn.Module, dims: cp.ParallelDims) -> None:
+    config = getattr(model.config, "text_config", None) or model.config
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads is None:
+        return
+    if heads < dims.ulysses:
+        raise ValueError(f"{type(model).__name__} has {heads} attention heads, fewer than the Ulysses degree "
+                         f"{dims.ulysses}: lower model.cp, or use model.cp_style=ring / hybrid with cp_ulysses <= {heads}")
+    if heads % kv_heads:
+        raise ValueError(f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
+
+
+def _replace_modules(model: nn.Module, predicate, wrap) -> int:
+    targets = [path for path, module in model.named_modules() if path and predicate(module)]
+    for path in targets:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, wrap(getattr(parent, child)))
+    return len(targets)
+
+
+def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None) -> nn.Module:
+    """Install CP on `model` in place (and return it). attn: the inner attention kernel (model.attn;
+    default: what the model was configured with, e.g. "sdpa")."""
+    cp.assert_cp_style_supports_model(dims.cp_style, model)
+    attn = attn or _configured_attn(model)
+    check_inner_kernel(attn, dims.cp_style)
+    _check_heads(model, dims)
+    # The wrappers check each mixer's head split against the Ulysses degree as they are installed.
+    _replace_modules(model, is_gated_deltanet, lambda m: wrap_gated_deltanet(m, ulysses_size=dims.ulysses))
+    _replace_modules(model, is_mamba2_mixer, lambda m: wrap_mamba2_mixer(m, dims=dims))
+    model.set_attn_implementation(register_cp_attention(attn))
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,102 @@
+"""CP attention for HF transformers models, installed through transformers' AttentionInterface.
+
+    model(input_ids=shard, position_ids=global shard, cp_params=params)
+      └─ decoder layer ─ attention module: q, k, v = proj(x); RoPE(global positions)
+           └─ ALL_ATTENTION_FUNCTIONS["cptrain_cp_<inner>"](module, q, k, v, mask=None,
+                                                             scaling, sliding_window, s_aux, cp_params=...)
+                └─ cp.{ulysses,ring,hybrid}_attention(BSHD shards, params, causal, scale, window, sinks)
+
+The registered function reads CPParams from the call's kwargs (transformers passes a model
+forward's extra kwargs down to every attention function), so the style, the groups and the
+documents of THIS micro-batch are used: no global state. No mask function is registered for the
+name, so transformers builds no [S, S] mask: documents, causality and windows come from CPParams.
+
+Inner kernels (`model.attn`): "sdpa", "eager" (run as cptrain's explicit softmax "math": the same
+computation as HF's eager function, with masks from CPParams instead of a [B, 1, S, S] tensor, so
+HF's eager mask is never built), "math", "lse"; any other function registered with transformers'
+AttentionInterface runs under Ulysses through cp.hf_kernel (given the mask it needs). Known-bad
+kernels are a deny-list with reasons, refused at startup.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+import cp
+from cp.params import CPParams
+
+CP_ATTENTION_PREFIX = "cptrain_cp"
+
+# model.attn -> (Ulysses local kernel, ring/hybrid block kernel)
+INNER_KERNELS = {
+    "sdpa": ("auto", "auto"),  # torch SDPA with the CP document/window mask; LSE path for sinks
+    "eager": ("math", "math"),  # HF's eager math (explicit softmax), masks from CPParams
+    "math": ("math", "math"),  # explicit fp32 softmax: the exact reference path
+    "lse": ("lse", "auto"),  # fused block kernel with LSE (cpu_flash on CPU)
+}
+DENIED_KERNELS = {
+    "flex_attention": "its BlockMask is built for the local shard length, and flex_attention has no CPU backward; "
+                      "use model.attn=sdpa",
+    "paged_attention": "inference-only (paged KV cache); use model.attn=sdpa",
+    "sdpa_paged": "inference-only (paged KV cache); use model.attn=sdpa",
+    "flash_attention_2": "not wired to cptrain's CP kernels in this release (needs a CUDA-validated varlen block "
+                         "kernel); use model.attn=sdpa",
+    "flash_attention_3": "not wired to cptrain's CP kernels in this release; use model.attn=sdpa",
+}
+_STYLE_FUNCTIONS = {"ulysses": cp.ulysses_attention, "ring": cp.ring_attention, "hybrid": cp.hybrid_attention}
+
+
+def check_inner_kernel(attn: str, cp_style: str) -> None:
+    """Refuse, at startup, an inner kernel that cannot run exactly under `cp_style`."""
+    if attn.startswith(CP_ATTENTION_PREFIX):
+        raise ValueError(f"model.attn={attn!r} is cptrain's own wrapper name; give the inner kernel (e.g. sdpa)")
+    if attn in DENIED_KERNELS:
+        raise ValueError(f"model.attn={attn} is refused under CP: {DENIED_KERNELS[attn]}")
+    if attn in INNER_KERNELS:
+        return
+    if attn not in AttentionInterface._global_mapping:
+        raise ValueError(f"model.attn={attn!r} is neither a cptrain kernel ({sorted(INNER_KERNELS)}) nor registered "
+                         "with transformers' AttentionInterface")
+    if cp_style != "ulysses":
+        raise ValueError(f"model.attn={attn!r} is a plain attention function without log-sum-exp; {cp_style} CP merges "
+                         f"blocks by LSE: use model.attn=sdpa (or math), or model.cp_style=ulysses")
+
+
+def _kernels_for(attn: str, module: torch.nn.Module):
+    """(Ulysses local kernel, ring block kernel) for inner kernel `attn`."""
+    if attn in INNER_KERNELS:
+        return INNER_KERNELS[attn]
+    return cp.hf_kernel(AttentionInterface._global_mapping[attn], module), None  # Ulysses only (checked at startup)
+
+
+def make_cp_attention(attn: str):
+    """The AttentionInterface function for inner kernel `attn` (BHSD in, BSHD out, like HF's)."""
+
+    def cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                             sliding_window: int | None = None, s_aux: torch.Tensor | None = None,
+                             cp_params: CPParams | None = None, **kwargs):
+        if cp_params is None:
+            raise ValueError(f"{type(module).__name__} runs CP attention but the model was called without cp_params: "
+                             "pass cp_params=batch.params (from cp.setup_cp_params) to the model's forward")
+        if attention_mask is not None:
+            raise ValueError("CP attention got an attention_mask: packing and padding come from CPParams; "
+                             "call the model without attention_mask")
+        if dropout and module.training:
+            raise ValueError("attention dropout is not supported under CP (set the config's attention_dropout=0)")
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S_local, D] -> [B, S_local, H, D]
+        ulysses_kernel, block_kernel = _kernels_for(attn, module)
+        kernel_kw = {"attn_fn": ulysses_kernel} if cp_params.style == "ulysses" else {"kernel": block_kernel}
+        out = _STYLE_FUNCTIONS[cp_params.style](q, k, v, cp_params, causal=getattr(module, "is_causal", True),
+                                                scale=scaling, window=sliding_window, sinks=s_aux, **kernel_kw)
+        return out, None  # [B, S_local, H, D], no attention weights
+
+    return cp_attention_forward
+
+
+def register_cp_attention(attn: str) -> str:
+    """Register the CP attention function for inner kernel `attn`; returns the implementation name."""
+    name = f"{CP_ATTENTION_PREFIX}_{attn}"
+    AttentionInterface.register(name, make_cp_attention(attn))
+    return name

@@ -1,0 +1,495 @@
+"""Gated DeltaNet (Qwen3.5 / Qwen3.5-MoE / Qwen3-Next linear attention) under Ulysses CP, exact for
+packed documents.
+
+    rank r: hidden [B, S/P, hidden]  (its contiguous sequence shard)
+        │ in_proj_* (local): q, k [B, S/P, Hk, Dk]; v, z [B, S/P, Hv, Dv]; b, a [B, S/P, Hv]
+        │ seq_to_head: 2 all-to-alls (q|k by key head, v|b|a by value head); z stays local
+        v
+    full sequence, this rank's heads: q, k [B, S, hk_r, Dk]; v [B, S, hv_r, Dv]; b, a [B, S, hv_r]
+        │ varlen_causal_conv1d + silu    (conv taps sliced to the local channels;
+        │                                 zero history at every document start)
+        │ g = -exp(A_log[heads]) * softplus(a + dt_bias[heads]);  beta = sigmoid(b)
+        │ varlen_gated_delta_rule        (state reset to zero at every document start)
+        v
+    core [B, S, hv_r, Dv] ──head_to_seq──> [B, S/P, Hv, Dv]
+        │ norm(core, z)                  (gated RMSNorm per token and head: z never travels)
+        │ out_proj                       (local)
+        v
+    out [B, S/P, hidden]
+
+Documents come from `cp_params.doc_ids` at the positions the all-to-all gathers; without
+cp_params every row is one document (or `cu_seq_lens_q`, if HF passed one). The conv and the
+recurrence look back in time, which is why they run on the full sequence of a head subset
+(Ulysses) and why ring / hybrid CP cannot run this layer.
+
+Heads: value heads split evenly (Hv % P == 0, else ValueError). Value head j reads key head
+j // (Hv / Hk); a rank receives exactly the key heads its value heads read, so with Hk < P a key
+head is replicated to several ranks inside the all-to-all (gradients summed on the way back).
+The gated RMSNorm weight is per head dim, shared by all heads: nothing to slice.
+
+The kernel, `varlen_gated_delta_rule`, is the chunked (WY / UT-transform) form of the recurrence
+
+    S_t = exp(g_t) * (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t
+
+(q, k l2-normalised, q scaled by Dk^-1/2) with chunks aligned to documents: each document is
+cut into its own chunks (the last one zero padded), so no chunk straddles two documents and
+the scan starts every document from a zero state.
+
+The wrapper adopts the mixer's children and parameters under their own names, so
+`state_dict()` keys and FSDP / optimizer names are unchanged by wrapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from cp.collectives import head_to_seq, seq_to_head
+from cp.params import CPParams
+from models.varlen_ops import ACTIVATIONS, varlen_causal_conv1d
+
+# HF class name -> how its input projections are laid out.
+#   "split": in_proj_qkv [q | k | v], in_proj_z, in_proj_b, in_proj_a (Qwen3.5 family)
+#   "fused": in_proj_qkvz grouped per key head [q_g | k_g | v_g | z_g], in_proj_ba [b_g | a_g] (Qwen3-Next)
+PROJECTION_LAYOUTS = {
+    "Qwen3_5GatedDeltaNet": "split",
+    "Qwen3_5MoeGatedDeltaNet": "split",
+    "Qwen4ExpTextGatedDeltaNet": "split",
+    "Qwen3NextGatedDeltaNet": "fused",
+}
+_LAYOUT_ATTRIBUTES = {
+    "split": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
+    "fused": ("in_proj_qkvz", "in_proj_ba"),
+}
+_SHARED_ATTRIBUTES = ("conv1d", "A_log", "dt_bias", "norm", "out_proj")
+_CONFIG_ATTRIBUTES = ("hidden_size", "num_v_heads", "num_k_heads", "head_k_dim", "head_v_dim", "key_dim",
+                      "value_dim", "conv_kernel_size", "layer_idx", "activation", "layer_type")
+L2NORM_EPS = 1e-6  # the eps of HF's / fla's l2norm for q and k
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels: exact, document-aware, differentiable (plain torch autograd)
+# ---------------------------------------------------------------------------------------------
+
+
+def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """[B, S] document ids from cumulative lengths over the flattened rows (row b starts at b * S)."""
+    cu = torch.as_tensor(cu_seqlens).flatten().long()
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != batch * seq_len:
+        raise ValueError(f"cu_seqlens must run from 0 to batch * seq_len = {batch * seq_len}; got {cu.tolist()}")
+    ids = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1])
+    return ids.view(batch, seq_len)  # [B * S] -> [B, S]
+
+
+def l2_normalize(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim (HF's and fla's l2norm)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Where every token goes when each document is cut into its own chunks of `chunk_size`.
+
+    gather_index [N, C]: flat token (of B * S) in each chunk slot, B * S for a pad slot.
+    slot_of_token [B * S]: the flat slot (of N * C) that holds each token.
+    starts_document [N]: the chunk opens a document (its scan starts from a zero state).
+    continues_document [N]: the next chunk belongs to the same document (its end state is needed).
+    """
+
+    gather_index: torch.Tensor
+    slot_of_token: torch.Tensor
+    starts_document: list[bool]
+    continues_document: list[bool]
+
+    @property
+    def num_chunks(self) -> int:
+        return self.gather_index.shape[0]
+
+
+def document_chunk_plan(doc_ids: torch.Tensor, chunk_size: int) -> ChunkPlan:
+    """Cut every contiguous document run of doc_ids [B, S] (rows flattened) into chunks of
+    min(chunk_size, longest document) tokens; a document's last chunk is zero padded."""
+    flat = doc_ids.reshape(-1)  # [B, S] -> [B * S]
+    total, row_len = flat.numel(), doc_ids.shape[1]
+    new_run = torch.ones_like(flat, dtype=torch.bool)
+    new_run[1:] = flat[1:] != flat[:-1]
+    new_run[::row_len] = True  # a row start always opens a document
+    starts = new_run.nonzero().flatten()
+    lengths = torch.diff(starts, append=starts.new_tensor([total]))
+    chunk_size = min(chunk_size, int(lengths.max()))  # short documents only: smaller chunks, less padding
+    chunks_per_doc = (lengths + chunk_size - 1) // chunk_size
+    first_chunk = torch.cumsum(chunks_per_doc, 0) - chunks_per_doc
+
+    doc_of_chunk = torch.repeat_interleave(torch.arange(starts.numel(), device=flat.device), chunks_per_doc)
+    chunk_in_doc = torch.arange(doc_of_chunk.numel(), device=flat.device) - first_chunk[doc_of_chunk]
+    offset = chunk_in_doc[:, None] * chunk_size + torch.arange(chunk_size, device=flat.device)  # [N, C]
+    in_doc = offset < lengths[doc_of_chunk, None]
+    gather_index = torch.where(in_doc, starts[doc_of_chunk, None] + offset, total)
+
+    doc_of_token = torch.cumsum(new_run.long(), 0) - 1
+    offset_of_token = torch.arange(total, device=flat.device) - starts[doc_of_token]
+    slot_of_token = first_chunk[doc_of_token] * chunk_size + offset_of_token
+    last_chunk = chunk_in_doc + 1 == chunks_per_doc[doc_of_chunk]
+    return ChunkPlan(gather_index=gather_index, slot_of_token=slot_of_token,
+                     starts_document=(chunk_in_doc == 0).tolist(), continues_document=(~last_chunk).tolist())
+
+
+def _to_chunks(x: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
+    """[T, H, ...] tokens -> [N, H, C, ...] document chunks (pad slots are zeros)."""
+    padded = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # [T, H, ...] -> [T + 1, H, ...]
+    chunks = padded.index_select(0, plan.gather_index.reshape(-1))  # -> [N * C, H, ...]
+    chunks = chunks.view(plan.num_chunks, -1, *x.shape[1:])  # [N * C, H, ...] -> [N, C, H, ...]
+    return chunks.transpose(1, 2)  # [N, C, H, ...] -> [N, H, C, ...]
+
+
+def _from_chunks(chunks: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
+    """[N, H, C, D] document chunks -> [T, H, D] tokens (pad slots dropped)."""
+    num_heads, head_dim = chunks.shape[1], chunks.shape[3]
+    slots = chunks.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [N, H, C, D] -> [N * C, H, D]
+    return slots.index_select(0, plan.slot_of_token)  # [N * C, H, D] -> [T, H, D]
+
+
+@dataclass(frozen=True)
+class ChunkTerms:
+    """What each chunk needs that does not depend on the state entering it (leading dims [N, H])."""
+
+    writes_from_values: torch.Tensor  # [N, H, C, Dv]: the delta-rule writes if the entering state were zero
+    writes_per_state: torch.Tensor  # [N, H, C, Dk]: how the entering state changes them (minus this @ S_0)
+    intra_attention: torch.Tensor  # [N, H, C, C]: exp(G_t - G_j) (q_t . k_j), j <= t
+    q_from_start: torch.Tensor  # [N, H, C, Dk]: exp(G_t) q_t, reads the entering state
+    k_to_end: torch.Tensor  # [N, H, C, Dk]: exp(G_C - G_j) k_j, writes into the leaving state
+    chunk_decay: torch.Tensor  # [N, H]: exp(G_C), the entering state's decay across the chunk
+
+
+def _solve_unit_lower(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """(I + system)^-1 rhs for a strictly lower triangular system [..., C, C]."""
+    return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+
+
+def _intra_chunk_terms(q, k, v, g, beta) -> ChunkTerms:
+    """q, k [N, H, C, Dk]; v [N, H, C, Dv]; g, beta [N, H, C]. With G_t = cumsum(g)_t inside the chunk,
+    S_0 the state entering it and u_t = beta_t (v_t - k_t^T S'_t) the write of token t (S'_t: the
+    decayed state just before it):
+        (I + A) u = beta v - (beta exp(G) k) S_0,    A[t, j] = beta_t (k_t . k_j) exp(G_t - G_j), j < t
+        o_t = exp(G_t) q_t^T S_0 + sum_{j <= t} exp(G_t - G_j) (q_t . k_j) u_j
+        S_C = exp(G_C) S_0 + sum_j exp(G_C - G_j) k_j u_j^T
+    """
+    size = g.shape[-1]
+    cum = g.cumsum(-1)  # [N, H, C]
+    causal = torch.ones(size, size, dtype=torch.bool, device=g.device).tril()
+    pair_decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [N, H, C, C]
+    write_system = (beta[..., None] * (k @ k.transpose(-1, -2)) * pair_decay).tril(-1)  # A [N, H, C, C]
+    return ChunkTerms(
+        writes_from_values=_solve_unit_lower(write_system, beta[..., None] * v),
+        writes_per_state=_solve_unit_lower(write_system, (beta * cum.exp())[..., None] * k),
+        intra_attention=(q @ k.transpose(-1, -2)) * pair_decay,
+        q_from_start=q * cum.exp()[..., None],
+        k_to_end=k * (cum[..., -1:] - cum).exp()[..., None],
+        chunk_decay=cum[..., -1].exp(),
+    )
+
+
+def _scan_chunks(terms: ChunkTerms, plan: ChunkPlan) -> torch.Tensor:
+    """Carry the state [H, Dk, Dv] chunk to chunk; zero it at every document start. -> [N, H, C, Dv]."""
+    outputs, state = [], None
+    for n in range(plan.num_chunks):
+        writes = terms.writes_from_values[n]  # [H, C, Dv]
+        if plan.starts_document[n]:  # zero entering state: its terms vanish
+            out = terms.intra_attention[n] @ writes
+        else:
+            writes = writes - terms.writes_per_state[n] @ state
+            out = terms.q_from_start[n] @ state + terms.intra_attention[n] @ writes
+        outputs.append(out)
+        if plan.continues_document[n]:
+            carried = terms.k_to_end[n].transpose(-1, -2) @ writes  # [H, Dk, C] @ [H, C, Dv] -> [H, Dk, Dv]
+            if not plan.starts_document[n]:
+                carried = carried + state * terms.chunk_decay[n][:, None, None]
+            state = carried
+    return torch.stack(outputs)
+
+
+def varlen_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                            doc_ids: torch.Tensor, *, use_qk_l2norm: bool = True, scale: float | None = None,
+                            chunk_size: int = 64) -> torch.Tensor:
+    """Gated delta rule over packed documents, the state reset to zero at every document start.
+
+    q, k [B, S, Hk, Dk]; v [B, S, Hv, Dv] (Hv % Hk == 0: value head j reads key head j // (Hv/Hk));
+    g (log decay, <= 0), beta [B, S, Hv]; doc_ids [B, S]. Same math as HF's
+    torch_chunk_gated_delta_rule / torch_recurrent_gated_delta_rule run on each document alone.
+    Float32 math (float64 stays float64). Returns [B, S, Hv, Dv] in v's dtype.
+    """
+    batch, seq_len, num_k, head_k = k.shape
+    num_v = v.shape[2]
+    if num_v % num_k:
+        raise ValueError(f"{num_v} value heads are not a multiple of {num_k} key heads")
+    if doc_ids.shape != (batch, seq_len):
+        raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}; q/k/v need [{batch}, {seq_len}]")
+    out_dtype = v.dtype
+    dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    if num_v != num_k:
+        q = q.repeat_interleave(num_v // num_k, dim=2)  # [B, S, Hk, Dk] -> [B, S, Hv, Dk]
+        k = k.repeat_interleave(num_v // num_k, dim=2)  # [B, S, Hk, Dk] -> [B, S, Hv, Dk]
+    q, k, v, g, beta = (x.to(dtype).flatten(0, 1) for x in (q, k, v, g, beta))  # [B, S, ...] -> [B * S, ...]
+    if use_qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    q = q * (head_k ** -0.5 if scale is None else scale)
+
+    plan = document_chunk_plan(doc_ids, chunk_size)
+    q, k, v = (_to_chunks(x, plan) for x in (q, k, v))  # [T, Hv, D] -> [N, Hv, C, D]
+    g, beta = (_to_chunks(x, plan) for x in (g, beta))  # [T, Hv] -> [N, Hv, C]
+    out = _scan_chunks(_intra_chunk_terms(q, k, v, g, beta), plan)  # [N, Hv, C, Dv]
+    out = _from_chunks(out, plan)  # [N, Hv, C, Dv] -> [B * S, Hv, Dv]
+    return out.view(batch, seq_len, num_v, -1).to(out_dtype)  # [B * S, Hv, Dv] -> [B, S, Hv, Dv]
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads: which value and key heads each Ulysses rank owns
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """value_index[r] / key_index[r]: global value / key heads rank r runs (key heads may repeat
+    across ranks when Hk < P); key_of_value[r][i]: the local key head local value head i reads."""
+
+    value_index: list[list[int]]
+    key_index: list[list[int]]
+    key_of_value: list[list[int]]
+
+
+def split_heads(num_v_heads: int, num_k_heads: int, size: int) -> HeadSplit:
+    """Even contiguous value-head split over `size` ranks and the key heads each rank then needs."""
+    if num_k_heads < 1 or num_v_heads % num_k_heads:
+        raise ValueError(f"GatedDeltaNet with {num_v_heads} value heads and {num_k_heads} key heads: "
+                         "value heads must be a multiple of key heads")
+    if num_v_heads % size:
+        raise ValueError(f"Ulysses CP over {size} ranks splits GatedDeltaNet value heads evenly, but the model has "
+                         f"{num_v_heads} (linear_num_value_heads): set model.cp (Ulysses degree) to a divisor of "
+                         f"{num_v_heads}")
+    per_rank, group = num_v_heads // size, num_v_heads // num_k_heads
+    value_index = [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(size)]
+    key_index = [sorted({j // group for j in heads}) for heads in value_index]
+    key_of_value = [[keys.index(j // group) for j in heads] for heads, keys in zip(value_index, key_index)]
+    return HeadSplit(value_index, key_index, key_of_value)
+
+
+def _expand_keys(q: torch.Tensor, k: torch.Tensor, key_of_value: list[int]):
+    """Line local key heads up with local value heads the way the kernel expects (j -> j // ratio);
+    when the local map is not of that form, give every value head its own copy of its key head."""
+    num_v, num_k = len(key_of_value), k.shape[2]
+    if num_v % num_k == 0 and key_of_value == [i // (num_v // num_k) for i in range(num_v)]:
+        return q, k
+    index = torch.tensor(key_of_value, device=k.device)
+    return q.index_select(2, index), k.index_select(2, index)  # [B, S, hk_r, Dk] -> [B, S, hv_r, Dk]
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapper module
+# ---------------------------------------------------------------------------------------------
+
+
+class UlyssesGatedDeltaNet(nn.Module):
+    """A GatedDeltaNet mixer, exact for packed documents, under Ulysses CP when given cp_params.
+
+    Registers the mixer's children and parameters under the same names (state_dict keys do not
+    change); the original module is kept, unregistered, only for HF's cached generation path.
+    """
+
+    def __init__(self, mixer: nn.Module, *, chunk_size: int = 64):
+        super().__init__()
+        self.projection_layout = projection_layout(mixer)
+        if mixer.activation not in ACTIVATIONS:
+            raise ValueError(f"GatedDeltaNet conv activation {mixer.activation!r} is not supported by the varlen conv "
+                             f"(known: {sorted(ACTIVATIONS)})")
+        for name in _CONFIG_ATTRIBUTES:
+            setattr(self, name, getattr(mixer, name, None))
+        for name, child in mixer.named_children():
+            self.add_module(name, child)
+        for name, param in mixer.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in mixer.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
+        self.chunk_size = chunk_size
+        object.__setattr__(self, "_original", mixer)  # not a registered child: no duplicate parameter names
+
+    def extra_repr(self) -> str:
+        return (f"{type(self._original).__name__}, layout={self.projection_layout}, v_heads={self.num_v_heads}, "
+                f"k_heads={self.num_k_heads}, chunk_size={self.chunk_size}")
+
+    # -- projections (on this rank's sequence shard, all heads) --------------------------------
+
+    def project(self, hidden_states: torch.Tensor):
+        """hidden [B, s, hidden] -> q, k [B, s, Hk, Dk]; v, z [B, s, Hv, Dv]; b, a [B, s, Hv]."""
+        batch, seq = hidden_states.shape[:2]
+        num_k, num_v, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
+        if self.projection_layout == "split":
+            q, k, v = self.in_proj_qkv(hidden_states).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+            q = q.reshape(batch, seq, num_k, dk)  # [B, s, Hk * Dk] -> [B, s, Hk, Dk]
+            k = k.reshape(batch, seq, num_k, dk)  # [B, s, Hk * Dk] -> [B, s, Hk, Dk]
+            v = v.reshape(batch, seq, num_v, dv)  # [B, s, Hv * Dv] -> [B, s, Hv, Dv]
+            z = self.in_proj_z(hidden_states).reshape(batch, seq, num_v, dv)  # [B, s, Hv * Dv] -> [B, s, Hv, Dv]
+            return q, k, v, z, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
+        ratio = num_v // num_k
+        qkvz = self.in_proj_qkvz(hidden_states).reshape(batch, seq, num_k, 2 * dk + 2 * ratio * dv)  # per key group
+        q, k, v, z = qkvz.split([dk, dk, ratio * dv, ratio * dv], dim=-1)
+        v = v.reshape(batch, seq, num_v, dv)  # [B, s, Hk, ratio * Dv] -> [B, s, Hv, Dv]
+        z = z.reshape(batch, seq, num_v, dv)  # [B, s, Hk, ratio * Dv] -> [B, s, Hv, Dv]
+        ba = self.in_proj_ba(hidden_states).reshape(batch, seq, num_k, 2 * ratio)  # [B, s, Hk * 2r] -> [B, s, Hk, 2r]
+        b, a = ba.split([ratio, ratio], dim=-1)
+        return q, k, v, z, b.reshape(batch, seq, num_v), a.reshape(batch, seq, num_v)  # [B, s, Hk, r] -> [B, s, Hv]
+
+    # -- the token mixing (full sequence, a subset of heads) ------------------------------------
+
+    def _local_conv_weight(self, key_heads: list[int], value_heads: list[int]):
+        """conv1d taps / bias of the channels [q of key_heads | k of key_heads | v of value_heads]."""
+        device = self.conv1d.weight.device
+
+        def channels(heads: list[int], head_dim: int, offset: int) -> torch.Tensor:
+            first = torch.tensor(heads, device=device)[:, None] * head_dim + offset  # [h, 1]
+            return (first + torch.arange(head_dim, device=device)).flatten()  # [h, D] -> [h * D]
+
+        index = torch.cat([channels(key_heads, self.head_k_dim, 0), channels(key_heads, self.head_k_dim, self.key_dim),
+                           channels(value_heads, self.head_v_dim, 2 * self.key_dim)])
+        weight = self.conv1d.weight.squeeze(1).index_select(0, index)  # [conv_dim, 1, K] -> [C_r, K]
+        bias = None if self.conv1d.bias is None else self.conv1d.bias.index_select(0, index)
+        return weight, bias
+
+    def mix_heads(self, q, k, v, b, a, doc_ids: torch.Tensor, value_heads: list[int], key_heads: list[int],
+                  key_of_value: list[int]) -> torch.Tensor:
+        """Conv + gated delta rule of full sequences: q, k [B, S, hk, Dk]; v [B, S, hv, Dv]; b, a [B, S, hv].
+
+        Returns the core output [B, S, hv, Dv] (before the gated norm).
+        """
+        batch, seq, num_k = q.shape[:3]
+        num_v = v.shape[2]
+        weight, bias = self._local_conv_weight(key_heads, value_heads)
+        mixed = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)  # -> [B, S, 2 hk Dk + hv Dv]
+        mixed = varlen_causal_conv1d(mixed, weight, bias, doc_ids, activation=self.activation)
+        q, k, v = mixed.split([num_k * self.head_k_dim, num_k * self.head_k_dim, num_v * self.head_v_dim], dim=-1)
+        q = q.reshape(batch, seq, num_k, self.head_k_dim)  # [B, S, hk * Dk] -> [B, S, hk, Dk]
+        k = k.reshape(batch, seq, num_k, self.head_k_dim)  # [B, S, hk * Dk] -> [B, S, hk, Dk]
+        v = v.reshape(batch, seq, num_v, self.head_v_dim)  # [B, S, hv * Dv] -> [B, S, hv, Dv]
+        q, k = _expand_keys(q, k, key_of_value)
+
+        heads = torch.tensor(value_heads, device=a.device)
+        beta = b.sigmoid()
+        a_log, dt_bias = self.A_log.index_select(0, heads), self.dt_bias.index_select(0, heads)  # [Hv] -> [hv_r]
+        g = -a_log.float().exp() * F.softplus(a.float() + dt_bias)
+        return varlen_gated_delta_rule(q, k, v, g, beta, doc_ids, use_qk_l2norm=True, chunk_size=self.chunk_size)
+
+    def gated_output(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """core, z [B, s, Hv, Dv] -> out_proj(norm(core, z)) [B, s, hidden]."""
+        batch, seq = z.shape[:2]
+        normed = self.norm(core.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))  # -> [B*s*Hv, Dv]
+        return self.out_proj(normed.reshape(batch, seq, self.value_dim))  # [B*s*Hv, Dv] -> [B, s, Hv * Dv]
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask: torch.Tensor | None = None,
+                cp_params: CPParams | None = None, **kwargs) -> torch.Tensor:
+        """The decoder layer's call: linear_attn(hidden_states=, cache_params=, attention_mask=, **kwargs);
+        cp_params arrives through **kwargs of the model's forward. hidden [B, S_local, hidden]."""
+        if cache_params is not None:
+            return self._cached_forward(hidden_states, cache_params, attention_mask, cp_params, **kwargs)
+        if cp_params is None:
+            doc_ids = self._documents_without_cp(hidden_states, kwargs.get("cu_seq_lens_q"))
+            if attention_mask is not None:
+                hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+            return self._forward_heads(hidden_states, doc_ids, None, 1, 0)
+        check_cp_call(self, hidden_states, attention_mask, cp_params)
+        group, size = cp_params.ulysses_group, cp_params.ulysses_size
+        rank = dist.get_rank(group) if size > 1 else 0
+        positions = cp_params.ulysses_gathered_index().to(cp_params.doc_ids.device)
+        doc_ids = cp_params.doc_ids[:, positions].to(hidden_states.device)  # [B, S_pad] of the gathered tokens
+        return self._forward_heads(hidden_states, doc_ids, group, size, rank)
+
+    def _forward_heads(self, hidden_states, doc_ids, group, size: int, rank: int) -> torch.Tensor:
+        split = split_heads(self.num_v_heads, self.num_k_heads, size)
+        q, k, v, z, b, a = self.project(hidden_states)
+        if size > 1:
+            q, k, v, b, a = _gather_sequence_scatter_heads(q, k, v, b, a, group, split)
+        core = self.mix_heads(q, k, v, b, a, doc_ids, split.value_index[rank], split.key_index[rank],
+                              split.key_of_value[rank])  # [B, S, hv_r, Dv]
+        if size > 1:
+            core = head_to_seq(core, group, split.value_index, self.num_v_heads)  # [B, S, hv_r, Dv] -> [B, S/P, Hv, Dv]
+        return self.gated_output(core.to(z.dtype), z)
+
+    def _documents_without_cp(self, hidden_states: torch.Tensor, cu_seqlens) -> torch.Tensor:
+        batch, seq = hidden_states.shape[:2]
+        if cu_seqlens is not None:  # HF's packed-sequence kwarg (flattened rows)
+            return doc_ids_from_cu_seqlens(cu_seqlens, batch, seq).to(hidden_states.device)
+        return torch.arange(batch, device=hidden_states.device)[:, None].expand(batch, seq)
+
+    def _cached_forward(self, hidden_states, cache_params, attention_mask, cp_params, **kwargs):
+        """HF generation (a cache present): the original module's own path, one document per row."""
+        if cp_params is not None:
+            raise ValueError("GatedDeltaNet under CP does not fill a generation cache: call the model with "
+                             "use_cache=False (HF's default use_cache=True makes a DynamicCache even in training)")
+        original = self._original
+        shared = dict(self.named_parameters())
+        if any(shared.get(name) is not param for name, param in original.named_parameters()):
+            raise RuntimeError("the wrapped GatedDeltaNet's parameters were replaced (e.g. by FSDP), so the original "
+                               "module cannot run the cached generation path: generate with use_cache=False or with "
+                               "an unwrapped model")
+        return original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+
+
+def _gather_sequence_scatter_heads(q, k, v, b, a, group, split: HeadSplit):
+    """Sequence shard, all heads -> full sequence, this rank's heads: two all-to-alls (by key head,
+    by value head) of packed tensors."""
+    head_k, head_v = q.shape[-1], v.shape[-1]
+    qk = torch.cat([q, k], dim=-1)  # [B, s, Hk, Dk] x 2 -> [B, s, Hk, 2 Dk]
+    vba = torch.cat([v, b.unsqueeze(-1).to(v.dtype), a.unsqueeze(-1).to(v.dtype)], dim=-1)  # -> [B, s, Hv, Dv + 2]
+    qk = seq_to_head(qk, group, split.key_index)  # [B, s, Hk, 2 Dk] -> [B, S, hk_r, 2 Dk]
+    vba = seq_to_head(vba, group, split.value_index)  # [B, s, Hv, Dv + 2] -> [B, S, hv_r, Dv + 2]
+    q, k = qk.split([head_k, head_k], dim=-1)
+    v, b, a = vba.split([head_v, 1, 1], dim=-1)
+    return q, k, v, b.squeeze(-1), a.squeeze(-1)  # b, a: [B, S, hv_r, 1] -> [B, S, hv_r]
+
+
+def check_cp_call(module: UlyssesGatedDeltaNet, hidden_states: torch.Tensor, attention_mask, params: CPParams) -> None:
+    """Everything that would otherwise deadlock or silently corrupt the collectives; raise first."""
+    if params.ring_size > 1:
+        raise ValueError(f"{params.style} CP cannot run linear-attention layers (GatedDeltaNet): the conv and the "
+                         "recurrence need the full sequence of their heads; use model.cp_style=ulysses")
+    if attention_mask is not None:
+        raise ValueError("GatedDeltaNet under CP got a padding attention_mask: describe padding and packing with "
+                         "cp.setup_cp_params(seq_lens=...) (the pad is its own document) and pass no attention_mask")
+    if tuple(hidden_states.shape[:2]) != (params.batch_size, params.local_len):
+        raise ValueError(f"GatedDeltaNet got hidden states [B, S_local] = {list(hidden_states.shape[:2])} but CPParams "
+                         f"describe [{params.batch_size}, {params.local_len}] (S_pad={params.padded_len}, "
+                         f"cp={params.cp_size})")
+    split_heads(module.num_v_heads, module.num_k_heads, params.ulysses_size)
+
+
+def projection_layout(module: nn.Module) -> str:
+    """'split' or 'fused' for a supported HF GatedDeltaNet; ValueError naming the supported classes otherwise."""
+    name = type(module).__name__
+    layout = PROJECTION_LAYOUTS.get(name)
+    if layout is None:
+        raise ValueError(f"{name} is not a supported GatedDeltaNet (supported: {sorted(PROJECTION_LAYOUTS)})")
+    missing = [a for a in _SHARED_ATTRIBUTES + _LAYOUT_ATTRIBUTES[layout] if not hasattr(module, a)]
+    if missing:
+        raise ValueError(f"{name} lacks {missing}: this transformers version lays out GatedDeltaNet differently")
+    return layout
+
+
+def is_gated_deltanet(module: nn.Module) -> bool:
+    """True for an unwrapped HF GatedDeltaNet this file can wrap."""
+    return type(module).__name__ in PROJECTION_LAYOUTS
+
+
+def wrap_gated_deltanet(module: nn.Module, *, ulysses_size: int | None = None,
+                        chunk_size: int = 64) -> UlyssesGatedDeltaNet:
+    """Wrap an HF GatedDeltaNet (idempotent). With `ulysses_size`, check the head split now, at startup."""
+    if isinstance(module, UlyssesGatedDeltaNet):
+        wrapped = module
+    else:
+        wrapped = UlyssesGatedDeltaNet(module, chunk_size=chunk_size)
+    if ulysses_size is not None:
+        split_heads(wrapped.num_v_heads, wrapped.num_k_heads, ulysses_size)
+    return wrapped
