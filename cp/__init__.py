@@ -21,8 +21,8 @@ from cp.ulysses import ulysses_attention
 from cp.validation import assert_cp_style_supports_model
 
 __all__ = [
-    "BLOCK_KERNELS", "CP_STYLES", "KERNELS", "LAYOUTS", "AttnMask", "CPBatch", "CPParams", "ParallelDims",
-    "RingExchange", "assert_cp_style_supports_model", "gather_seq", "get_layout", "head_to_seq", "hf_kernel", "hybrid_attention", "merge_attention",
-    "resolve_kernel", "ring_attention", "seq_to_head", "setup_cp_params", "shard", "shard_indices",
-    "ulysses_attention", "unshard",
+    "AttnMask", "BLOCK_KERNELS", "CPBatch", "CPParams", "CP_STYLES", "KERNELS", "LAYOUTS", "ParallelDims",
+    "RingExchange", "assert_cp_style_supports_model", "gather_seq", "get_layout", "head_to_seq", "hf_kernel",
+    "hybrid_attention", "merge_attention", "resolve_kernel", "ring_attention", "seq_to_head",
+    "setup_cp_params", "shard", "shard_indices", "ulysses_attention", "unshard",
 ]

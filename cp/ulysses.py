@@ -21,6 +21,8 @@ H % Hkv == 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -30,31 +32,53 @@ from cp.params import CPParams
 from cp.validation import check_qkv
 
 
+@dataclass(frozen=True)
+class GroupedHeadSplit:
+    """Heads split over the ranks of a Ulysses group, with the shared groups each rank's heads read
+    (KV heads for GQA, key heads for Gated DeltaNet, B/C groups for Mamba2)."""
+
+    head_index: list[list[int]]  # rank r: its heads (contiguous; sizes differ by at most one)
+    group_index: list[list[int]]  # rank r: the groups its heads read (shared between ranks if fewer than ranks)
+    heads_per_group: int
+
+    def local_group_of_heads(self, rank: int) -> list[int]:
+        """For each of rank's heads, the position of its group among the rank's received groups."""
+        return [self.group_index[rank].index(h // self.heads_per_group) for h in self.head_index[rank]]
+
+
+def grouped_head_split(num_heads: int, num_groups: int, size: int) -> GroupedHeadSplit:
+    """Contiguous head chunks per rank (uneven when size does not divide num_heads) and their groups."""
+    if num_groups < 1 or num_heads % num_groups:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_groups} KV heads")
+    per_group = num_heads // num_groups
+    head_index = [chunk.tolist() for chunk in torch.arange(num_heads).tensor_split(size)]
+    group_index = [sorted({h // per_group for h in heads}) for heads in head_index]
+    return GroupedHeadSplit(head_index=head_index, group_index=group_index, heads_per_group=per_group)
+
+
+def align_groups_to_heads(a: torch.Tensor, b: torch.Tensor, group_of_head: list[int]):
+    """Line local group tensors a, b [B, S, g, D] up with local heads as kernels expect (head i reads
+    group i // (h/g)). Holds already for even splits; otherwise give every head its own copy."""
+    heads, groups = len(group_of_head), a.shape[2]
+    if heads % groups == 0 and group_of_head == [i // (heads // groups) for i in range(heads)]:
+        return a, b
+    index = torch.tensor(group_of_head, device=a.device)
+    return a.index_select(2, index), b.index_select(2, index)  # [B, S, g, D] -> [B, S, h, D]
+
+
 def ulysses_head_index(num_heads: int, num_kv_heads: int, size: int) -> tuple[list[list[int]], list[list[int]]]:
     """Which query heads and which KV heads each of `size` ranks receives."""
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if num_heads < size:
         raise ValueError(f"Ulysses CP over {size} ranks needs at least {size} query heads, the model has "
                          f"{num_heads}: lower model.cp or use model.cp_style=ring (or hybrid with "
                          f"model.cp_ulysses <= {num_heads})")
-    groups = num_heads // num_kv_heads
-    q_index = [chunk.tolist() for chunk in torch.arange(num_heads).tensor_split(size)]
-    kv_index = [sorted({h // groups for h in heads}) for heads in q_index]
-    return q_index, kv_index
+    split = grouped_head_split(num_heads, num_kv_heads, size)
+    return split.head_index, split.group_index
 
 
 def match_local_gqa(k: torch.Tensor, v: torch.Tensor, q_heads: list[int], kv_heads: list[int], groups: int):
-    """Make local KV heads line up with local query heads as kernel GQA expects (head i -> i // g).
-
-    Holds already for even splits; otherwise expand KV to one head per query head.
-    """
-    local_kv = [kv_heads.index(h // groups) for h in q_heads]
-    ratio = len(q_heads) // len(kv_heads)
-    if len(q_heads) % len(kv_heads) == 0 and local_kv == [i // ratio for i in range(len(q_heads))]:
-        return k, v
-    index = torch.tensor(local_kv, device=k.device)
-    return k.index_select(2, index), v.index_select(2, index)  # [B, S, kv_r, D] -> [B, S, h_r, D]
+    """Make local KV heads line up with local query heads as kernel GQA expects (head i -> i // g)."""
+    return align_groups_to_heads(k, v, [kv_heads.index(h // groups) for h in q_heads])
 
 
 def _head_chunks(num_heads: int, num_kv: int, chunks: int) -> list[tuple[list[int], list[int]]]:

@@ -50,6 +50,7 @@ from torch import nn
 
 from cp.collectives import head_to_seq, seq_to_head
 from cp.params import CPParams
+from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
 from models.varlen_ops import ACTIVATIONS, varlen_causal_conv1d
 
 # HF class name -> how its input projections are laid out.
@@ -251,18 +252,9 @@ def varlen_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HeadSplit:
-    """value_index[r] / key_index[r]: global value / key heads rank r runs (key heads may repeat
-    across ranks when Hk < P); key_of_value[r][i]: the local key head local value head i reads."""
-
-    value_index: list[list[int]]
-    key_index: list[list[int]]
-    key_of_value: list[list[int]]
-
-
-def split_heads(num_v_heads: int, num_k_heads: int, size: int) -> HeadSplit:
-    """Even contiguous value-head split over `size` ranks and the key heads each rank then needs."""
+def split_heads(num_v_heads: int, num_k_heads: int, size: int) -> GroupedHeadSplit:
+    """Even contiguous value-head split over `size` ranks and the key heads each rank then needs
+    (key heads shared between ranks when Hk < P)."""
     if num_k_heads < 1 or num_v_heads % num_k_heads:
         raise ValueError(f"GatedDeltaNet with {num_v_heads} value heads and {num_k_heads} key heads: "
                          "value heads must be a multiple of key heads")
@@ -270,21 +262,7 @@ def split_heads(num_v_heads: int, num_k_heads: int, size: int) -> HeadSplit:
         raise ValueError(f"Ulysses CP over {size} ranks splits GatedDeltaNet value heads evenly, but the model has "
                          f"{num_v_heads} (linear_num_value_heads): set model.cp (Ulysses degree) to a divisor of "
                          f"{num_v_heads}")
-    per_rank, group = num_v_heads // size, num_v_heads // num_k_heads
-    value_index = [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(size)]
-    key_index = [sorted({j // group for j in heads}) for heads in value_index]
-    key_of_value = [[keys.index(j // group) for j in heads] for heads, keys in zip(value_index, key_index)]
-    return HeadSplit(value_index, key_index, key_of_value)
-
-
-def _expand_keys(q: torch.Tensor, k: torch.Tensor, key_of_value: list[int]):
-    """Line local key heads up with local value heads the way the kernel expects (j -> j // ratio);
-    when the local map is not of that form, give every value head its own copy of its key head."""
-    num_v, num_k = len(key_of_value), k.shape[2]
-    if num_v % num_k == 0 and key_of_value == [i // (num_v // num_k) for i in range(num_v)]:
-        return q, k
-    index = torch.tensor(key_of_value, device=k.device)
-    return q.index_select(2, index), k.index_select(2, index)  # [B, S, hk_r, Dk] -> [B, S, hv_r, Dk]
+    return grouped_head_split(num_v_heads, num_k_heads, size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +351,7 @@ class UlyssesGatedDeltaNet(nn.Module):
         q = q.reshape(batch, seq, num_k, self.head_k_dim)  # [B, S, hk * Dk] -> [B, S, hk, Dk]
         k = k.reshape(batch, seq, num_k, self.head_k_dim)  # [B, S, hk * Dk] -> [B, S, hk, Dk]
         v = v.reshape(batch, seq, num_v, self.head_v_dim)  # [B, S, hv * Dv] -> [B, S, hv, Dv]
-        q, k = _expand_keys(q, k, key_of_value)
+        q, k = align_groups_to_heads(q, k, key_of_value)  # [B, S, hk_r, Dk] -> heads line up with v
 
         heads = torch.tensor(value_heads, device=a.device)
         beta = b.sigmoid()
@@ -412,10 +390,10 @@ class UlyssesGatedDeltaNet(nn.Module):
         q, k, v, z, b, a = self.project(hidden_states)
         if size > 1:
             q, k, v, b, a = _gather_sequence_scatter_heads(q, k, v, b, a, group, split)
-        core = self.mix_heads(q, k, v, b, a, doc_ids, split.value_index[rank], split.key_index[rank],
-                              split.key_of_value[rank])  # [B, S, hv_r, Dv]
+        core = self.mix_heads(q, k, v, b, a, doc_ids, split.head_index[rank], split.group_index[rank],
+                              split.local_group_of_heads(rank))  # [B, S, hv_r, Dv]
         if size > 1:
-            core = head_to_seq(core, group, split.value_index, self.num_v_heads)  # [B, S, hv_r, Dv] -> [B, S/P, Hv, Dv]
+            core = head_to_seq(core, group, split.head_index, self.num_v_heads)  # [B, S, hv_r, Dv] -> [B, S/P, Hv, Dv]
         return self.gated_output(core.to(z.dtype), z)
 
     def _documents_without_cp(self, hidden_states: torch.Tensor, cu_seqlens) -> torch.Tensor:
@@ -438,14 +416,14 @@ class UlyssesGatedDeltaNet(nn.Module):
         return original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
 
 
-def _gather_sequence_scatter_heads(q, k, v, b, a, group, split: HeadSplit):
+def _gather_sequence_scatter_heads(q, k, v, b, a, group, split: GroupedHeadSplit):
     """Sequence shard, all heads -> full sequence, this rank's heads: two all-to-alls (by key head,
     by value head) of packed tensors."""
     head_k, head_v = q.shape[-1], v.shape[-1]
     qk = torch.cat([q, k], dim=-1)  # [B, s, Hk, Dk] x 2 -> [B, s, Hk, 2 Dk]
     vba = torch.cat([v, b.unsqueeze(-1).to(v.dtype), a.unsqueeze(-1).to(v.dtype)], dim=-1)  # -> [B, s, Hv, Dv + 2]
-    qk = seq_to_head(qk, group, split.key_index)  # [B, s, Hk, 2 Dk] -> [B, S, hk_r, 2 Dk]
-    vba = seq_to_head(vba, group, split.value_index)  # [B, s, Hv, Dv + 2] -> [B, S, hv_r, Dv + 2]
+    qk = seq_to_head(qk, group, split.group_index)  # [B, s, Hk, 2 Dk] -> [B, S, hk_r, 2 Dk]
+    vba = seq_to_head(vba, group, split.head_index)  # [B, s, Hv, Dv + 2] -> [B, S, hv_r, Dv + 2]
     q, k = qk.split([head_k, head_k], dim=-1)
     v, b, a = vba.split([head_v, 1, 1], dim=-1)
     return q, k, v, b.squeeze(-1), a.squeeze(-1)  # b, a: [B, S, hv_r, 1] -> [B, S, hv_r]

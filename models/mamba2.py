@@ -32,7 +32,6 @@ autograd gives the backward.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -42,6 +41,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mi
 
 from cp.collectives import head_to_seq, seq_to_head
 from cp.dims import ParallelDims
+from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
 from cp.params import CPParams
 from models.varlen_ops import varlen_causal_conv1d
 
@@ -179,20 +179,7 @@ def _from_start_states(C, start_states, cum_decay, doc, doc_at_start):
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Mamba2Sharding:
-    """Which Mamba2 heads and B/C groups each rank of a Ulysses group holds."""
-
-    head_index: list[list[int]]  # rank j: its heads, H/P contiguous ones
-    group_index: list[list[int]]  # rank j: the B/C groups its heads read (shared between ranks if G < P)
-    heads_per_group: int
-
-    def local_group_of_heads(self, rank: int) -> list[int]:
-        """For each of rank's heads, the position of its group among the rank's received groups."""
-        return [self.group_index[rank].index(h // self.heads_per_group) for h in self.head_index[rank]]
-
-
-def mamba2_sharding(num_heads: int, n_groups: int, size: int) -> Mamba2Sharding:
+def mamba2_sharding(num_heads: int, n_groups: int, size: int) -> GroupedHeadSplit:
     """Split num_heads evenly over `size` ranks; each rank receives every B/C group its heads read."""
     if n_groups < 1 or num_heads % n_groups:
         raise ValueError(f"Mamba2 mixer has {num_heads} heads and n_groups={n_groups}: the heads must split "
@@ -202,10 +189,7 @@ def mamba2_sharding(num_heads: int, n_groups: int, size: int) -> Mamba2Sharding:
         raise ValueError(f"Ulysses CP over {size} ranks splits the Mamba2 heads evenly, but mamba_num_heads="
                          f"{num_heads} is not divisible by {size}: use a Ulysses degree (model.cp, or "
                          f"model.cp_ulysses) in {divisors}")
-    per_rank, per_group = num_heads // size, num_heads // n_groups
-    head_index = [list(range(j * per_rank, (j + 1) * per_rank)) for j in range(size)]
-    group_index = [sorted({h // per_group for h in heads}) for heads in head_index]
-    return Mamba2Sharding(head_index=head_index, group_index=group_index, heads_per_group=per_group)
+    return grouped_head_split(num_heads, n_groups, size)
 
 
 def check_mamba2_cp(mixer: NemotronHMamba2Mixer, *, cp_style: str, ulysses_size: int, ring_size: int = 1) -> None:
@@ -281,7 +265,7 @@ class UlyssesMamba2Mixer(nn.Module):
         positions = params.ulysses_gathered_index().to(hidden_states.device)
         doc_ids = params.doc_ids.to(hidden_states.device)[:, positions]  # [B, S]
         x, B, C = self._conv(x, bc, doc_ids, heads, sharding.group_index[rank])
-        B, C = _align_groups_to_heads(B, C, sharding.local_group_of_heads(rank))
+        B, C = align_groups_to_heads(B, C, sharding.local_group_of_heads(rank))
 
         index = torch.tensor(heads, device=hidden_states.device)
         y = ssd_scan_varlen(x, dt, -torch.exp(m.A_log.float().index_select(0, index)), B, C, doc_ids,
@@ -331,18 +315,6 @@ def _local_conv_channels(heads: list[int], groups: list[int], *, head_dim: int, 
     b_channels = [intermediate + g * state + i for g in groups for i in range(state)]
     c_channels = [intermediate + n_groups * state + g * state + i for g in groups for i in range(state)]
     return torch.tensor(x_channels + b_channels + c_channels)
-
-
-def _align_groups_to_heads(B: torch.Tensor, C: torch.Tensor, group_of_head: list[int]):
-    """Make local B/C line up with local heads as the scan expects (head i reads group i // (h/g)).
-
-    Holds for most layouts; when a rank's heads straddle groups unevenly, give every head its own copy.
-    """
-    heads, groups = len(group_of_head), B.shape[2]
-    if heads % groups == 0 and group_of_head == [i // (heads // groups) for i in range(heads)]:
-        return B, C
-    index = torch.tensor(group_of_head, device=B.device)
-    return B.index_select(2, index), C.index_select(2, index)  # [B, S, g, N] -> [B, S, h, N]
 
 
 # ----------------------------------------------------------------------------------------------

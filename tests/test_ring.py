@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cp
-from tests.attention_cases import Case, check_case, core_cases, run_cases
+from tests.attention_cases import Case, core_cases, run_cases
 
 
 def _dims(world, style, cp_ulysses=None):
