@@ -85,6 +85,13 @@ class ParallelDims:
         return mesh.get_group()
 
     @property
+    def dp_cp_mesh(self) -> DeviceMesh:
+        """The flattened 1-D (dp, cp_ring, cp_ulysses) mesh FSDP shards parameters over."""
+        if self.mesh is None:
+            raise RuntimeError("call ParallelDims.build() before asking for meshes")
+        return self._flat["dp_cp"]
+
+    @property
     def cp_group(self) -> dist.ProcessGroup:
         return self._group("cp")
 

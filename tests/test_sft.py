@@ -1,0 +1,173 @@
+"""SFT trainer: cp>1 reproduces the cp=1 loss curve; resume reproduces an uninterrupted run; logs,
+checkpoints, the HF export and W&B files are written; bad configs, NaNs and dead ranks fail clearly."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tests.dist import free_port, run_distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["max_steps=4", "data.seq_len=192", "model.tiny_hidden_size=64", "model.tiny_layers=2", "optim.warmup_steps=1",
+        "checkpoint.export_hf=false", "wandb.mode=disabled", "timeout_s=60"]
+# Loss after a few AdamW steps, fp32: CP changes only the order of sums (blocked attention, chunked
+# scans, gradient reduce-scatter), ~1e-6 relative; a CP bug (a leaked document, a wrong normaliser)
+# moves the loss by >1e-2 at step 1 already.
+LOSS_RTOL = 1e-4
+
+
+def compose_cfg(overrides):
+    from trainer import config
+    config.register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose("sft", overrides=overrides)
+
+
+def _run_worker(rank, world, overrides):
+    from trainer.sft import run_sft
+    history = run_sft(compose_cfg(overrides))
+    return [h["loss"] for h in history]
+
+
+def losses(world, overrides):
+    return run_distributed(_run_worker, world, overrides, timeout=600)[0]
+
+
+def assert_same_curve(a, b, what):
+    assert len(a) == len(b), (a, b)
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    assert worst <= LOSS_RTOL, f"{what}: loss curves differ (max rel {worst:.3g}): {a} vs {b}"
+
+
+@pytest.mark.parametrize("model,style,world,extra", [
+    ("tiny_qwen3_5", "ulysses", 2, []),
+    ("tiny_qwen3", "ring", 2, []),
+    ("tiny_qwen3", "hybrid", 4, ["model.cp_ulysses=2"]),
+])
+def test_cp_loss_curve_equals_cp1(tmp_path, model, style, world, extra):
+    base = FAST + [f"model={model}"]
+    ref = losses(1, base + ["model.cp=1", f"output_dir={tmp_path}/cp1", "model.cp_style=ulysses"])
+    got = losses(world, base + [f"model.cp={world}", f"model.cp_style={style}", f"output_dir={tmp_path}/cp"] + extra)
+    assert ref[-1] < ref[0], f"loss should fall: {ref}"
+    assert_same_curve(got, ref, f"{model} {style} cp={world}")
+
+
+def test_data_parallel_times_cp_equals_data_parallel(tmp_path):
+    """dp=2 x cp=2 on 4 ranks == dp=2 x cp=1 on 2 ranks (same global batch)."""
+    base = FAST + ["model=tiny_qwen3_5", "data.micro_batch_size=1"]
+    ref = losses(2, base + ["model.cp=1", f"output_dir={tmp_path}/dp2"])
+    got = losses(4, base + ["model.cp=2", f"output_dir={tmp_path}/dp2cp2"])
+    assert_same_curve(got, ref, "dp2 x cp2")
+
+
+def test_resume_reproduces_uninterrupted_run_and_writes_logs(tmp_path):
+    base = FAST + ["max_steps=6", "checkpoint.every=3", "wandb.mode=offline", "checkpoint.export_hf=true"]
+    full = losses(2, base + [f"output_dir={tmp_path}/full"])
+    # an interrupted run: what the full run had on disk right after step 3
+    split = tmp_path / "split"
+    (split / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_000003", split / "checkpoints" / "step_000003")
+    (split / "checkpoints" / "latest").write_text("step_000003")
+    metrics = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    (split / "metrics.jsonl").write_text("\n".join(metrics[:4]) + "\n")  # + a line written after the checkpoint
+    resumed = losses(2, base + ["resume=true", f"output_dir={split}"])
+    assert_same_curve(resumed, full[3:], "resumed steps 4-6")
+    lines = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "tokens_per_s", "peak_mem_gb", "lr", "grad_norm"):
+        assert all(isinstance(m[key], float) for m in lines), key
+    assert list((tmp_path / "full" / "wandb").glob("offline-run-*")), "W&B offline run directory missing"
+    assert (tmp_path / "full" / "checkpoints" / "latest").read_text() == "step_000006"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "full" / "hf")
+    ids = tokenizer("What is 2 + 3?", return_tensors="pt").input_ids
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+
+
+def _config_error_worker(rank, world, overrides, match):
+    from trainer.sft import run_sft
+    with pytest.raises(ValueError, match=match):
+        run_sft(compose_cfg(FAST + overrides))
+    return "raised"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.cp=3"], "does not divide the world size 2"),
+    (["model.cp_style=stripes"], "choose ring, ulysses or hybrid"),
+    (["model.cp_style=hybrid"], "needs model.cp_ulysses"),
+    (["model.cp_style=ring"], "use model.cp_style=ulysses"),  # default model is a Qwen3.5-style hybrid
+    (["model.attn=flex_attention"], "BlockMask"),
+    (["data.seq_len=2", "model=tiny_qwen3", "model.cp_style=ring"], "shorter than the 4 shards"),
+])
+def test_bad_configs_fail_before_training_with_the_key_named(overrides, match):
+    assert run_distributed(_config_error_worker, 2, overrides, match, timeout=300) == ["raised", "raised"]
+
+
+def test_unknown_override_key_is_named():
+    with pytest.raises(Exception, match="optim.lrr"):
+        compose_cfg(["optim.lrr=1"])
+
+
+def _nan_worker(rank, world):
+    from trainer.sft import run_sft
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d"):
+        run_sft(compose_cfg(FAST + ["optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0", "max_steps=8"]))
+    return "stopped"
+
+
+def test_nan_loss_stops_the_run_with_the_step():
+    assert run_distributed(_nan_worker, 2, timeout=300) == ["stopped", "stopped"]
+
+
+def _dying_rank(rank, world, port, output_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import trainer.sft as sft
+    original = sft.sft_step
+
+    def step_then_die(trainer, loader):
+        if rank == 1 and trainer.step == 1:
+            os._exit(3)  # rank 1 disappears mid-run
+        return original(trainer, loader)
+
+    sft.sft_step = step_then_die
+    sft.run_sft(compose_cfg(FAST + ["max_steps=20", "timeout_s=20", f"output_dir={output_dir}"]))
+
+
+def test_a_dead_rank_makes_the_others_exit_with_an_error(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_dying_rank, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not any(alive), "a surviving rank hung after its peer died"
+    assert procs[1].exitcode == 3 and procs[0].exitcode not in (0, None)
+    assert time.monotonic() - start < 100
+
+
+def test_torchrun_entry_point_runs_and_pins_hydra_dir(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "trainer.sft", *FAST, "max_steps=2", f"output_dir={tmp_path}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sft done: steps 1-2" in result.stdout
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (ROOT / "outputs").exists() or not list((ROOT / "outputs").glob("*/.hydra")), "hydra wrote elsewhere"

@@ -1,0 +1,158 @@
+"""Typed Hydra configs shared by the SFT and GRPO trainers, and the one validation pass after compose.
+
+    configs/sft.yaml ─ defaults: [sft_schema, model: tiny_qwen3_5, data: builtin, optim: adamw]
+         │  hydra compose + command-line overrides (unknown keys / wrong types fail here, key named)
+         v
+    SFTConfig (dataclasses below) ── validate(cfg, world_size) ── before any collective
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny:qwen3_5"
+    """HF hub id or local path (from_pretrained), or "tiny:<family>" for a built-in random-init config
+    (families: qwen3, glm4_moe, gpt_oss, qwen3_5, qwen3_next, nemotron_h)."""
+    cp: int = 2
+    """Context-parallel degree: ranks that share one sequence. Must divide the world size."""
+    cp_style: str = "ulysses"
+    """ring | ulysses | hybrid."""
+    cp_ulysses: Optional[int] = None
+    """hybrid only: the Ulysses degree (ring degree = cp / cp_ulysses)."""
+    attn: str = "sdpa"
+    """Inner attention kernel under CP: sdpa | eager | math | lse, or a registered AttentionInterface name."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 | bfloat16 | float16."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward (HF gradient checkpointing, non-reentrant)."""
+    tiny_hidden_size: int = 128
+    """tiny:* models only: hidden size."""
+    tiny_layers: int = 4
+    """tiny:* models only: number of decoder layers."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"
+    """builtin (bundled chat data) | a local .jsonl/.json/.parquet path | an HF datasets name."""
+    tokenizer: str = "builtin"
+    """builtin (bundled byte-level BPE) | HF id or local path."""
+    seq_len: int = 512
+    """Tokens per packed row (documents packed, a pad document fills the rest)."""
+    micro_batch_size: int = 1
+    """Rows per micro-batch on each data-parallel replica."""
+    limit: Optional[int] = None
+    """Use only the first N records of the source."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    schedule: str = "cosine"
+    """cosine | linear | constant, after warmup."""
+    warmup_steps: int = 5
+    """Linear warmup steps from 0 to lr."""
+    min_lr_ratio: float = 0.1
+    """Final lr as a fraction of the peak (cosine and linear)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = grad_accum * micro_batch_size * dp)."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """offline (default, writes output_dir/wandb) | online | disabled."""
+    project: str = "cptrain"
+    """W&B project."""
+    name: Optional[str] = None
+    """Run name (default: the output_dir's name)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save a torch.distributed.checkpoint every N steps (0: only at the end)."""
+    export_hf: bool = True
+    """At the end, also write output_dir/hf: safetensors + config + tokenizer, loadable by from_pretrained."""
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    max_steps: int = 60
+    """Optimizer steps to run (in total, counting resumed ones)."""
+    seed: int = 0
+    """Seed for model init, data order and sampling."""
+    output_dir: str = "outputs/sft"
+    """Where metrics.jsonl, checkpoints, the HF export and W&B files go."""
+    resume: bool = False
+    """Continue from the latest checkpoint in output_dir."""
+    log_every: int = 1
+    """Print a progress line every N steps (metrics.jsonl gets every step)."""
+    timeout_s: int = 300
+    """Collective timeout: if a rank dies, the others fail with an error within this many seconds."""
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="sft_schema", node=SFTConfig)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def validate_common(cfg, world_size: int) -> None:
+    """Checks shared by SFT and RL; raise ValueError naming the key and the fix, before any collective."""
+    m, o = cfg.model, cfg.optim
+    _check(cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be >= 1")
+    _check(m.cp >= 1 and world_size % m.cp == 0,
+           f"model.cp={m.cp} does not divide the world size {world_size} (torchrun --nproc-per-node): "
+           f"launch a multiple of {m.cp} ranks or change model.cp")
+    _check(m.cp_style in ("ring", "ulysses", "hybrid"), f"model.cp_style={m.cp_style!r}: choose ring, ulysses or hybrid")
+    if m.cp_style == "hybrid":
+        _check(m.cp_ulysses is not None and m.cp_ulysses >= 1 and m.cp % m.cp_ulysses == 0,
+               f"model.cp_style=hybrid needs model.cp_ulysses dividing model.cp={m.cp} (got {m.cp_ulysses})")
+    else:
+        _check(m.cp_ulysses is None, f"model.cp_ulysses={m.cp_ulysses} is only used with model.cp_style=hybrid")
+    _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: choose one of {DTYPES}")
+    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose one of {SCHEDULES}")
+    _check(o.warmup_steps >= 0 and o.grad_accum >= 1, "optim.warmup_steps must be >= 0 and optim.grad_accum >= 1")
+    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables)")
+    _check(cfg.wandb.mode in WANDB_MODES, f"wandb.mode={cfg.wandb.mode!r}: choose one of {WANDB_MODES}")
+    _check(cfg.timeout_s >= 10, f"timeout_s={cfg.timeout_s} must be >= 10")
+
+
+def validate_sft(cfg, world_size: int) -> None:
+    validate_common(cfg, world_size)
+    d, m = cfg.data, cfg.model
+    _check(d.micro_batch_size >= 1, f"data.micro_batch_size={d.micro_batch_size} must be >= 1")
+    multiple = 2 * m.cp if m.cp_style in ("ring", "hybrid") else m.cp
+    _check(d.seq_len >= multiple,
+           f"data.seq_len={d.seq_len} is shorter than the {multiple} shards model.cp={m.cp} ({m.cp_style}) needs")

@@ -1,0 +1,80 @@
+"""Process-level set-up shared by the trainers: distributed init, device, seeding, clean failure.
+
+A rank that dies leaves its peers blocked in a collective; the process group is created with
+`timeout_s`, so they fail with a RuntimeError within that time, and `fail_loudly` turns it into
+one clear line naming the rank and the likely cause before exiting non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
+    """init_process_group from torchrun's environment (a single process without it). Returns (rank, world, device)."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
+
+
+@contextlib.contextmanager
+def fail_loudly(rank: int):
+    """Exit non-zero with one clear line when a collective times out or a peer disappears."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as exc:
+        text = str(exc)
+        peer_gone = any(s in text.lower() for s in ("timed out", "timeout", "connection", "closed", "reset by peer",
+                                                    "broken pipe"))
+        if not peer_gone:
+            raise
+        print(f"[rank {rank}] a collective failed: another rank probably died or stalled ({text.splitlines()[0]})",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # skip destroy_process_group: it would wait on the dead peer

@@ -1,0 +1,221 @@
+"""Built-in verifiable tasks (exact answers) and the rewards that grade them.
+
+    TASKS["add"](rng) ─> {"prompt": "What is 23 + 58?", "answer": "81",
+                          "completion": "23 + 58 = 81\\n<answer>81</answer>"}
+    make_examples(task, n, seed)    n examples, deterministic by seed (train and eval use other seeds)
+      │
+      ├─> scripts/make_assets.py     the bundled SFT rows (system + user + assistant = completion)
+      └─> trainer.data.make_prompts  RL prompts (system + user, generation prompt) and their answers
+
+    completion from the policy ─> Reward(prompt, completion, answer) -> float
+                                   correctness_reward: extract_answer(completion) == answer
+                                   format_reward:      one well-formed <answer>...</answer> at the end
+
+The model must answer in ANSWER_FORMAT ("<answer>81</answer>"); a short working line before the
+tag is allowed. Rewards are plain functions; `resolve_reward` turns a config string (a built-in
+name or an importable "pkg.mod:fn") into one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import re
+import string
+from collections.abc import Callable, Collection
+
+Reward = Callable[[str, str, str], float]  # (prompt, completion, answer) -> reward
+TaskFn = Callable[[random.Random], dict]  # rng -> {"prompt", "answer", "completion"}
+
+SYSTEM_PROMPT = "Solve the task. Give the final answer as <answer>...</answer>."
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+ANSWER_FORMAT = ANSWER_OPEN + "{}" + ANSWER_CLOSE
+_ANSWER_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.DOTALL)
+# end-of-turn markers a decoder may leave at the end of a completion (ignored by format_reward)
+_END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|pad|>")
+
+
+def format_answer(answer: str) -> str:
+    """The answer wrapped in the tag the model must produce: "81" -> "<answer>81</answer>"."""
+    return ANSWER_FORMAT.format(answer)
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def _arithmetic(a: int, op: str, b: int, result: int) -> dict:
+    question = f"{a} {op} {b}"
+    answer = str(result)
+    return {"prompt": f"What is {question}?", "answer": answer,
+            "completion": f"{question} = {answer}\n{format_answer(answer)}"}
+
+
+def add_task(rng: random.Random) -> dict:
+    """Addition of two numbers in [0, 99]."""
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return _arithmetic(a, "+", b, a + b)
+
+
+def sub_task(rng: random.Random) -> dict:
+    """Subtraction a - b with 0 <= b <= a <= 99 (never negative)."""
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = max(a, b), min(a, b)
+    return _arithmetic(a, "-", b, a - b)
+
+
+def mul_task(rng: random.Random) -> dict:
+    """Multiplication table: two numbers in [0, 12]."""
+    a, b = rng.randint(0, 12), rng.randint(0, 12)
+    return _arithmetic(a, "*", b, a * b)
+
+
+def _random_word(rng: random.Random, min_len: int = 3, max_len: int = 5) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(min_len, max_len)))
+
+
+def _letter_task(word: str, instruction: str, result: str) -> dict:
+    # the working line spells the letters out, one token-ish unit each, so a small model can copy them
+    return {"prompt": f'{instruction} "{word}".', "answer": result,
+            "completion": f"{' '.join(word)} -> {' '.join(result)}\n{format_answer(result)}"}
+
+
+def reverse_task(rng: random.Random) -> dict:
+    """Reverse a random lowercase word of 3-5 letters."""
+    word = _random_word(rng)
+    return _letter_task(word, "Reverse the letters of", word[::-1])
+
+
+def sort_task(rng: random.Random) -> dict:
+    """Sort the letters of a random lowercase word of 3-5 letters alphabetically."""
+    word = _random_word(rng)
+    return _letter_task(word, "Sort alphabetically the letters of", "".join(sorted(word)))
+
+
+def _mixture(names: tuple[str, ...]) -> TaskFn:
+    def sample(rng: random.Random) -> dict:
+        name = rng.choice(names)
+        return {**TASKS[name](rng), "task": name}
+
+    sample.__doc__ = f"One of {', '.join(names)}, chosen uniformly."
+    return sample
+
+
+TASKS: dict[str, TaskFn] = {
+    "add": add_task,
+    "sub": sub_task,
+    "mul": mul_task,
+    "reverse": reverse_task,
+    "sort": sort_task,
+}
+TASKS["arithmetic"] = _mixture(("add", "sub", "mul"))
+TASKS["mixed"] = _mixture(("add", "sub", "mul", "reverse", "sort"))
+
+
+def make_examples(task: str, n: int, seed: int, *, exclude_prompts: Collection[str] = ()) -> list[dict]:
+    """`n` examples of `task`, the same for the same seed: dicts with `prompt`, `answer`, the reference
+    `completion` (working line + answer tag) and `task` (the concrete task for mixtures).
+
+    exclude_prompts: prompts never to produce (e.g. the training prompts, for a disjoint eval set).
+    Examples may repeat otherwise (the task spaces are small: mul has 169 questions)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0; got {n}")
+    rng = random.Random(seed)
+    examples, attempts = [], 0
+    while len(examples) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise ValueError(f"could not draw {n} examples of {task!r} outside the {len(exclude_prompts)} "
+                             "excluded prompts: ask for fewer")
+        example = {"task": task, **TASKS[task](rng)}
+        if example["prompt"] not in exclude_prompts:
+            examples.append(example)
+    return examples
+
+
+def task_messages(prompt: str, completion: str | None = None, *,
+                  system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
+    """The chat messages of a task: [system], user prompt, [assistant completion]."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    if completion is not None:
+        messages.append({"role": "assistant", "content": completion})
+    return messages
+
+
+# ---------------------------------------------------------------- answers and rewards
+
+
+def extract_answer(completion: str) -> str | None:
+    """The content of the LAST <answer>...</answer> in `completion`, stripped; None if there is none."""
+    matches = _ANSWER_RE.findall(completion)
+    return matches[-1].strip() if matches else None
+
+
+def _strip_end_markers(text: str) -> str:
+    text = text.strip()
+    changed = True
+    while changed:
+        changed = False
+        for marker in _END_MARKERS:
+            if text.endswith(marker):
+                text, changed = text[: -len(marker)].rstrip(), True
+    return text
+
+
+def correctness_reward(prompt: str, completion: str, answer: str) -> float:
+    """1.0 if the extracted answer equals `answer` exactly (surrounding whitespace ignored), else 0.0."""
+    extracted = extract_answer(completion)
+    return 1.0 if extracted is not None and extracted == answer.strip() else 0.0
+
+
+def format_reward(prompt: str, completion: str, answer: str) -> float:
+    """1.0 for exactly one non-empty <answer>...</answer> that ends the completion (end-of-turn tokens
+    and whitespace after it are fine); 0.5 when that one tag is followed by more text; else 0.0."""
+    if completion.count(ANSWER_OPEN) != 1 or completion.count(ANSWER_CLOSE) != 1:
+        return 0.0
+    match = _ANSWER_RE.search(completion)
+    if match is None or not match.group(1).strip():
+        return 0.0
+    return 1.0 if not _strip_end_markers(completion[match.end():]) else 0.5
+
+
+REWARDS: dict[str, Reward] = {"correctness": correctness_reward, "format": format_reward}
+
+
+def _import_object(path: str):
+    """"pkg.mod:attr.sub" or "pkg.mod.attr" -> the object."""
+    if ":" in path:
+        module_name, _, attr_path = path.partition(":")
+    else:
+        module_name, _, attr_path = path.rpartition(".")
+    if not module_name or not attr_path:
+        raise ValueError(f"reward {path!r} is not a dotted path: use 'pkg.module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward {path!r}: cannot import module {module_name!r} ({err})") from err
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise ValueError(f"reward {path!r}: {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, attr)
+    return obj
+
+
+def resolve_reward(spec: str | Reward) -> Reward:
+    """A reward from a config value: a built-in name ("correctness", "format"), an importable dotted
+    path ("pkg.mod:fn" or "pkg.mod.fn"), or a callable (returned as is)."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"reward spec must be a name, a 'pkg.module:function' path or a callable; got {spec!r}")
+    if spec in REWARDS:
+        return REWARDS[spec]
+    if "." not in spec and ":" not in spec:
+        raise ValueError(f"unknown reward {spec!r}; built-ins: {', '.join(REWARDS)}, "
+                         "or give an importable 'pkg.module:function'")
+    reward = _import_object(spec)
+    if not callable(reward):
+        raise ValueError(f"reward {spec!r} resolved to a non-callable {type(reward).__name__}")
+    return reward
