@@ -1,6 +1,6 @@
 """Typed Hydra configs shared by the SFT and GRPO trainers, and the one validation pass after compose.
 
-    configs/sft.yaml ─ defaults: [sft_schema, model: tiny_qwen3_5, data: builtin, optim: adamw]
+    configs/{sft,rl}.yaml ─ defaults: [{sft,rl}_schema, model: ..., data: builtin, optim: adamw]
          │  hydra compose + command-line overrides (unknown keys / wrong types fail here, key named)
          v
     SFTConfig (dataclasses below) ── validate(cfg, world_size) ── before any collective
@@ -116,9 +116,57 @@ class SFTConfig:
     """Collective timeout: if a rank dies, the others fail with an error within this many seconds."""
 
 
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    """Prompts per optimizer step over all ranks (split across them for generation)."""
+    group_size: int = 8
+    """Completions sampled per prompt (the GRPO group)."""
+    max_new_tokens: int = 32
+    """Generation budget per completion."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs for the ratio use the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    task: str = "arithmetic"
+    """Built-in task the prompts come from (trainer.tasks.TASKS: add, sub, mul, reverse, sort, arithmetic, mixed)."""
+    eval_prompts: int = 64
+    """Held-out prompts scored greedily at the start and the end (0 disables)."""
+
+
+@dataclass
+class RewardConfig:
+    functions: list[str] = field(default_factory=lambda: ["correctness", "format"])
+    """Built-in reward names or importable "pkg.mod:fn" callables (prompt, completion, answer) -> float."""
+    weights: list[float] = field(default_factory=lambda: [1.0, 0.2])
+    """Weight of each reward function in the total reward."""
+
+
+@dataclass
+class LossConfig:
+    clip_eps_low: float = 0.2
+    """Lower clip of the importance ratio: 1 - clip_eps_low."""
+    clip_eps_high: float = 0.28
+    """Upper clip of the importance ratio: 1 + clip_eps_high."""
+    kl_coef: float = 0.0
+    """KL penalty to the frozen initial policy (k3 estimator); 0 builds no reference model."""
+    normalization: str = "token"
+    """token: mean over all completion tokens of the step; sequence: mean over sequences of their token mean."""
+    scale_advantages: bool = True
+    """Divide group-centred rewards by the group's std (GRPO); false keeps only the centring (Dr. GRPO)."""
+
+
+@dataclass
+class RLConfig(SFTConfig):
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="sft_schema", node=SFTConfig)
+    cs.store(name="rl_schema", node=RLConfig)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -156,3 +204,21 @@ def validate_sft(cfg, world_size: int) -> None:
     multiple = 2 * m.cp if m.cp_style in ("ring", "hybrid") else m.cp
     _check(d.seq_len >= multiple,
            f"data.seq_len={d.seq_len} is shorter than the {multiple} shards model.cp={m.cp} ({m.cp_style}) needs")
+
+
+def validate_rl(cfg, world_size: int) -> None:
+    validate_sft(cfg, world_size)
+    r, l, w = cfg.rollout, cfg.loss, cfg.reward
+    _check(r.prompts_per_step >= 1 and r.prompts_per_step % world_size == 0,
+           f"rollout.prompts_per_step={r.prompts_per_step} must be a positive multiple of the world size {world_size} "
+           "(every rank generates for the same number of prompts)")
+    _check(r.group_size >= 2, f"rollout.group_size={r.group_size} must be >= 2 (advantages compare a group)")
+    _check(r.max_new_tokens >= 1 and r.temperature > 0 and 0 < r.top_p <= 1,
+           "rollout.max_new_tokens >= 1, rollout.temperature > 0 and 0 < rollout.top_p <= 1 are required")
+    _check(l.normalization in ("token", "sequence"), f"loss.normalization={l.normalization!r}: token or sequence")
+    _check(l.clip_eps_low > 0 and l.clip_eps_high > 0 and l.kl_coef >= 0, "loss clip eps must be > 0, kl_coef >= 0")
+    _check(len(w.functions) == len(w.weights) and len(w.functions) > 0,
+           f"reward.functions ({len(w.functions)}) and reward.weights ({len(w.weights)}) must pair up")
+    prompt_budget = cfg.data.seq_len - r.max_new_tokens
+    _check(prompt_budget >= 16, f"data.seq_len={cfg.data.seq_len} leaves {prompt_budget} tokens for the prompt after "
+                                f"rollout.max_new_tokens={r.max_new_tokens}: raise data.seq_len")

@@ -51,9 +51,10 @@ def parallelize(model: nn.Module, dims: cp.ParallelDims, mcfg, device: torch.dev
     model.to(device)
     mesh = dims.dp_cp_mesh
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[mcfg.dtype], reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    model.set_gradient_divide_factor(1.0)  # sum over dp_cp: losses are normalised by the global token count
-    model.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    for module in decoder_layers(model) + [model]:
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+        # Every FSDP unit SUMS gradients over dp_cp (losses are normalised by the global token count),
+        # with a plain SUM collective (gloo has no PREMUL_SUM).
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
     return model

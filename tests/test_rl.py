@@ -1,0 +1,125 @@
+"""GRPO: advantages, the clipped objective, packing, loss+gradient at cp=2 == cp=1, a short run."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tests.dist import run_distributed
+from tests.test_sft import ROOT
+from trainer import grpo
+
+RL_FAST = ["model.name=tiny:qwen3_5", "model.tiny_hidden_size=64", "model.tiny_layers=2", "max_steps=2",
+           "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=12", "rollout.eval_prompts=0",
+           "data.seq_len=256", "checkpoint.export_hf=false", "wandb.mode=disabled", "timeout_s=60"]
+
+
+def compose_rl(overrides):
+    from trainer import config
+    config.register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose("rl", overrides=overrides)
+
+
+def test_group_advantages_on_hand_made_groups():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    centred = grpo.group_advantages(rewards, 4, scale=False)
+    assert torch.allclose(centred, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    scaled = grpo.group_advantages(rewards, 4, scale=True)
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()
+    assert torch.allclose(scaled[:4], centred[:4] / (std + 1e-6), atol=1e-6)
+    assert torch.equal(scaled[4:], torch.zeros(4)), "a group with equal rewards has no advantage"
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo.group_advantages(rewards, 3)
+
+
+def test_clipped_objective_and_kl():
+    logp = torch.tensor([0.0, math.log(2.0), math.log(0.5), math.log(2.0)])
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, clipped, kl = grpo.grpo_token_loss(logp, old, adv, clip_low=0.2, clip_high=0.3)
+    # ratio 1: -A; ratio 2, A>0: clipped at 1.3; ratio 0.5, A<0: clipped at 0.8; ratio 2, A<0: unclipped 2
+    assert torch.allclose(loss, torch.tensor([-1.0, -1.3, 0.8, 2.0]))
+    assert clipped.tolist() == [False, True, True, False]
+    assert torch.equal(kl, torch.zeros(4))
+    _, _, kl = grpo.grpo_token_loss(logp, old, adv, clip_low=0.2, clip_high=0.3, ref_logp=old, kl_coef=0.1)
+    assert (kl >= 0).all() and kl[0] == 0 and kl[1] > 0
+
+
+def test_pack_rollouts_labels_only_completions_and_normalises_sequences():
+    rollouts = [grpo.Rollout([1, 2, 3], [7, 8], [-0.5, -0.25], 1.0, advantage=0.5),
+                grpo.Rollout([4, 5], [9, 10, 11, 12], [-1.0] * 4, 0.0, advantage=-0.5)]
+    (rows,) = grpo.pack_rollouts(rollouts, seq_len=16, rows_per_batch=1, pad_id=0, sequence_norm=True)
+    assert rows.seq_lens == [[5, 6, 5]]
+    assert rows.labels[0, :11].tolist() == [-100, -100, 7, 8, -100, -100, 9, 10, 11, 12, -100]
+    assert rows.old_logp[0, 2:4].tolist() == [-0.5, -0.25]
+    assert rows.advantages[0, 6:10].tolist() == [-0.5] * 4
+    assert math.isclose(float(rows.weights[0, :5].sum()), 1.0) and math.isclose(float(rows.weights[0, 5:].sum()), 1.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        grpo.pack_rollouts(rollouts, seq_len=4, rows_per_batch=1, pad_id=0, sequence_norm=False)
+
+
+def fixed_rollouts(vocab: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    rollouts = []
+    for _ in range(6):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(5, 20))]
+        completion = [rng.randrange(vocab) for _ in range(rng.randint(1, 15))]
+        rollouts.append(grpo.Rollout(prompt, completion, [-rng.random() * 3 for _ in completion], 0.0,
+                                     advantage=rng.uniform(-1, 1)))
+    return rollouts
+
+
+def _loss_grad_worker(rank, world, overrides):
+    from trainer.rl import grpo_backward, micro_batches
+    from trainer.sft import build_trainer
+    from trainer import config
+    cfg = compose_rl(RL_FAST + overrides)
+    trainer = build_trainer(cfg, validate=config.validate_rl)
+    batches = micro_batches(cfg, trainer, fixed_rollouts(len(trainer.tokenizer)), pad_id=0)
+    stats = grpo_backward(cfg, trainer, batches)
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in trainer.model.named_parameters()}
+    import torch.distributed as dist
+    dist.destroy_process_group()
+    return stats["loss"], grads
+
+
+@pytest.mark.parametrize("model,style,norm", [("tiny:qwen3", "ulysses", "token"), ("tiny:qwen3", "ring", "sequence"),
+                                              ("tiny:qwen3_5", "ulysses", "sequence")])
+def test_grpo_loss_and_gradient_at_cp2_equal_cp1(model, style, norm):
+    common = [f"model.name={model}", f"loss.normalization={norm}", "loss.kl_coef=0.05", "data.micro_batch_size=1",
+              "rollout.prompts_per_step=2"]
+    ref_loss, ref_grads = run_distributed(_loss_grad_worker, 1, common + ["model.cp=1"])[0]
+    loss, grads = run_distributed(_loss_grad_worker, 2, common + ["model.cp=2", f"model.cp_style={style}"])[0]
+    # fp32: CP changes only summation order; a wrong normaliser or leaked document is O(1e-2) or more
+    assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss)), (loss, ref_loss)
+    for name, g in grads.items():
+        ref = ref_grads[name]
+        err = (g - ref).abs().max().item()
+        assert err <= 1e-5 * max(1.0, ref.abs().max().item()), f"{name}: grad max abs err {err:.3g}"
+
+
+def _run_worker(rank, world, overrides):
+    from trainer.rl import run_rl
+    return run_rl(compose_rl(RL_FAST + overrides))
+
+
+def test_short_grpo_run_writes_metrics_and_samples(tmp_path):
+    history = run_distributed(_run_worker, 2, [f"output_dir={tmp_path}", "loss.kl_coef=0.01"], timeout=600)[0]
+    assert [h["step"] for h in history] == [1, 2]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ("reward_mean", "loss", "reward_correctness", "reward_format", "clip_frac", "kl", "entropy",
+                "completion_len_mean", "adv_std", "tokens_per_s", "step_time_s", "peak_mem_gb"):
+        assert all(isinstance(line[key], (int, float)) and math.isfinite(line[key]) for line in lines), key
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "completion", "answer", "reward"} <= set(samples[0])
+
+
+def test_missing_sft_checkpoint_is_named():
+    from trainer.rl import check_init_model
+    with pytest.raises(ValueError, match="run the SFT default first"):
+        check_init_model(compose_rl(["model.name=outputs/does_not_exist/hf"]))

@@ -1,0 +1,125 @@
+"""GRPO pieces as pure functions: group advantages, the clipped per-token objective, packing rollouts.
+
+    rollouts (prompt ids, completion ids, old log-probs, reward) per sample, G samples per prompt
+      ─ group_advantages ─> A_i = (r_i - mean_group) [/ std_group]
+      ─ pack_rollouts ─> rows [B, S]: input_ids, labels (completion tokens only, shifted),
+                          old_logp, advantages, weights (token: 1, sequence: 1 / completion length)
+      ─ cp.setup_cp_params + cp.shard ─> this rank's shard
+      ─ grpo_token_loss(logp from the local logits, ...) ─> sum(w * loss) / N_global
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """rewards [N] in groups of `group_size` consecutive samples -> advantages [N]."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not form groups of {group_size}")
+    groups = rewards.view(-1, group_size).double()  # [N] -> [N / G, G]
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1).to(rewards.dtype)  # [N / G, G] -> [N]
+
+
+def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *, clip_low: float,
+                    clip_high: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0):
+    """Per-token clipped surrogate (+ k3 KL to the reference). Returns (loss, clipped mask, kl)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    was_clipped = (clipped < unclipped).detach()
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and kl_coef:
+        log_ratio = ref_logp - logp
+        kl = torch.exp(log_ratio) - log_ratio - 1  # k3: unbiased, >= 0
+        loss = loss + kl_coef * kl
+    return loss, was_clipped, kl.detach()
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of one prompt."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    old_logp: list[float]  # log-prob of each completion token under the sampling policy
+    reward: float
+    advantage: float = 0.0
+
+
+@dataclass
+class RolloutRows:
+    """Packed rows of rollouts, full (unsharded) on every rank of a cp group."""
+
+    input_ids: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S], completion tokens only, already shifted
+    old_logp: torch.Tensor  # [B, S] at label positions, 0 elsewhere
+    advantages: torch.Tensor  # [B, S]
+    weights: torch.Tensor  # [B, S] loss weight per label position (0 where no label)
+    seq_lens: list[list[int]]
+
+
+def _row_tensors(docs: list[Rollout], seq_len: int, pad_id: int, sequence_norm: bool):
+    ids, labels, old, adv, weight, lens = [], [], [], [], [], []
+    for r in docs:
+        doc = r.prompt_ids + r.completion_ids
+        n, p = len(doc), len(r.prompt_ids)
+        row_labels = [IGNORE_INDEX] * n
+        row_old, row_adv, row_w = [0.0] * n, [0.0] * n, [0.0] * n
+        for i, token in enumerate(r.completion_ids):  # position p-1+i predicts completion token i
+            row_labels[p - 1 + i] = token
+            row_old[p - 1 + i] = r.old_logp[i]
+            row_adv[p - 1 + i] = r.advantage
+            row_w[p - 1 + i] = 1.0 / len(r.completion_ids) if sequence_norm else 1.0
+        ids += doc
+        labels += row_labels
+        old += row_old
+        adv += row_adv
+        weight += row_w
+        lens.append(n)
+    pad = seq_len - len(ids)
+    if pad:
+        ids += [pad_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        old, adv, weight = old + [0.0] * pad, adv + [0.0] * pad, weight + [0.0] * pad
+        lens.append(pad)
+    return ids, labels, old, adv, weight, lens
+
+
+def pack_rollouts(rollouts: list[Rollout], *, seq_len: int, rows_per_batch: int, pad_id: int,
+                  sequence_norm: bool) -> list[RolloutRows]:
+    """Greedy packing of prompt+completion documents into rows, grouped into micro-batches."""
+    rows, current, used = [], [], 0
+    for r in rollouts:
+        n = len(r.prompt_ids) + len(r.completion_ids)
+        if n > seq_len:
+            raise ValueError(f"a rollout of {n} tokens does not fit data.seq_len={seq_len}")
+        if used + n > seq_len:
+            rows.append(current)
+            current, used = [], 0
+        current.append(r)
+        used += n
+    if current:
+        rows.append(current)
+    batches = []
+    for start in range(0, len(rows), rows_per_batch):
+        packed = [_row_tensors(docs, seq_len, pad_id, sequence_norm) for docs in rows[start:start + rows_per_batch]]
+        ids, labels, old, adv, weight, lens = zip(*packed)
+        batches.append(RolloutRows(torch.tensor(ids), torch.tensor(labels), torch.tensor(old), torch.tensor(adv),
+                                   torch.tensor(weight), list(lens)))
+    return batches
+
+
+def empty_rows(seq_len: int, rows: int, pad_id: int) -> RolloutRows:
+    """A micro-batch that trains nothing (all pad): keeps ranks in lock-step when they have fewer rows."""
+    zeros = torch.zeros(rows, seq_len)
+    return RolloutRows(torch.full((rows, seq_len), pad_id), torch.full((rows, seq_len), IGNORE_INDEX), zeros, zeros,
+                       zeros, [[seq_len]] * rows)

@@ -1,0 +1,246 @@
+"""GRPO with context parallelism: rollouts outside CP, the policy-gradient step under CP.
+
+    torchrun --nproc-per-node N -m trainer.rl model.cp=2 model.cp_style=ulysses ...
+
+    per step:
+      1. engine.sync(policy)                       full weights -> a plain copy on every rank
+      2. each rank: prompts_per_step / world prompts, group_size samples each (trainer/rollout.py)
+         rewards (prompt, completion, answer) -> weighted sum; group advantages (complete groups, local)
+      3. all_gather_object inside the cp group     every cp rank holds its dp group's rollouts
+      4. pack prompt+completion documents into rows; ranks pad to the same number of micro-batches
+      5. per micro-batch: cp.setup_cp_params + cp.shard(old log-probs, advantages, weights)
+         logits on the local shard only -> log-probs at temperature T -> clipped surrogate (+ KL)
+         loss_r = sum(w * loss) / N_global  (N = tokens, or sequences for sequence normalisation)
+      6. clip, AdamW; metrics.jsonl + W&B (reward, advantages, clip fraction, KL, entropy, lengths);
+         sample completions as a table
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+import cp
+from trainer import checkpoint, config, data, grpo, modeling, runtime, tasks
+from trainer.metrics import MetricsLogger
+from trainer.rollout import RolloutEngine
+from trainer.sft import CONFIG_DIR, Trainer, build_trainer, check_finite, global_sum, maybe_resume, optimizer_step, save
+
+
+def check_init_model(cfg: DictConfig) -> None:
+    name = cfg.model.name
+    if not name.startswith(modeling.TINY_PREFIX) and name.startswith(("outputs", ".", "/")) and not Path(name).exists():
+        raise ValueError(f"model.name={name} does not exist: run the SFT default first "
+                         "(torchrun --nproc-per-node 2 -m trainer.sft writes outputs/sft/hf), or set model.name")
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """Log-prob of each label under softmax(logits / T), and the entropy; on the local shard only."""
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # [B, S_local, V]
+    safe = labels.clamp(min=0)
+    logp = logp_all.gather(-1, safe[..., None]).squeeze(-1)  # [B, S_local]
+    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
+    return logp, entropy
+
+
+def generate_rollouts(cfg, trainer: Trainer, engine: RolloutEngine, prompts, rewards) -> tuple[list, dict]:
+    """This rank's rollouts with rewards and group advantages, and reward sums for logging."""
+    r, rank = cfg.rollout, dist.get_rank()
+    rollouts, sums, samples = [], {"reward": 0.0, "reward_sq": 0.0, "n": 0.0, "length": 0.0, "max_length": 0.0,
+                                   **{f"reward_{name}": 0.0 for name in cfg.reward.functions}}, []
+    for i, prompt in enumerate(prompts):
+        seed = cfg.seed * 1_000_003 + trainer.step * 10_007 + rank * 101 + i
+        group = engine.sample(prompt.input_ids, r.group_size, max_new_tokens=r.max_new_tokens,
+                              temperature=r.temperature, top_p=r.top_p, seed=seed)
+        start = len(rollouts)
+        for completion_ids, logp in group:
+            text = engine.decode(completion_ids)
+            parts = [fn(prompt.prompt, text, prompt.answer) for fn in rewards]
+            total = sum(w * p for w, p in zip(cfg.reward.weights, parts))
+            rollouts.append(grpo.Rollout(prompt.input_ids, completion_ids, logp, total))
+            for name, p in zip(cfg.reward.functions, parts):
+                sums[f"reward_{name}"] += p
+            sums["reward"] += total
+            sums["reward_sq"] += total * total
+            sums["n"] += 1
+            sums["length"] += len(completion_ids)
+            sums["max_length"] = max(sums["max_length"], len(completion_ids))
+            if len(samples) < 4:
+                samples.append([prompt.prompt, text, prompt.answer, total])
+        advantages = grpo.group_advantages(torch.tensor([x.reward for x in rollouts[start:]]), r.group_size,
+                                           scale=cfg.loss.scale_advantages)
+        for rollout, adv in zip(rollouts[start:], advantages.tolist()):
+            rollout.advantage = adv
+    return rollouts, {**sums, "samples": samples}
+
+
+def gather_cp_group(rollouts: list, trainer: Trainer) -> list:
+    """Every rank of a cp group gets the union of the group's rollouts, in cp-rank order."""
+    if trainer.dims.cp == 1:
+        return rollouts
+    parts = [None] * trainer.dims.cp
+    dist.all_gather_object(parts, rollouts, group=trainer.dims.cp_group)
+    return [r for part in parts for r in part]
+
+
+def micro_batches(cfg, trainer: Trainer, rollouts: list, pad_id: int) -> list[grpo.RolloutRows]:
+    batches = grpo.pack_rollouts(rollouts, seq_len=cfg.data.seq_len, rows_per_batch=cfg.data.micro_batch_size,
+                                 pad_id=pad_id, sequence_norm=cfg.loss.normalization == "sequence")
+    count = torch.tensor(len(batches))
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=trainer.dims.dp_cp_group)  # FSDP needs lock-step passes
+    return batches + [grpo.empty_rows(cfg.data.seq_len, cfg.data.micro_batch_size, pad_id)
+                      for _ in range(int(count) - len(batches))]
+
+
+def grpo_backward(cfg, trainer: Trainer, batches: list[grpo.RolloutRows], ref_model=None) -> dict:
+    """Forward + backward of every micro-batch under CP; returns globally reduced statistics."""
+    device, T = trainer.device, cfg.rollout.temperature
+    shards = []
+    for rows in batches:
+        batch = cp.setup_cp_params(rows.input_ids.to(device), trainer.dims, labels=rows.labels.to(device),
+                                   seq_lens=rows.seq_lens)
+        extra = [cp.shard(t.to(device), batch.params) for t in (rows.old_logp, rows.advantages, rows.weights)]
+        shards.append((batch, *extra))
+    norm = global_sum(sum(float(w.sum()) for *_, w in shards), trainer)
+    stats = dict.fromkeys(("loss", "clipped", "kl", "entropy", "tokens"), 0.0)
+    for i, (batch, old_logp, adv, weight) in enumerate(shards):
+        trainer.model.set_requires_gradient_sync(i == len(shards) - 1)
+        kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, cp_params=batch.params)
+        logp, entropy = token_logprobs(trainer.model(**kwargs).logits, batch.labels, T)
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp, _ = token_logprobs(ref_model(**kwargs).logits, batch.labels, T)
+        mask = (batch.labels != grpo.IGNORE_INDEX).float()
+        loss_tok, clipped, kl = grpo.grpo_token_loss(logp, old_logp, adv, clip_low=cfg.loss.clip_eps_low,
+                                                     clip_high=cfg.loss.clip_eps_high, ref_logp=ref_logp,
+                                                     kl_coef=cfg.loss.kl_coef)
+        loss = (loss_tok * weight * mask).sum() / max(norm, 1e-9)
+        loss.backward()
+        stats["loss"] += loss.item()
+        stats["clipped"] += float((clipped * mask).sum())
+        stats["kl"] += float((kl * mask).sum())
+        stats["entropy"] += float((entropy * mask).sum())
+        stats["tokens"] += float(mask.sum())
+    reduced = {k: global_sum(v, trainer) for k, v in stats.items()}
+    tokens = max(reduced["tokens"], 1.0)
+    return {"loss": reduced["loss"], "clip_frac": reduced["clipped"] / tokens, "kl": reduced["kl"] / tokens,
+            "entropy": reduced["entropy"] / tokens, "train_tokens": int(reduced["tokens"])}
+
+
+def reward_metrics(sums: dict, trainer: Trainer, rollouts: list, cfg) -> dict:
+    keys = [k for k in sums if k not in ("samples", "max_length")]
+    totals = {k: global_sum(sums[k], trainer) for k in keys}
+    n = max(totals["n"], 1.0)
+    mean = totals["reward"] / n
+    max_len = torch.tensor(sums["max_length"])
+    dist.all_reduce(max_len, op=dist.ReduceOp.MAX)
+    adv = torch.tensor([r.advantage for r in rollouts])
+    metrics = {"reward_mean": mean, "reward_std": max(totals["reward_sq"] / n - mean * mean, 0.0) ** 0.5,
+               "completion_len_mean": totals["length"] / n, "completion_len_max": float(max_len),
+               "adv_mean": float(adv.mean()), "adv_abs_mean": float(adv.abs().mean()), "adv_std": float(adv.std())}
+    metrics.update({f"reward_{name}": totals[f"reward_{name}"] / n for name in cfg.reward.functions})
+    return metrics
+
+
+def evaluate(cfg, engine: RolloutEngine, prompts) -> float:
+    """Greedy accuracy on held-out prompts, split over all ranks."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    correct = sum(tasks.correctness_reward(p.prompt, engine.greedy(p.input_ids, max_new_tokens=cfg.rollout.max_new_tokens),
+                                           p.answer) for p in prompts[rank::world])
+    t = torch.tensor([correct, len(prompts[rank::world])], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / max(t[1], 1))
+
+
+def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards, ref_model, pad_id) -> tuple[dict, list]:
+    start = time.perf_counter()
+    engine.sync(trainer.model)
+    rollouts, sums = generate_rollouts(cfg, trainer, engine, sampler.next_prompts(), rewards)
+    generate_s = time.perf_counter() - start
+    metrics = reward_metrics(sums, trainer, rollouts, cfg)
+    batches = micro_batches(cfg, trainer, gather_cp_group(rollouts, trainer), pad_id)
+    lr = trainer.scheduler.get_last_lr()[0]
+    metrics.update(grpo_backward(cfg, trainer, batches, ref_model))
+    check_finite(metrics["loss"], trainer.step + 1)
+    metrics.update(lr=lr, grad_norm=optimizer_step(trainer))
+    trainer.step += 1
+    elapsed = time.perf_counter() - start
+    metrics.update(step_time_s=elapsed, generate_s=generate_s, tokens_per_s=metrics["train_tokens"] / elapsed,
+                   peak_mem_gb=runtime.peak_memory_gb(trainer.device))
+    return metrics, sums["samples"]
+
+
+def build_reference(cfg, trainer: Trainer):
+    """A frozen copy of the initial policy under the same CP, for the KL term (kl_coef > 0)."""
+    if not cfg.loss.kl_coef:
+        return None
+    ref = modeling.build_model(cfg.model, len(trainer.tokenizer), seed=cfg.seed)
+    modeling.parallelize(ref, trainer.dims, cfg.model, trainer.device)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def run_rl(cfg: DictConfig) -> list[dict]:
+    check_init_model(cfg)
+    trainer = build_trainer(cfg, validate=config.validate_rl)
+    with runtime.fail_loudly(dist.get_rank()):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        ref_model = build_reference(cfg, trainer)
+        rewards = [tasks.resolve_reward(f) for f in cfg.reward.functions]
+        prompts = data.make_prompts(cfg.rollout.task, 4096, cfg.seed, trainer.tokenizer)
+        sampler = data.PromptSampler(prompts, batch_size=cfg.rollout.prompts_per_step // world, dp_rank=rank,
+                                     dp_size=world, seed=cfg.seed)
+        maybe_resume(trainer, sampler)
+        engine, pad_id = RolloutEngine(trainer.model, trainer.tokenizer, trainer.device), data.pad_token_id(trainer.tokenizer)
+        eval_prompts = data.load_eval_prompts(trainer.tokenizer, limit=cfg.rollout.eval_prompts) \
+            if cfg.rollout.eval_prompts else []
+        logger = MetricsLogger(cfg, rank=rank, total_steps=cfg.max_steps, start_step=trainer.step, job="rl")
+        eval_start = None
+        if eval_prompts:
+            engine.sync(trainer.model)
+            eval_start = evaluate(cfg, engine, eval_prompts)
+        while trainer.step < cfg.max_steps:
+            metrics, samples = rl_step(cfg, trainer, engine, sampler, rewards, ref_model, pad_id)
+            logger.log(trainer.step, metrics)
+            logger.log_table("samples", ["prompt", "completion", "answer", "reward"], samples, trainer.step)
+            if cfg.checkpoint.every and trainer.step % cfg.checkpoint.every == 0 and trainer.step < cfg.max_steps:
+                save(trainer, sampler)
+        save(trainer, sampler)
+        summary = rl_summary(cfg, logger.history)
+        if eval_prompts:
+            engine.sync(trainer.model)
+            summary += f"; greedy eval accuracy {eval_start:.3f} -> {evaluate(cfg, engine, eval_prompts):.3f}"
+        if cfg.checkpoint.export_hf:
+            checkpoint.export_hf(cfg.output_dir, trainer.model, trainer.tokenizer)
+        logger.close(summary)
+    dist.destroy_process_group()
+    return logger.history
+
+
+def rl_summary(cfg, history: list[dict]) -> str:
+    if not history:
+        return f"rl: no steps run (already at max_steps={cfg.max_steps})"
+    k = max(1, len(history) // 4)
+    head = sum(h["reward_mean"] for h in history[:k]) / k
+    tail = sum(h["reward_mean"] for h in history[-k:]) / k
+    return (f"rl done: steps {history[0]['step']}-{history[-1]['step']}, reward_mean {head:.3f} (first {k}) -> "
+            f"{tail:.3f} (last {k}), cp={cfg.model.cp} {cfg.model.cp_style}, output in {cfg.output_dir}")
+
+
+config.register_configs()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="rl", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run_rl(cfg)
+
+
+if __name__ == "__main__":
+    main()
