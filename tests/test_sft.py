@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from tests.dist import free_port, run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["max_steps=4", "data.seq_len=192", "model.tiny_hidden_size=64", "model.tiny_layers=2", "optim.warmup_steps=1",
+FAST = ["max_steps=4", "data.seq_len=192", "data.micro_batch_size=1", "model.tiny_hidden_size=64", "model.tiny_layers=2", "optim.warmup_steps=1",
         "checkpoint.export_hf=false", "wandb.mode=disabled", "timeout_s=60"]
 # Loss after a few AdamW steps, fp32: CP changes only the order of sums (blocked attention, chunked
 # scans, gradient reduce-scatter), ~1e-6 relative; a CP bug (a leaked document, a wrong normaliser)
