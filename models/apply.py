@@ -19,7 +19,10 @@ from torch import nn
 import cp
 from models.attention import CP_ATTENTION_PREFIX, check_inner_kernel, register_cp_attention
 from models.gated_deltanet import is_gated_deltanet, wrap_gated_deltanet
-from models.mamba2 import is_mamba2_mixer, wrap_mamba2_mixer
+from models.mamba2 import UlyssesMamba2Mixer, is_mamba2_mixer, wrap_mamba2_mixer
+
+# Wrappers that hold the original mixer as a named child: their parameter names gain that level.
+_WRAPPER_CHILD = {UlyssesMamba2Mixer: "mixer"}
 
 
 def _configured_attn(model: nn.Module) -> str:
@@ -64,3 +67,18 @@ def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None
     model.set_attn_implementation(register_cp_attention(attn))
     model.config.use_cache = False
     return model
+
+
+def to_hf_state_dict(model: nn.Module, state_dict: dict) -> dict:
+    """Rename a CP-prepared model's state dict to the plain transformers model's names (undo the
+    extra level of wrappers that keep the original mixer as a child)."""
+    renames = [(f"{path}.{child}.", f"{path}.") for path, module in model.named_modules()
+               for cls, child in _WRAPPER_CHILD.items() if isinstance(module, cls)]
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out

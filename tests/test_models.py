@@ -155,3 +155,11 @@ def test_model_called_without_cp_params_fails_clearly():
     model = models.apply_cp(tiny_model("qwen3"), dims)
     with pytest.raises(ValueError, match="without cp_params"):
         model(input_ids=torch.zeros(1, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "nemotron_h", "gpt_oss"])
+def test_prepared_models_export_plain_transformers_names(family):
+    from models.apply import to_hf_state_dict
+    plain_keys = set(tiny_model(family).state_dict())
+    prepared = models.apply_cp(tiny_model(family), cp.ParallelDims(world_size=1, cp=1))
+    assert set(to_hf_state_dict(prepared, prepared.state_dict())) == plain_keys

@@ -123,3 +123,47 @@ def test_missing_sft_checkpoint_is_named():
     from trainer.rl import check_init_model
     with pytest.raises(ValueError, match="run the SFT default first"):
         check_init_model(compose_rl(["model.name=outputs/does_not_exist/hf"]))
+
+
+def _direction_worker(rank, world):
+    """One GRPO step raises the log-likelihood of positive-advantage completions and lowers the others."""
+    from trainer import config
+    from trainer.rl import grpo_backward, micro_batches, token_logprobs
+    from trainer.sft import build_trainer, optimizer_step
+    import cp
+    import torch.distributed as dist
+    cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", "optim.lr=1e-3", "optim.warmup_steps=0",
+                                "optim.grad_clip=0"])
+    trainer = build_trainer(cfg, validate=config.validate_rl)
+    rollouts = fixed_rollouts(len(trainer.tokenizer), seed=3)
+    for i, r in enumerate(rollouts):
+        r.advantage = 1.0 if i % 2 == 0 else -1.0
+        r.old_logp = [0.0] * len(r.completion_ids)  # unused at ratio 1 except through clipping: keep it off
+    cfg.loss.clip_eps_low = cfg.loss.clip_eps_high = 1e9
+
+    def seq_logp():
+        out = []
+        for r in rollouts:
+            (rows,) = micro_batches(cfg, trainer, [r], pad_id=0)
+            batch = cp.setup_cp_params(rows.input_ids, trainer.dims, labels=rows.labels, seq_lens=rows.seq_lens)
+            with torch.no_grad():
+                logits = trainer.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                       cp_params=batch.params).logits
+            logp, _ = token_logprobs(logits, batch.labels, 1.0)
+            total = (logp * (batch.labels != -100)).sum()
+            dist.all_reduce(total, group=trainer.dims.cp_group)
+            out.append(float(total))
+        return out
+
+    before = seq_logp()
+    grpo_backward(cfg, trainer, micro_batches(cfg, trainer, rollouts, pad_id=0))
+    optimizer_step(trainer)
+    after = seq_logp()
+    dist.destroy_process_group()
+    return [a - b for a, b in zip(after, before)]
+
+
+def test_grpo_step_moves_likelihood_in_the_direction_of_the_advantage():
+    deltas = run_distributed(_direction_worker, 2)[0]
+    assert all(d > 0 for d in deltas[0::2]), deltas
+    assert all(d < 0 for d in deltas[1::2]), deltas

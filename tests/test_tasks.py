@@ -108,7 +108,7 @@ def test_format_reward(completion, expected):
 def test_resolve_reward_accepts_builtin_names_dotted_paths_and_callables():
     assert resolve_reward("correctness") is correctness_reward
     assert resolve_reward("format") is format_reward
-    assert set(REWARDS) == {"correctness", "format"}
+    assert set(REWARDS) == {"correctness", "similarity", "restate", "consistency", "format"}
     assert resolve_reward("tests.test_tasks:length_reward") is length_reward
     assert resolve_reward("tests.test_tasks.length_reward") is length_reward
     assert resolve_reward(length_reward) is length_reward
@@ -116,7 +116,7 @@ def test_resolve_reward_accepts_builtin_names_dotted_paths_and_callables():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("exactness", "unknown reward 'exactness'; built-ins: correctness, format"),
+    ("exactness", "unknown reward 'exactness'; built-ins: correctness, similarity, restate, consistency, format"),
     ("tests.no_such_module:fn", "cannot import module 'tests.no_such_module'"),
     ("tests.test_tasks:no_such_fn", "has no attribute 'no_such_fn'"),
     ("tests.test_tasks:NOT_A_FUNCTION", "non-callable int"),
@@ -125,3 +125,31 @@ def test_resolve_reward_accepts_builtin_names_dotted_paths_and_callables():
 def test_resolve_reward_errors_name_the_problem(spec, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         resolve_reward(spec)
+
+
+def test_similarity_reward_grades_partial_answers():
+    from trainer.tasks import similarity_reward
+    assert similarity_reward("", "<answer>102</answer>", "102") == 1.0
+    assert similarity_reward("", "<answer>126</answer>", "102") == 1 - 2 / 3
+    assert similarity_reward("", "<answer>10</answer>", "102") == 1 - 1 / 3
+    assert similarity_reward("", "no tag", "102") == 0.0
+    assert similarity_reward("", "<answer>zca</answer>", "acz") == 1 - 2 / 3
+
+
+def test_restate_reward_checks_the_working_line_against_the_prompt():
+    from trainer.tasks import restate_reward
+    assert restate_reward("What is 23 + 58?", "23 + 58 = 81\n<answer>81</answer>", "81") == 1.0
+    assert restate_reward("What is 23 + 58?", "23 + 5 = 28\n<answer>28</answer>", "81") == 0.0
+    assert restate_reward('Reverse the letters of "acz".', "a c z -> z c a\n<answer>zca</answer>", "zca") == 1.0
+    assert restate_reward('Reverse the letters of "acz".', "a z c -> c z a\n<answer>cza</answer>", "zca") == 0.0
+    assert restate_reward("Something else", "x", "y") == 0.0
+
+
+def test_consistency_reward_compares_the_tag_with_the_working_line():
+    from trainer.tasks import consistency_reward
+    assert consistency_reward("", "98 - 4 = 94\n<answer>94</answer>", "94") == 1.0
+    assert consistency_reward("", "98 - 4 = 33\n<answer>39</answer>", "94") == 0.0
+    assert consistency_reward("", "19 - 17 = 49\n<answer>49</answer>", "2") == 1.0  # consistent, wrong
+    assert consistency_reward("", "a c z -> z c a\n<answer>zca</answer>", "zca") == 1.0
+    assert consistency_reward("", "a c z -> z c a\n<answer>zac</answer>", "zca") == 0.0
+    assert consistency_reward("", "<answer>3</answer>", "3") == 0.0

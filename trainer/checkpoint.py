@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from models.apply import to_hf_state_dict
 from models.attention import CP_ATTENTION_PREFIX
 
 
@@ -65,7 +66,7 @@ def export_hf(output_dir: str, model, tokenizer) -> Path | None:
             config._attn_implementation = "sdpa"
         config.use_cache = True
         plain = AutoModelForCausalLM.from_config(config)
-        plain.load_state_dict(full, strict=True)
+        plain.load_state_dict(to_hf_state_dict(model, full), strict=True)
         plain.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
     dist.barrier()

@@ -136,9 +136,10 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    functions: list[str] = field(default_factory=lambda: ["correctness", "format"])
-    """Built-in reward names or importable "pkg.mod:fn" callables (prompt, completion, answer) -> float."""
-    weights: list[float] = field(default_factory=lambda: [1.0, 0.2])
+    functions: list[str] = field(default_factory=lambda: ["correctness", "consistency", "format"])
+    """Built-in rewards (correctness, similarity, restate, consistency, format; trainer/tasks.py) or importable
+    "pkg.mod:fn" callables (prompt, completion, answer) -> float."""
+    weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.2])
     """Weight of each reward function in the total reward."""
 
 

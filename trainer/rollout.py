@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from models.apply import to_hf_state_dict
 from models.attention import CP_ATTENTION_PREFIX
 
 
@@ -41,7 +42,7 @@ class RolloutEngine:
     def sync(self, policy: torch.nn.Module) -> None:
         """Copy the policy's current weights (a collective: every rank calls it)."""
         full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-        self.model.load_state_dict(full, strict=True)
+        self.model.load_state_dict(to_hf_state_dict(policy, full), strict=True)
 
     def _cut(self, tokens: list[int]) -> list[int]:
         """Completion up to and including the first end-of-turn token."""

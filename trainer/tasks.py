@@ -56,6 +56,12 @@ def add_task(rng: random.Random) -> dict:
     return _arithmetic(a, "+", b, a + b)
 
 
+def add_small_task(rng: random.Random) -> dict:
+    """Addition of two digits in [0, 9]: the RL default, where a small SFT model is right part of the time."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return _arithmetic(a, "+", b, a + b)
+
+
 def sub_task(rng: random.Random) -> dict:
     """Subtraction a - b with 0 <= b <= a <= 99 (never negative)."""
     a, b = rng.randint(0, 99), rng.randint(0, 99)
@@ -102,6 +108,7 @@ def _mixture(names: tuple[str, ...]) -> TaskFn:
 
 TASKS: dict[str, TaskFn] = {
     "add": add_task,
+    "add_small": add_small_task,
     "sub": sub_task,
     "mul": mul_task,
     "reverse": reverse_task,
@@ -181,7 +188,63 @@ def format_reward(prompt: str, completion: str, answer: str) -> float:
     return 1.0 if not _strip_end_markers(completion[match.end():]) else 0.5
 
 
-REWARDS: dict[str, Reward] = {"correctness": correctness_reward, "format": format_reward}
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions of one character)."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def similarity_reward(prompt: str, completion: str, answer: str) -> float:
+    """Partial credit: 1 - edit distance / max length between the extracted answer and `answer`
+    (1.0 exactly when correct, 0.0 without an answer). Still verifiable, and it grades how close a
+    wrong answer is (digit count, shared digits or letters), which a small model can climb."""
+    extracted = extract_answer(completion)
+    if extracted is None:
+        return 0.0
+    target = answer.strip()
+    return 1.0 - _edit_distance(extracted, target) / max(len(extracted), len(target), 1)
+
+
+_ARITHMETIC_PROMPT = re.compile(r"^What is (\d+ [-+*] \d+)\?$")
+_LETTER_PROMPT = re.compile(r'"([a-z]+)"\.$')
+
+
+def restate_reward(prompt: str, completion: str, answer: str) -> float:
+    """Process reward, verifiable from the prompt: 1.0 if the working line restates the question
+    exactly as the answer format teaches ("23 + 58 = ..." or "a c z -> ..."), else 0.0. Copying the
+    operands is a skill a small model can climb before it gets the answers right."""
+    first_line = completion.strip().split("\n", 1)[0]
+    arithmetic = _ARITHMETIC_PROMPT.match(prompt.strip())
+    if arithmetic:
+        return 1.0 if first_line.startswith(f"{arithmetic.group(1)} = ") else 0.0
+    letters = _LETTER_PROMPT.search(prompt.strip())
+    if letters:
+        return 1.0 if first_line.startswith(f"{' '.join(letters.group(1))} -> ") else 0.0
+    return 0.0
+
+
+_WORK_RESULT = re.compile(r"(?:=|->)\s*(.+)$")
+
+
+def consistency_reward(prompt: str, completion: str, answer: str) -> float:
+    """Process reward, verifiable without the answer: 1.0 if the tagged answer is the result the
+    working line arrives at ("23 + 58 = 81" -> 81; "a c z -> z c a" -> zca), else 0.0."""
+    extracted = extract_answer(completion)
+    result = _WORK_RESULT.search(completion.strip().split("\n", 1)[0])
+    if extracted is None or result is None:
+        return 0.0
+    worked = result.group(1).strip()
+    worked = worked.replace(" ", "") if "->" in completion.split("\n", 1)[0] else worked
+    return 1.0 if worked and worked == extracted else 0.0
+
+
+REWARDS: dict[str, Reward] = {"correctness": correctness_reward, "similarity": similarity_reward,
+                              "restate": restate_reward, "consistency": consistency_reward, "format": format_reward}
 
 
 def _import_object(path: str):
