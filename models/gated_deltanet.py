@@ -59,7 +59,6 @@ from models.varlen_ops import ACTIVATIONS, varlen_causal_conv1d
 PROJECTION_LAYOUTS = {
     "Qwen3_5GatedDeltaNet": "split",
     "Qwen3_5MoeGatedDeltaNet": "split",
-    "Qwen4ExpTextGatedDeltaNet": "split",
     "Qwen3NextGatedDeltaNet": "fused",
 }
 _LAYOUT_ATTRIBUTES = {
