@@ -16,17 +16,60 @@ gradient, with overlapping heads summed); backward of head_to_seq is seq_to_head
 gradient (the computation after it is replicated on every rank of the group).
 
 Group of size 1 (or None): everything is a no-op.
+
+Byte counting (benchmarks): `with count_comm() as counter:` counts the bytes this rank sends to
+OTHER ranks through this module (all_to_all, p2p, all_gather; forward and backward), in a
+CommCounter made active through a ContextVar. Backward run on another thread (CUDA autograd
+workers) is not seen: run it under `torch.autograd.set_multithreading_enabled(False)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 HeadIndex = Sequence[Sequence[int]]  # head_index[j] = head ids (of H) that rank j receives
+
+
+COMM_KINDS = ("all_to_all", "p2p", "all_gather")
+
+
+@dataclass
+class CommCounter:
+    """Bytes this rank sent to other ranks, per kind of collective, and how many sends."""
+
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COMM_KINDS, 0))
+    calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COMM_KINDS, 0))
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+_ACTIVE_COUNTER: contextvars.ContextVar[CommCounter | None] = contextvars.ContextVar("comm_counter", default=None)
+
+
+@contextmanager
+def count_comm(counter: CommCounter | None = None) -> Iterator[CommCounter]:
+    """Count the bytes sent by this module's collectives inside the block (nests: inner wins)."""
+    counter = CommCounter() if counter is None else counter
+    token = _ACTIVE_COUNTER.set(counter)
+    try:
+        yield counter
+    finally:
+        _ACTIVE_COUNTER.reset(token)
+
+
+def _record(kind: str, nbytes: int) -> None:
+    counter = _ACTIVE_COUNTER.get()
+    if counter is not None:
+        counter.bytes[kind] += nbytes
+        counter.calls[kind] += 1
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -61,6 +104,9 @@ class _Exchange:
     unpack: Callable[[torch.Tensor], torch.Tensor]
 
     def run(self, group: dist.ProcessGroup, async_op: bool = False):
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        splits = self.input_splits or [self.send.numel() // size] * size
+        _record("all_to_all", (sum(splits) - splits[rank]) * self.send.element_size())  # the self-chunk stays
         return dist.all_to_all_single(self.recv, self.send, output_split_sizes=self.output_splits,
                                       input_split_sizes=self.input_splits, group=group, async_op=async_op)
 
@@ -253,6 +299,7 @@ class _GatherSeq(torch.autograd.Function):
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        _record("all_gather", (len(parts) - 1) * x.numel() * x.element_size())
         dist.all_gather(parts, x, group=group)
         return torch.cat(parts, dim=dim)
 
@@ -296,6 +343,7 @@ class RingExchange:
             raise RuntimeError("RingExchange.start called twice without wait")
         self._sent = [t.contiguous() for t in tensors]
         self._recv = [torch.empty_like(t) for t in self._sent]
+        _record("p2p", sum(t.numel() * t.element_size() for t in self._sent))
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in self._sent]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in self._recv]
         self._works = dist.batch_isend_irecv(ops)

@@ -242,6 +242,20 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))[:, None]
 
 
+def _is_square_causal(allowed: torch.Tensor) -> bool:
+    """True when the block mask is exactly 'key <= query' on aligned positions (a diagonal block of
+    one document): the fused kernel's is_causal path then skips the upper tiles and needs no mask."""
+    sq, sk = allowed.shape[1:]
+    return sq == sk and torch.equal(allowed, torch.ones(sq, sk, dtype=torch.bool, device=allowed.device).tril()
+                                    .expand_as(allowed))
+
+
+def _mask_args(allowed: torch.Tensor, dtype: torch.dtype) -> dict:
+    if _is_square_causal(allowed):
+        return {"is_causal": True, "attn_mask": None}
+    return {"is_causal": False, "attn_mask": _additive_mask(allowed, dtype)}
+
+
 @dataclass(frozen=True)
 class CpuFlashBlockKernel:
     """torch's fused CPU flash attention (aten::_scaled_dot_product_flash_attention_for_cpu), which
@@ -253,8 +267,7 @@ class CpuFlashBlockKernel:
         groups = _check_gqa(q, k)
         qh = q.transpose(1, 2)  # [B, Sq, H, D] -> [B, H, Sq, D]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qh, _expand_kv(k, groups), _expand_kv(v, groups), 0.0, False,
-            attn_mask=_additive_mask(allowed, q.dtype), scale=scale)
+            qh, _expand_kv(k, groups), _expand_kv(v, groups), 0.0, scale=scale, **_mask_args(allowed, q.dtype))
         lse = lse.to(acc_dtype(q)).masked_fill(~allowed.any(-1)[:, None], float("-inf"))  # no visible key: -inf, not 0
         return out.transpose(1, 2).to(acc_dtype(q)), lse  # [B, H, Sq, D] -> [B, Sq, H, D]
 
@@ -262,8 +275,8 @@ class CpuFlashBlockKernel:
         groups = _check_gqa(q, k)
         bhsd = lambda t: t.transpose(1, 2).to(q.dtype)  # [B, S, H, D] -> [B, H, S, D]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            bhsd(dout), bhsd(q), _expand_kv(k, groups), _expand_kv(v, groups), bhsd(out), lse.to(acc_dtype(q)), 0.0, False,
-            attn_mask=_additive_mask(allowed, q.dtype), scale=scale)
+            bhsd(dout), bhsd(q), _expand_kv(k, groups), _expand_kv(v, groups), bhsd(out), lse.to(acc_dtype(q)), 0.0,
+            scale=scale, **_mask_args(allowed, q.dtype))
         dtype = acc_dtype(q)
         return (dq.transpose(1, 2).to(dtype), _sum_kv_groups(dk.to(dtype), groups),  # [B, H, Sq, D] -> [B, Sq, H, D]
                 _sum_kv_groups(dv.to(dtype), groups))

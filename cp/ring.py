@@ -11,8 +11,9 @@
     sinks: merged once at the end as a key with logit s_h and a zero value.
 
     backward (flash style, with the FINAL lse and delta = rowsum(dout * out)):
-        K/V travel the ring again; the dK/dV accumulator of block j travels WITH it, each rank
-        adding its queries' share; after R steps one last hop returns it to its owner.
+        K/V travel the ring again; the dK/dV accumulator of block j starts on rank j+1 and travels
+        WITH the block, each rank adding its queries' share; one last hop returns it to its owner
+        (R-1 hops: the owner's own share never travels).
 
 The mask of a block comes from GLOBAL positions and document ids (CPParams), so packed documents
 crossing shard and zigzag boundaries, sliding windows and causality are exact; a (query run, key
@@ -106,12 +107,16 @@ def ring_forward(q, k, v, plan: RingPlan, scale: float, kernel):
 
 
 def ring_backward(q, k, v, out, dout, lse, delta, plan: RingPlan, scale: float, kernel):
-    """dq for this rank's queries; dk, dv for this rank's own K/V block (accumulated in acc_dtype)."""
-    dq = torch.zeros(q.shape, dtype=acc_dtype(q), device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc_dtype(q), device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc_dtype(q), device=q.device)
+    """dq for this rank's queries; dk, dv for this rank's own K/V block (accumulated in acc_dtype).
+
+    Step 0 works on this rank's own block: that share stays here. From step 1 on, the dK/dV
+    accumulator of the block in hand travels with it (rank j+1 starts it, j+2 ... add to it) and
+    the hop after the last step brings it home: R-1 hops per block, the minimum.
+    """
+    zeros = lambda t: torch.zeros(t.shape, dtype=acc_dtype(q), device=q.device)
+    dq, own_dk, own_dv = zeros(q), zeros(k), zeros(v)
     kv_exchange, grad_exchange = _exchange(plan), _exchange(plan)
-    k_cur, v_cur = k, v
+    k_cur, v_cur, acc_dk, acc_dv = k, v, own_dk, own_dv
     for step, pieces in enumerate(plan.steps):
         last = step == len(plan.steps) - 1
         if not last:
@@ -120,15 +125,20 @@ def ring_backward(q, k, v, out, dout, lse, delta, plan: RingPlan, scale: float, 
             dq_b, dk_b, dv_b = kernel.backward(q[:, qs], k_cur[:, ks], v_cur[:, ks], out[:, qs], dout[:, qs],
                                                lse[:, :, qs], delta[:, :, qs], allowed, scale)
             dq[:, qs] += dq_b
-            dk[:, ks] += dk_b
-            dv[:, ks] += dv_b
-        if grad_exchange is not None:
-            grad_exchange.start([dk, dv])  # the accumulator follows its block; the last hop reaches the owner
+            acc_dk[:, ks] += dk_b
+            acc_dv[:, ks] += dv_b
+        if step > 0:  # pass the accumulator on with its block; after the last step it reaches the owner
+            grad_exchange.start([acc_dk, acc_dv])
         if not last:
             k_cur, v_cur = kv_exchange.wait()
-        if grad_exchange is not None:
-            dk, dv = grad_exchange.wait()
-    return dq, dk, dv
+        if step > 0:
+            acc_dk, acc_dv = grad_exchange.wait()  # the next block's accumulator (after the last step: ours)
+        elif not last:
+            acc_dk, acc_dv = zeros(k), zeros(v)  # step 1's block: this rank starts its accumulator
+    if grad_exchange is not None:  # acc now holds every other rank's share of this rank's block
+        own_dk += acc_dk
+        own_dv += acc_dv
+    return dq, own_dk, own_dv
 
 
 class _RingAttention(torch.autograd.Function):
