@@ -254,7 +254,9 @@ def seq_to_head(x: torch.Tensor, group: dist.ProcessGroup | None, head_index: He
     head_index[j] lists the heads rank j receives (default: H/P contiguous heads each).
     """
     if group_size(group) == 1:
-        return x if head_index is None else x[:, :, list(head_index[0])]
+        if head_index is None or list(head_index[0]) == list(range(x.shape[2])):
+            return x  # all heads in order: no copy
+        return x[:, :, list(head_index[0])]
     head_index = _resolve(x, group, head_index, x.shape[2], "seq_to_head")
     return _AllToAll.apply(x.contiguous(), "seq_to_head", group, head_index, x.shape[2])
 
