@@ -135,16 +135,19 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[grpo.RolloutRows], ref_mo
 
 
 def reward_metrics(sums: dict, trainer: Trainer, rollouts: list, cfg) -> dict:
-    keys = [k for k in sums if k not in ("samples", "max_length")]
-    totals = {k: global_sum(sums[k], trainer) for k in keys}
+    """Reward, advantage and length statistics over ALL ranks' rollouts (each counted once)."""
+    adv = [r.advantage for r in rollouts]
+    local = {**{k: v for k, v in sums.items() if k not in ("samples", "max_length")},
+             "adv": sum(adv), "adv_abs": sum(abs(a) for a in adv), "adv_sq": sum(a * a for a in adv)}
+    totals = {k: global_sum(v, trainer) for k, v in local.items()}
     n = max(totals["n"], 1.0)
-    mean = totals["reward"] / n
+    mean, adv_mean = totals["reward"] / n, totals["adv"] / n
     max_len = torch.tensor(sums["max_length"])
     dist.all_reduce(max_len, op=dist.ReduceOp.MAX)
-    adv = torch.tensor([r.advantage for r in rollouts])
-    metrics = {"reward_mean": mean, "reward_std": max(totals["reward_sq"] / n - mean * mean, 0.0) ** 0.5,
+    std = lambda sq, m: max(sq / n - m * m, 0.0) ** 0.5
+    metrics = {"reward_mean": mean, "reward_std": std(totals["reward_sq"], mean),
                "completion_len_mean": totals["length"] / n, "completion_len_max": float(max_len),
-               "adv_mean": float(adv.mean()), "adv_abs_mean": float(adv.abs().mean()), "adv_std": float(adv.std())}
+               "adv_mean": adv_mean, "adv_abs_mean": totals["adv_abs"] / n, "adv_std": std(totals["adv_sq"], adv_mean)}
     metrics.update({f"reward_{name}": totals[f"reward_{name}"] / n for name in cfg.reward.functions})
     return metrics
 
