@@ -67,8 +67,16 @@ class AttnMask:
             return False
         if not bool((self.q_pos[1:] > self.q_pos[:-1]).all()):
             return False
-        single_doc = bool((self.q_doc == self.q_doc[:, :1]).all()) and torch.equal(self.q_doc, self.k_doc)
-        return single_doc and (self.window is None or self.window >= len(self.q_pos))
+        return self._one_document_unwindowed()
+
+    def is_unmasked(self) -> bool:
+        """True when every query sees every key: non-causal, one document, no effective window."""
+        return not self.causal and self._one_document_unwindowed()
+
+    def _one_document_unwindowed(self) -> bool:
+        one_doc = bool((self.q_doc == self.q_doc[:, :1]).all()) and bool((self.k_doc == self.q_doc[:, :1]).all())
+        span = max(len(self.q_pos), len(self.k_pos))
+        return one_doc and (self.window is None or self.window >= span)
 
 
 def _default_scale(q: torch.Tensor, scale: float | None) -> float:
@@ -115,11 +123,13 @@ def sdpa_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks
     _check_gqa(q, k)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, S, H, D] -> [B, H, S, D]
     if mask.is_plain_causal():
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=_default_scale(q, scale),
-                                             enable_gqa=kh.shape[1] != qh.shape[1])
+        mask_kw = {"is_causal": True}
+    elif mask.is_unmasked():
+        mask_kw = {}
     else:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.dense()[:, None],
-                                             scale=_default_scale(q, scale), enable_gqa=kh.shape[1] != qh.shape[1])
+        mask_kw = {"attn_mask": mask.dense()[:, None]}  # [B, Sq, Sk] -> [B, 1, Sq, Sk]
+    out = F.scaled_dot_product_attention(qh, kh, vh, scale=_default_scale(q, scale),
+                                         enable_gqa=kh.shape[1] != qh.shape[1], **mask_kw)
     return out.transpose(1, 2)  # [B, H, Sq, D] -> [B, Sq, H, D]
 
 
@@ -129,7 +139,7 @@ Kernel = Callable[..., torch.Tensor]
 def lse_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks: torch.Tensor | None = None,
                   block_kernel=None):
     """One block through a block kernel with LSE (cpu_flash on CPU): sinks merged exactly, fused memory use."""
-    kernel = resolve_block_kernel(block_kernel, q.device)
+    kernel = resolve_block_kernel(block_kernel, q.device, q.dtype)
     return _BlockAttention.apply(q, k, v, sinks, mask.dense(), _default_scale(q, scale), kernel)
 
 
@@ -147,6 +157,26 @@ def resolve_kernel(kernel: str | Kernel | None) -> Kernel:
         return KERNELS[kernel]
     except KeyError:
         raise ValueError(f"unknown attention kernel {kernel!r}; known: {sorted(KERNELS)}") from None
+
+
+def per_document(kernel: Kernel, q, k, v, mask: AttnMask, spans, *, scale=None, sinks=None) -> torch.Tensor:
+    """The kernel once per document instead of once over a packed [S, S] mask.
+
+    spans: (row, start, end) of every document of q/k/v [B, S, h, D] (q and k the same tokens,
+    each document one contiguous run; CPParams.document_spans). Each call sees one document, so
+    a causal document without an effective window takes the kernel's mask-free causal path, and
+    the work is sum(L_doc^2) instead of S^2 with no [B, S, S] mask. Kernels that take packed
+    documents themselves (attribute `packed_documents`, e.g. a varlen kernel) get the whole call.
+    """
+    if getattr(kernel, "packed_documents", False) or len(spans) <= q.shape[0]:
+        return kernel(q, k, v, mask, scale=scale, sinks=sinks)
+    rows = [[] for _ in range(q.shape[0])]
+    for row, start, end in spans:
+        doc = AttnMask(mask.q_pos[start:end], mask.k_pos[start:end], mask.q_doc[row:row + 1, start:end],
+                       mask.k_doc[row:row + 1, start:end], mask.causal, mask.window)
+        rows[row].append(kernel(q[row:row + 1, start:end], k[row:row + 1, start:end], v[row:row + 1, start:end], doc,
+                                scale=scale, sinks=sinks))  # [1, L_doc, h, D]
+    return torch.cat([torch.cat(docs, dim=1) for docs in rows], dim=0)  # documents, rows -> [B, S, h, D]
 
 
 def hf_kernel(fn: Callable, module: torch.nn.Module | None = None) -> Kernel:
@@ -251,8 +281,11 @@ def _is_square_causal(allowed: torch.Tensor) -> bool:
 
 
 def _mask_args(allowed: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Fused-kernel mask arguments for a block: plain causal, no mask (all visible), or additive."""
     if _is_square_causal(allowed):
         return {"is_causal": True, "attn_mask": None}
+    if bool(allowed.all()):
+        return {"is_causal": False, "attn_mask": None}
     return {"is_causal": False, "attn_mask": _additive_mask(allowed, dtype)}
 
 
@@ -321,14 +354,24 @@ class _BlockAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None
 
 
-def resolve_block_kernel(kernel, device: torch.device | None = None):
-    """Block kernels (with LSE) for the ring: a name in BLOCK_KERNELS, "auto"/None (cpu_flash on CPU,
-    math elsewhere), or an object with the same forward/backward (the test override hook)."""
+def resolve_block_kernel(kernel, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """Block kernels (with LSE) for the ring: a name in BLOCK_KERNELS, "cuda_efficient" (torch's fused
+    memory-efficient kernel, cp.cuda_kernels), "auto"/None (cpu_flash on CPU; on CUDA cuda_efficient
+    once it passed its exactness check there, else math), or an object with the same
+    forward/backward (the test override hook)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
     if kernel is None or kernel == "auto":
-        kernel = "cpu_flash" if device is None or device.type == "cpu" else "math"
+        if device.type == "cuda":
+            from cp.cuda_kernels import cuda_block_kernel
+            return cuda_block_kernel(device, dtype or torch.float32, explicit=False)
+        kernel = "cpu_flash" if device.type == "cpu" else "math"
+    if kernel == "cuda_efficient":
+        from cp.cuda_kernels import cuda_block_kernel
+        return cuda_block_kernel(device, dtype or torch.float32, explicit=True)
     if isinstance(kernel, str):
         try:
             return BLOCK_KERNELS[kernel]
         except KeyError:
-            raise ValueError(f"unknown ring block kernel {kernel!r}; known: {sorted(BLOCK_KERNELS)}") from None
+            known = sorted([*BLOCK_KERNELS, "auto", "cuda_efficient"])
+            raise ValueError(f"unknown ring block kernel {kernel!r}; known: {known}") from None
     return kernel

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -93,6 +94,25 @@ class CPParams:
     def ulysses_gathered_index(self) -> torch.Tensor:
         """Global positions, in order, of the sequence a Ulysses all-to-all gathers on this rank."""
         return self.ring_block_index(self.ring_rank)
+
+    @cached_property
+    def memo(self) -> dict:
+        """Per-micro-batch cache for plans derived from these params (e.g. the ring's), shared by every layer."""
+        return {}
+
+    @cached_property
+    def document_spans(self) -> tuple[tuple[int, int, int], ...] | None:
+        """(row, start, end) of every document in the sequence a Ulysses all-to-all gathers, when
+        that sequence is the whole row in order (no ring level), so every document is one
+        contiguous run of it; None otherwise. From seq_lens (host-side)."""
+        gathered = self.ulysses_gathered_index()
+        if self.ring_size != 1 or not torch.equal(gathered.cpu(), torch.arange(self.padded_len)):
+            return None
+        spans = []
+        for row, lens in enumerate(self.seq_lens):
+            ends = torch.tensor(lens).cumsum(0).tolist()
+            spans += [(row, end - n, end) for n, end in zip(lens, ends)]
+        return tuple(spans)
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,6 +261,15 @@ def setup_cp_params(input_ids: torch.Tensor, dims: ParallelDims | None = None, *
     local = params.local_index
     return CPBatch(input_ids=input_ids[:, local], position_ids=position_ids[:, local],
                    labels=None if labels is None else labels[:, local], params=params)
+
+
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] document ids (contiguous runs, unique across rows) -> int64 cu_seqlens [n_docs + 1] of the
+    rows flattened (THD order), for varlen kernels that take packed documents."""
+    flat = doc_ids.reshape(-1)  # [B, S] -> [B * S]
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    return torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()], device=flat.device)])
 
 
 def shard(t: torch.Tensor, params: CPParams, dim: int = 1, pad_value: float = 0) -> torch.Tensor:

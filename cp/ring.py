@@ -35,7 +35,7 @@ from cp.kernels import (AttnMask, _default_scale, acc_dtype, merge_attention, me
 from cp.params import CPParams
 from cp.validation import check_qkv
 
-Piece = tuple[slice, slice, torch.Tensor]  # (query run, key run, allowed [B, q_run, k_run])
+Piece = tuple[slice, slice, slice, torch.Tensor]  # (rows, query run, key run, allowed [rows, q_run, k_run])
 
 
 def _runs(pos: torch.Tensor) -> list[slice]:
@@ -43,6 +43,21 @@ def _runs(pos: torch.Tensor) -> list[slice]:
     breaks = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
     bounds = [0] + breaks + [len(pos)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _doc_runs(docs: list[int]) -> dict[int, slice]:
+    """Document id -> its stretch of a run (a run holds consecutive positions, so each document of
+    it is one stretch)."""
+    runs, start = {}, 0
+    for i in range(1, len(docs) + 1):
+        if i == len(docs) or docs[i] != docs[start]:
+            runs[docs[start]] = slice(start, i)
+            start = i
+    return runs
+
+
+def _sub(outer: slice, inner: slice) -> slice:
+    return slice(outer.start + inner.start, outer.start + inner.stop)
 
 
 def _may_see(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window: int | None) -> bool:
@@ -59,7 +74,13 @@ def _may_see(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window: int
 
 @dataclass(frozen=True, eq=False)
 class RingPlan:
-    """Which (query run, key run) pieces each ring step computes, with their masks."""
+    """Which pieces each ring step computes, with their masks.
+
+    A piece is one document's part of a (query run, key run) pair of a row: documents never see
+    each other, so splitting by document only drops masked work, and the masks that remain are
+    the kernels' fast cases (a diagonal piece is plain causal, a piece of keys all before its
+    queries is unmasked) unless a window cuts through it.
+    """
 
     group: dist.ProcessGroup | None
     steps: list[list[Piece]]  # steps[s]: pieces against the block received at step s
@@ -68,20 +89,46 @@ class RingPlan:
     def build(params: CPParams, causal: bool, window: int | None) -> RingPlan:
         size, rank = params.ring_size, params.ring_rank
         q_pos = params.ring_block_index(rank)
+        doc_ids = params.doc_ids.cpu()
         steps = []
         for step in range(size):
             k_pos = params.ring_block_index((rank - step) % size)
             pieces = []
             for qs in _runs(q_pos):
                 for ks in _runs(k_pos):
-                    if not _may_see(q_pos[qs], k_pos[ks], causal, window):
-                        continue
-                    qp, kp = q_pos[qs], k_pos[ks]
-                    allowed = AttnMask(qp, kp, params.doc_ids[:, qp], params.doc_ids[:, kp], causal, window).dense()
-                    if allowed.any():  # e.g. no query and key share a document: skipped
-                        pieces.append((qs, ks, allowed))
+                    if _may_see(q_pos[qs], k_pos[ks], causal, window):
+                        pieces += _document_pieces(q_pos, k_pos, qs, ks, doc_ids, causal, window)
             steps.append(pieces)
         return RingPlan(group=params.ring_group, steps=steps)
+
+    @staticmethod
+    def cached(params: CPParams, causal: bool, window: int | None) -> RingPlan:
+        """The plan for these params (built once per micro-batch, shared by every layer)."""
+        key = ("ring_plan", causal, window)
+        if key not in params.memo:
+            params.memo[key] = RingPlan.build(params, causal, window)
+        return params.memo[key]
+
+
+def _document_pieces(q_pos, k_pos, qs: slice, ks: slice, doc_ids: torch.Tensor, causal: bool,
+                     window: int | None) -> list[Piece]:
+    """The pieces of one (query run, key run) pair: per row, per document the two runs share."""
+    pieces = []
+    q_docs, k_docs = doc_ids[:, q_pos[qs].cpu()].tolist(), doc_ids[:, k_pos[ks].cpu()].tolist()
+    for row, (q_row, k_row) in enumerate(zip(q_docs, k_docs)):
+        k_runs = _doc_runs(k_row)
+        for doc, q_doc_run in _doc_runs(q_row).items():
+            if doc not in k_runs:
+                continue
+            qd, kd = _sub(qs, q_doc_run), _sub(ks, k_runs[doc])
+            qp, kp = q_pos[qd], k_pos[kd]
+            if not _may_see(qp, kp, causal, window):
+                continue
+            same = torch.full((1, len(qp)), doc, device=qp.device)
+            allowed = AttnMask(qp, kp, same, same[:, :1].expand(1, len(kp)), causal, window).dense()  # [1, q, k]
+            if allowed.any():
+                pieces.append((slice(row, row + 1), qd, kd, allowed))
+    return pieces
 
 
 def _exchange(plan: RingPlan) -> RingExchange | None:
@@ -98,9 +145,9 @@ def ring_forward(q, k, v, plan: RingPlan, scale: float, kernel):
         last = step == len(plan.steps) - 1
         if not last:
             exchange.start([k_cur, v_cur])  # the next block travels while this one is computed
-        for qs, ks, allowed in pieces:
-            block_out, block_lse = kernel.forward(q[:, qs], k_cur[:, ks], v_cur[:, ks], allowed, scale)
-            out[:, qs], lse[:, :, qs] = merge_attention(out[:, qs], lse[:, :, qs], block_out, block_lse)
+        for rows, qs, ks, allowed in pieces:
+            block_out, block_lse = kernel.forward(q[rows, qs], k_cur[rows, ks], v_cur[rows, ks], allowed, scale)
+            out[rows, qs], lse[rows, :, qs] = merge_attention(out[rows, qs], lse[rows, :, qs], block_out, block_lse)
         if not last:
             k_cur, v_cur = exchange.wait()
     return out, lse
@@ -121,12 +168,12 @@ def ring_backward(q, k, v, out, dout, lse, delta, plan: RingPlan, scale: float, 
         last = step == len(plan.steps) - 1
         if not last:
             kv_exchange.start([k_cur, v_cur])
-        for qs, ks, allowed in pieces:
-            dq_b, dk_b, dv_b = kernel.backward(q[:, qs], k_cur[:, ks], v_cur[:, ks], out[:, qs], dout[:, qs],
-                                               lse[:, :, qs], delta[:, :, qs], allowed, scale)
-            dq[:, qs] += dq_b
-            acc_dk[:, ks] += dk_b
-            acc_dv[:, ks] += dv_b
+        for rows, qs, ks, allowed in pieces:
+            dq_b, dk_b, dv_b = kernel.backward(q[rows, qs], k_cur[rows, ks], v_cur[rows, ks], out[rows, qs],
+                                               dout[rows, qs], lse[rows, :, qs], delta[rows, :, qs], allowed, scale)
+            dq[rows, qs] += dq_b
+            acc_dk[rows, ks] += dk_b
+            acc_dv[rows, ks] += dv_b
         if step > 0:  # pass the accumulator on with its block; after the last step it reaches the owner
             grad_exchange.start([acc_dk, acc_dv])
         if not last:
@@ -164,8 +211,9 @@ class _RingAttention(torch.autograd.Function):
 def ring_core(q, k, v, params: CPParams, *, causal: bool, scale: float | None, window: int | None,
               sinks: torch.Tensor | None, kernel=None) -> torch.Tensor:
     """The ring over params.ring_group on blocks laid out as params.ring_block_index describes."""
-    plan = RingPlan.build(params, causal, window)
-    return _RingAttention.apply(q, k, v, sinks, plan, _default_scale(q, scale), resolve_block_kernel(kernel, q.device))
+    plan = RingPlan.cached(params, causal, window)
+    kernel = resolve_block_kernel(kernel, q.device, q.dtype)
+    return _RingAttention.apply(q, k, v, sinks, plan, _default_scale(q, scale), kernel)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParams, *, causal: bool = True,

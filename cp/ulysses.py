@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from cp.collectives import head_to_seq, seq_to_head, start_all_to_all
-from cp.kernels import AttnMask, Kernel, resolve_kernel
+from cp.kernels import AttnMask, Kernel, per_document, resolve_kernel
 from cp.params import CPParams
 from cp.validation import check_qkv
 
@@ -99,7 +99,10 @@ def _local_attention(q_full, k_full, v_full, params: CPParams, q_heads, kv_heads
     doc = params.doc_ids[:, pos]  # [B, S]
     mask = AttnMask(q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, causal=causal, window=window)
     local_sinks = None if sinks is None else sinks[q_heads]
-    return resolve_kernel(attn_fn)(q_full, k_full, v_full, mask, scale=scale, sinks=local_sinks)
+    kernel = resolve_kernel(attn_fn)
+    if params.document_spans is None:
+        return kernel(q_full, k_full, v_full, mask, scale=scale, sinks=local_sinks)
+    return per_document(kernel, q_full, k_full, v_full, mask, params.document_spans, scale=scale, sinks=local_sinks)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParams, *,

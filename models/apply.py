@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 import cp
-from models.attention import CP_ATTENTION_PREFIX, check_inner_kernel, register_cp_attention
+from models.attention import check_inner_kernel, inner_kernel_of, register_cp_attention
 from models.gated_deltanet import is_gated_deltanet, wrap_gated_deltanet
 from models.mamba2 import UlyssesMamba2Mixer, is_mamba2_mixer, wrap_mamba2_mixer
 
@@ -27,9 +27,7 @@ _WRAPPER_CHILD = {UlyssesMamba2Mixer: "mixer"}
 
 def _configured_attn(model: nn.Module) -> str:
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if attn.startswith(CP_ATTENTION_PREFIX + "_"):  # apply_cp ran before: keep its inner kernel
-        return attn[len(CP_ATTENTION_PREFIX) + 1:]
-    return attn
+    return inner_kernel_of(attn) or attn  # apply_cp ran before: keep its inner kernel
 
 
 def _check_heads(model: nn.Module, dims: cp.ParallelDims) -> None:

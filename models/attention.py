@@ -13,17 +13,27 @@ name, so transformers builds no [S, S] mask: documents, causality and windows co
 
 Inner kernels (`model.attn`): "sdpa", "eager" (run as cptrain's explicit softmax "math": the same
 computation as HF's eager function, with masks from CPParams instead of a [B, 1, S, S] tensor, so
-HF's eager mask is never built), "math", "lse"; any other function registered with transformers'
-AttentionInterface runs under Ulysses through cp.hf_kernel (given the mask it needs). Known-bad
-kernels are a deny-list with reasons, refused at startup.
+HF's eager mask is never built), "math", "lse", "flash_attention_2" / "flash_attention_3" (CUDA:
+the flash-attn package's varlen kernel over the packed documents under Ulysses, torch's fused
+memory-efficient kernel with LSE for ring / hybrid and for sink layers; both pass cptrain's
+exactness check on the device first, see cp.cuda_kernels); any other function registered with
+transformers' AttentionInterface runs under Ulysses through cp.hf_kernel (given the mask it
+needs). Known-bad kernels are a deny-list with reasons, refused at startup.
+
+The registered name is "cptrain_cp_<inner>", except that flash kernels register as
+"cptrain_cp_fa2" / "_fa3": transformers treats any implementation whose name contains "flash" as
+its own flash-attn path (padding-free kwargs, installation checks), which the CP wrapper is not.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from transformers import AttentionInterface
 
 import cp
+from cp.cuda_kernels import FLASH_MODULES, flash_varlen_kernel
 from cp.params import CPParams
 
 CP_ATTENTION_PREFIX = "cptrain_cp"
@@ -40,10 +50,8 @@ DENIED_KERNELS = {
                       "use model.attn=sdpa",
     "paged_attention": "inference-only (paged KV cache); use model.attn=sdpa",
     "sdpa_paged": "inference-only (paged KV cache); use model.attn=sdpa",
-    "flash_attention_2": "not wired to cptrain's CP kernels in this release (needs a CUDA-validated varlen block "
-                         "kernel); use model.attn=sdpa",
-    "flash_attention_3": "not wired to cptrain's CP kernels in this release; use model.attn=sdpa",
 }
+_REGISTERED_SUFFIX = {"flash_attention_2": "fa2", "flash_attention_3": "fa3"}  # no "flash" in the name (see above)
 _STYLE_FUNCTIONS = {"ulysses": cp.ulysses_attention, "ring": cp.ring_attention, "hybrid": cp.hybrid_attention}
 
 
@@ -55,6 +63,13 @@ def check_inner_kernel(attn: str, cp_style: str) -> None:
         raise ValueError(f"model.attn={attn} is refused under CP: {DENIED_KERNELS[attn]}")
     if attn in INNER_KERNELS:
         return
+    if attn in FLASH_MODULES:
+        try:
+            importlib.import_module(FLASH_MODULES[attn])
+        except ImportError:
+            raise ValueError(f"model.attn={attn} needs the {FLASH_MODULES[attn]} package and CUDA (pip install "
+                             "'cptrain[gpu]' on a GPU machine); or use model.attn=sdpa") from None
+        return
     if attn not in AttentionInterface._global_mapping:
         raise ValueError(f"model.attn={attn!r} is neither a cptrain kernel ({sorted(INNER_KERNELS)}) nor registered "
                          "with transformers' AttentionInterface")
@@ -63,10 +78,12 @@ def check_inner_kernel(attn: str, cp_style: str) -> None:
                          f"blocks by LSE: use model.attn=sdpa (or math), or model.cp_style=ulysses")
 
 
-def _kernels_for(attn: str, module: torch.nn.Module):
-    """(Ulysses local kernel, ring block kernel) for inner kernel `attn`."""
+def _kernels_for(attn: str, module: torch.nn.Module, q: torch.Tensor, sinks: torch.Tensor | None):
+    """(Ulysses local kernel, ring block kernel) for inner kernel `attn` on q's device and dtype."""
     if attn in INNER_KERNELS:
         return INNER_KERNELS[attn]
+    if attn in FLASH_MODULES:  # sinks need the LSE: the fused block kernel path
+        return ("lse" if sinks is not None else flash_varlen_kernel(attn, q.device, q.dtype)), "cuda_efficient"
     return cp.hf_kernel(AttentionInterface._global_mapping[attn], module), None  # Ulysses only (checked at startup)
 
 
@@ -86,7 +103,7 @@ def make_cp_attention(attn: str):
         if dropout and module.training:
             raise ValueError("attention dropout is not supported under CP (set the config's attention_dropout=0)")
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S_local, D] -> [B, S_local, H, D]
-        ulysses_kernel, block_kernel = _kernels_for(attn, module)
+        ulysses_kernel, block_kernel = _kernels_for(attn, module, q, s_aux)
         kernel_kw = {"attn_fn": ulysses_kernel} if cp_params.style == "ulysses" else {"kernel": block_kernel}
         out = _STYLE_FUNCTIONS[cp_params.style](q, k, v, cp_params, causal=getattr(module, "is_causal", True),
                                                 scale=scaling, window=sliding_window, sinks=s_aux, **kernel_kw)
@@ -97,6 +114,14 @@ def make_cp_attention(attn: str):
 
 def register_cp_attention(attn: str) -> str:
     """Register the CP attention function for inner kernel `attn`; returns the implementation name."""
-    name = f"{CP_ATTENTION_PREFIX}_{attn}"
+    name = f"{CP_ATTENTION_PREFIX}_{_REGISTERED_SUFFIX.get(attn, attn)}"
     AttentionInterface.register(name, make_cp_attention(attn))
     return name
+
+
+def inner_kernel_of(name: str) -> str | None:
+    """The inner kernel of a registered CP attention name (None when `name` is not one)."""
+    if not name.startswith(CP_ATTENTION_PREFIX + "_"):
+        return None
+    suffix = name[len(CP_ATTENTION_PREFIX) + 1:]
+    return {v: k for k, v in _REGISTERED_SUFFIX.items()}.get(suffix, suffix)

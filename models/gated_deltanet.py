@@ -35,6 +35,9 @@ The kernel, `varlen_gated_delta_rule`, is the chunked (WY / UT-transform) form o
 cut into its own chunks (the last one zero padded), so no chunk straddles two documents and
 the scan starts every document from a zero state.
 
+On CUDA, fla's chunk_gated_delta_rule (cu_seqlens) and causal-conv1d (seq_idx) replace the torch
+kernels when importable and checked against them (models.mixer_kernels).
+
 The wrapper adopts the mixer's children and parameters under their own names, so
 `state_dict()` keys and FSDP / optimizer names are unchanged by wrapping.
 """
@@ -51,7 +54,8 @@ from torch import nn
 from cp.collectives import head_to_seq, seq_to_head
 from cp.params import CPParams
 from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
-from models.varlen_ops import ACTIVATIONS, varlen_causal_conv1d
+from models.mixer_kernels import pick as pick_mixer_kernel
+from models.varlen_ops import ACTIVATIONS
 
 # HF class name -> how its input projections are laid out.
 #   "split": in_proj_qkv [q | k | v], in_proj_z, in_proj_b, in_proj_a (Qwen3.5 family)
@@ -345,7 +349,8 @@ class UlyssesGatedDeltaNet(nn.Module):
         num_v = v.shape[2]
         weight, bias = self._local_conv_weight(key_heads, value_heads)
         mixed = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)  # -> [B, S, 2 hk Dk + hv Dv]
-        mixed = varlen_causal_conv1d(mixed, weight, bias, doc_ids, activation=self.activation)
+        conv = pick_mixer_kernel("causal_conv1d", mixed.device, mixed.dtype)  # fused on CUDA when checked
+        mixed = conv(mixed, weight, bias, doc_ids, activation=self.activation)
         q, k, v = mixed.split([num_k * self.head_k_dim, num_k * self.head_k_dim, num_v * self.head_v_dim], dim=-1)
         q = q.reshape(batch, seq, num_k, self.head_k_dim)  # [B, S, hk * Dk] -> [B, S, hk, Dk]
         k = k.reshape(batch, seq, num_k, self.head_k_dim)  # [B, S, hk * Dk] -> [B, S, hk, Dk]
@@ -356,7 +361,8 @@ class UlyssesGatedDeltaNet(nn.Module):
         beta = b.sigmoid()
         a_log, dt_bias = self.A_log.index_select(0, heads), self.dt_bias.index_select(0, heads)  # [Hv] -> [hv_r]
         g = -a_log.float().exp() * F.softplus(a.float() + dt_bias)
-        return varlen_gated_delta_rule(q, k, v, g, beta, doc_ids, use_qk_l2norm=True, chunk_size=self.chunk_size)
+        delta_rule = pick_mixer_kernel("gated_delta_rule", v.device, v.dtype)
+        return delta_rule(q, k, v, g, beta, doc_ids, use_qk_l2norm=True, chunk_size=self.chunk_size)
 
     def gated_output(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """core, z [B, s, Hv, Dv] -> out_proj(norm(core, z)) [B, s, hidden]."""

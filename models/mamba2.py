@@ -26,7 +26,8 @@ together with cp_params (padding is a document of its own). Without cp_params th
 the original mixer unchanged (caches, decoding, fused GPU kernels).
 
 The kernels here are plain torch in float32 (`ssd_scan_varlen`, `models.varlen_ops.varlen_causal_conv1d`);
-autograd gives the backward.
+autograd gives the backward. On CUDA, mamba-ssm's scan and causal-conv1d (with seq_idx) replace them
+when importable and checked against them (models.mixer_kernels).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from cp.collectives import head_to_seq, seq_to_head
 from cp.dims import ParallelDims
 from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
 from cp.params import CPParams
-from models.varlen_ops import varlen_causal_conv1d
+from models.mixer_kernels import pick as pick_mixer_kernel
 
 # ----------------------------------------------------------------------------------------------
 # Varlen SSD scan
@@ -268,7 +269,8 @@ class UlyssesMamba2Mixer(nn.Module):
         B, C = align_groups_to_heads(B, C, sharding.local_group_of_heads(rank))
 
         index = torch.tensor(heads, device=hidden_states.device)
-        y = ssd_scan_varlen(x, dt, -torch.exp(m.A_log.float().index_select(0, index)), B, C, doc_ids,
+        scan = pick_mixer_kernel("ssd_scan", x.device, x.dtype)  # fused on CUDA when checked
+        y = scan(x, dt, -torch.exp(m.A_log.float().index_select(0, index)), B, C, doc_ids,
                             D=m.D.index_select(0, index), dt_bias=m.dt_bias.index_select(0, index),
                             dt_limit=m.time_step_limit, chunk_size=m.chunk_size)  # [B, S, h, hd] float32
         y = head_to_seq(y, group, sharding.head_index, m.num_heads)  # [B, S, h, hd] -> [B, S/P, H, hd]
@@ -301,7 +303,8 @@ class UlyssesMamba2Mixer(nn.Module):
                                      intermediate=m.intermediate_size, n_groups=m.n_groups).to(x.device)
         weight = m.conv1d.weight.index_select(0, index)  # [conv_dim, 1, K] -> [c_r, 1, K]
         bias = None if m.conv1d.bias is None else m.conv1d.bias.index_select(0, index)
-        out = varlen_causal_conv1d(channels, weight, bias, doc_ids, activation=m.activation)
+        conv = pick_mixer_kernel("causal_conv1d", channels.device, channels.dtype)
+        out = conv(channels, weight, bias, doc_ids, activation=m.activation)
         x, B, C = out.split([num_local * head_dim, len(groups) * state, len(groups) * state], dim=-1)
         return (x.reshape(batch, length, num_local, head_dim),  # [B, S, h*hd] -> [B, S, h, hd]
                 B.reshape(batch, length, len(groups), state),  # [B, S, g*N] -> [B, S, g, N]

@@ -133,7 +133,7 @@ def test_unsupported_mixer_family_is_rejected_under_every_style():
 @pytest.mark.parametrize("attn,style,match", [("flex_attention", "ulysses", "BlockMask"),
                                               ("paged_attention", "ulysses", "inference-only"),
                                               ("nonsense", "ulysses", "neither a cptrain kernel"),
-                                              ("flash_attention_2", "ring", "not wired"),
+                                              ("flash_attention_2", "ring", "needs the flash_attn package"),
                                               ("sdpa_without_lse", "ring", "without log-sum-exp")])
 def test_denied_attention_kernels_fail_at_startup(attn, style, match):
     from transformers import AttentionInterface

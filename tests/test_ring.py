@@ -87,11 +87,11 @@ def _plan_worker(rank, world):
     S = 64
     p = cp.setup_cp_params(torch.zeros(1, S, dtype=torch.long), dims).params
     plan = RingPlan.build(p, causal=True, window=None)
-    computed = sum(a.numel() for step in plan.steps for _, _, a in step)  # mask area actually computed
-    visible = sum(int(a.sum()) for step in plan.steps for _, _, a in step)
+    computed = sum(a.numel() for step in plan.steps for *_, a in step)  # mask area actually computed
+    visible = sum(int(a.sum()) for step in plan.steps for *_, a in step)
     # one document, causal: rank-balanced with zigzag; every computed piece is at least half visible
     contiguous = cp.setup_cp_params(torch.zeros(1, S, dtype=torch.long), dims, layout="contiguous").params
-    contiguous_visible = sum(int(a.sum()) for step in RingPlan.build(contiguous, True, None).steps for _, _, a in step)
+    contiguous_visible = sum(int(a.sum()) for step in RingPlan.build(contiguous, True, None).steps for *_, a in step)
     # documents that never meet across ranks: a step whose blocks share no document computes nothing
     docs = cp.setup_cp_params(torch.zeros(1, S, dtype=torch.long), dims, seq_lens=[[S // 4] * 4],
                               layout="contiguous").params

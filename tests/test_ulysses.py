@@ -116,3 +116,41 @@ def test_ulysses_chunk_option_is_validated():
     q = torch.randn(1, 8, 4, 8)
     with pytest.raises(ValueError, match="between 1 and the number of KV heads"):
         cp.ulysses_attention(q, q[:, :, :2], q[:, :, :2], p, chunks=3)
+
+
+def _per_document_worker(rank, world):
+    """Ulysses hands the kernel one document at a time (no [S, S] mask) and the result equals one call
+    over the packed mask; rows of a batch keep their own documents."""
+    dims = _dims(world)
+    seq_lens = [[5, 17, 1, 9], [32]]
+    ids = torch.zeros(2, 32, dtype=torch.long)
+    p = cp.setup_cp_params(ids, dims, seq_lens=seq_lens).params
+    assert p.document_spans == ((0, 0, 5), (0, 5, 22), (0, 22, 23), (0, 23, 32), (1, 0, 32))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 32, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    seen = []
+
+    def spy(q_, k_, v_, mask, **kw):
+        seen.append((q_.shape[:2], torch.unique(mask.q_doc).numel()))
+        return cp.kernels.math_attention(q_, k_, v_, mask, **kw)
+
+    def packed(q_, k_, v_, mask, **kw):
+        return cp.kernels.math_attention(q_, k_, v_, mask, **kw)
+
+    packed.packed_documents = True
+    for window in (None, 4):
+        grads = []
+        for fn in (spy, packed):
+            ql, kl, vl = (cp.shard(t, p).requires_grad_() for t in (q, k, v))
+            out = cp.ulysses_attention(ql, kl, vl, p, window=window, attn_fn=fn)
+            out.pow(2).sum().backward()
+            grads.append([out.detach(), ql.grad, kl.grad, vl.grad])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert {n for _, n in seen} == {1}, "a per-document call saw more than one document"
+    assert sorted(tuple(s) for s, _ in seen[:5]) == sorted([(1, 5), (1, 17), (1, 1), (1, 9), (1, 32)])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_ulysses_runs_the_kernel_per_document(world):
+    run_distributed(_per_document_worker, world)

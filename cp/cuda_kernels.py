@@ -1,0 +1,212 @@
+"""Fused GPU attention kernels for the CP paths, each checked on its device before it is trusted.
+
+    ring / hybrid / "lse" block kernel       "cuda_efficient"
+        torch's memory-efficient attention ops (aten::_efficient_attention_forward / _backward,
+        the kernels behind SDPA's efficient backend; fp32, fp16, bf16), which return the LSE and
+        take the FINAL out/LSE in the backward, flash style:
+            diagonal piece of one document   custom_mask_type=1 (causal from the top left), no bias
+            keys all visible                 no mask, no bias
+            anything else (a window cuts it) additive bias [B, H, Sq, Sk] from the piece's mask
+        LSE comes back [B, H, ceil(Sq/32)*32]: sliced to Sq, padded again for the backward.
+
+    Ulysses local kernel                     "flash_varlen" (model.attn=flash_attention_2 / _3)
+        flash-attn's flash_attn_varlen_func over the whole gathered packed sequence as THD
+        [B*S, h, D] with cu_seqlens of its documents: one call, no mask, no per-document loop;
+        causal, window_size=(window-1, 0) (non-causal: (window-1, window-1)), native GQA.
+        Sinks need the LSE: such layers go through the block kernel path ("lse") instead.
+
+Neither is assumed right: `cp.kernel_check` runs each once per (device, dtype) against the exact
+math kernel (packed documents, GQA, a window, forward and backward) before first use. "auto" on
+CUDA picks cuda_efficient when it passes and the exact math block kernel otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cp import kernel_check
+from cp.kernels import AttnMask, MathBlockKernel, _check_gqa, _default_scale, _is_square_causal, acc_dtype
+from cp.params import cu_seqlens_from_doc_ids
+
+LSE_ALIGN = 32  # memory-efficient attention pads the LSE's query dim to a multiple of this
+BIAS_ALIGN = 16  # ... and wants the bias' key dim stride aligned to this
+
+
+def _padded_bias(allowed: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """[B, Sq, Sk] bool -> additive bias [B, H, Sq, Sk] (0 / -inf) in q's dtype on q's device, the key
+    dim stored padded to BIAS_ALIGN and the head dim broadcast (stride 0): the layout SDPA hands this kernel."""
+    B, Sq, Sk = allowed.shape
+    storage = torch.zeros(B, 1, Sq, math.ceil(Sk / BIAS_ALIGN) * BIAS_ALIGN, dtype=q.dtype, device=q.device)
+    bias = storage[..., :Sk]  # [B, 1, Sq, Sk_pad] -> [B, 1, Sq, Sk]
+    bias.masked_fill_(~allowed.to(q.device)[:, None], float("-inf"))
+    return bias.expand(B, q.shape[2], Sq, Sk)  # [B, 1, Sq, Sk] -> [B, H, Sq, Sk]
+
+
+def _mask_mode(allowed: torch.Tensor, q: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """(custom_mask_type, bias): 1 = causal from the top left, 0 = none."""
+    if _is_square_causal(allowed):
+        return 1, None
+    if bool(allowed.all()):
+        return 0, None
+    return 0, _padded_bias(allowed, q)
+
+
+def _expand_kv_bshd(t: torch.Tensor, groups: int) -> torch.Tensor:
+    return t.repeat_interleave(groups, dim=2) if groups > 1 else t  # [B, Sk, Hkv, D] -> [B, Sk, H, D]
+
+
+@dataclass(frozen=True)
+class EfficientBlockKernel:
+    """Block kernel with LSE on torch's memory-efficient attention (CUDA). BSHD in and out."""
+
+    name: str = "cuda_efficient"
+
+    def forward(self, q, k, v, allowed: torch.Tensor, scale: float):
+        groups = _check_gqa(q, k)
+        mask_type, bias = _mask_mode(allowed, q)
+        out, lse, *_ = torch.ops.aten._efficient_attention_forward(  # by name: bound to the op's schema
+            query=q, key=_expand_kv_bshd(k, groups), value=_expand_kv_bshd(v, groups), bias=bias, cu_seqlens_q=None,
+            cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0, custom_mask_type=mask_type,
+            compute_log_sumexp=True, scale=scale)  # out [B, Sq, H, D], lse [B, H, Sq padded to LSE_ALIGN]
+        visible = allowed.any(-1).to(q.device)  # [B, Sq]: a query with no visible key gets out 0, lse -inf
+        lse = lse[..., :q.shape[1]].to(acc_dtype(q)).masked_fill(~visible[:, None], float("-inf"))
+        out = out.to(acc_dtype(q)).masked_fill(~visible[:, :, None, None], 0.0)
+        return out, lse
+
+    def backward(self, q, k, v, out, dout, lse, delta, allowed: torch.Tensor, scale: float):
+        groups = _check_gqa(q, k)
+        B, Sq, H, _ = q.shape
+        mask_type, bias = _mask_mode(allowed, q)
+        lse_padded = torch.zeros(B, H, math.ceil(Sq / LSE_ALIGN) * LSE_ALIGN, dtype=torch.float32, device=q.device)
+        lse_padded[..., :Sq] = lse.float()  # [B, H, Sq] -> [B, H, Sq_pad]
+        no_rng = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout 0: seed and offset unused
+        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(  # by name: bound to the op's schema
+            grad_out_=dout.to(q.dtype), query=q, key=_expand_kv_bshd(k, groups), value=_expand_kv_bshd(v, groups),
+            bias=bias, out=out.to(q.dtype), cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Sq,
+            max_seqlen_k=k.shape[1], logsumexp=lse_padded, dropout_p=0.0, philox_seed=no_rng, philox_offset=no_rng,
+            custom_mask_type=mask_type, bias_requires_grad=False, scale=scale)
+        dtype = acc_dtype(q)
+        if groups > 1:  # [B, Sk, H, D] -> [B, Sk, Hkv, D]: sum each KV head's query group
+            dk, dv = (t.unflatten(2, (k.shape[2], groups)).sum(3) for t in (dk, dv))
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+
+
+def _probe_inputs(device, dtype, *, heads: int = 4, kv_heads: int = 2, head_dim: int = 64, length: int = 80):
+    """A small packed case: documents of 30, 1 and 49 tokens; positions 0..length-1."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, length, h, head_dim, generator=gen).to(device, dtype)
+                     for h in (heads, kv_heads, kv_heads, heads))
+    pos = torch.arange(length, device=device)
+    docs = torch.tensor([0] * 30 + [1] + [2] * (length - 31), device=device)[None]
+    return q, k, v, dout, pos, docs
+
+
+def probe_block_kernel(kernel, device, dtype) -> str | None:
+    """Compare a block kernel with the exact math block kernel on `device`: three block shapes (a
+    diagonal causal piece, an all-visible piece, a packed piece cut by a window), forward (out, lse)
+    and backward (dq, dk, dv) from the exact final out/lse. None when it matches."""
+    q, k, v, dout, pos, docs = _probe_inputs(device, dtype)
+    one_doc = torch.zeros_like(docs)
+    pieces = {"diagonal": AttnMask(pos, pos, one_doc, one_doc).dense(),
+              "all visible": torch.ones(1, len(pos), len(pos), dtype=torch.bool, device=device),
+              "packed + window": AttnMask(pos, pos, docs, docs, window=17).dense()}
+    exact, scale = MathBlockKernel(), _default_scale(q, None)
+    for what, allowed in pieces.items():
+        out, lse = kernel.forward(q, k, v, allowed, scale)
+        ref_out, ref_lse = exact.forward(q, k, v, allowed, scale)
+        delta = (dout.to(ref_out.dtype) * ref_out).sum(-1).transpose(1, 2)  # [B, S, H] -> [B, H, S]
+        grads = kernel.backward(q, k, v, ref_out, dout, ref_lse, delta, allowed, scale)
+        ref_grads = exact.backward(q, k, v, ref_out, dout, ref_lse, delta, allowed, scale)
+        failure = kernel_check.compare([out, lse, *grads], [ref_out, ref_lse, *ref_grads], dtype,
+                                       ["out", "lse", "dq", "dk", "dv"])
+        if failure is not None:
+            return f"{what} block: {failure}"
+    return None
+
+
+EFFICIENT = EfficientBlockKernel()
+
+
+def cuda_block_kernel(device: torch.device, dtype: torch.dtype, *, explicit: bool):
+    """The fused block kernel for CUDA once it passed its check; else (auto) the exact math kernel."""
+    probe = lambda: probe_block_kernel(EFFICIENT, device, dtype)
+    if explicit:
+        kernel_check.require(EFFICIENT.name, device, dtype, probe)
+        return EFFICIENT
+    return EFFICIENT if kernel_check.prefer(EFFICIENT.name, device, dtype, probe) else MathBlockKernel()
+
+
+# ----------------------------------------------------------------------------------------------
+# Ulysses: flash-attn varlen over the packed gathered sequence
+
+
+FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def _document_cu_seqlens(doc: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """doc ids [B, S] -> int32 THD cu_seqlens of the rows flattened, and the longest document."""
+    bounds = cu_seqlens_from_doc_ids(doc).to(torch.int32)
+    return bounds, int((bounds[1:] - bounds[:-1]).max())
+
+
+def _window_size(causal: bool, window: int | None) -> tuple[int, int]:
+    """HF's sliding_window (a query sees `window` keys, itself included) -> flash-attn (left, right)."""
+    if window is None:
+        return (-1, -1)
+    return (window - 1, 0) if causal else (window - 1, window - 1)
+
+
+@dataclass(frozen=True)
+class FlashVarlenKernel:
+    """Ulysses local kernel: one flash_attn_varlen_func call over packed documents (needs aligned q/k
+    positions with contiguous documents, what Ulysses gathers). No sinks (no LSE returned)."""
+
+    attn: str = "flash_attention_2"
+    packed_documents = True  # cp.kernels.per_document hands it the whole packed call
+
+    @property
+    def module(self):
+        return importlib.import_module(FLASH_MODULES[self.attn])
+
+    def __call__(self, q, k, v, mask: AttnMask, *, scale=None, sinks=None):
+        if sinks is not None:
+            raise ValueError("flash_attn_varlen_func has no attention sinks; cptrain routes sink layers through "
+                             "the LSE block kernel")
+        if not torch.equal(mask.q_pos, mask.k_pos):
+            raise ValueError("flash varlen needs queries and keys at the same positions (the Ulysses gathered sequence)")
+        B, S, H, D = q.shape
+        cu_seqlens, max_len = _document_cu_seqlens(mask.q_doc)
+        out = self.module.flash_attn_varlen_func(
+            q.reshape(B * S, H, D), k.reshape(B * S, k.shape[2], D), v.reshape(B * S, v.shape[2], v.shape[3]),
+            cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=_default_scale(q, scale), causal=mask.causal,
+            window_size=_window_size(mask.causal, mask.window))  # [B, S, h, D] -> THD [B * S, h, D]
+        out = out[0] if isinstance(out, tuple) else out  # flash_attn_interface (FA3) may return (out, lse)
+        return out.reshape(B, S, H, -1)  # THD [B * S, H, D] -> [B, S, H, D]
+
+
+def probe_local_kernel(kernel, device, dtype, *, causal: bool = True, window: int | None = 17) -> str | None:
+    """Compare a Ulysses local kernel with the exact math kernel on a packed case, out and dq/dk/dv."""
+    from cp.kernels import math_attention
+
+    q, k, v, _, pos, docs = _probe_inputs(device, dtype)
+    mask = AttnMask(pos, pos, docs, docs, causal, window)
+    return kernel_check.probe_function(lambda *qkv: kernel(*qkv, mask), lambda *qkv: math_attention(*qkv, mask),
+                                       [q, k, v], dtype, names=["out", "dq", "dk", "dv"])
+
+
+def flash_varlen_kernel(attn: str, device: torch.device, dtype: torch.dtype) -> FlashVarlenKernel:
+    """model.attn=flash_attention_2/3 under Ulysses: the flash-attn package's varlen kernel, checked."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"model.attn={attn} needs CUDA; on {device} use model.attn=sdpa")
+    try:
+        importlib.import_module(FLASH_MODULES[attn])
+    except ImportError as exc:
+        raise ValueError(f"model.attn={attn} needs the {FLASH_MODULES[attn]} package (pip install "
+                         "'cptrain[gpu]'); or use model.attn=sdpa") from exc
+    kernel = FlashVarlenKernel(attn)
+    kernel_check.require(f"{attn}_varlen", device, dtype, lambda: probe_local_kernel(kernel, device, dtype))
+    return kernel

@@ -1,0 +1,149 @@
+"""CPU stand-ins for the GPU packages' kernels, written from their documented contracts.
+
+They let CPU tests drive cptrain's adapters (models.mixer_kernels, cp.cuda_kernels) end to end:
+layouts, cu_seqlens / seq_idx, window conventions, head grouping. Each is a slow, direct
+implementation of what the package's docstring promises, independent of cptrain's own kernels
+(per-document loops, sequential recurrences), so an adapter that passes the wrong documents or
+conventions fails the same checks it would fail on a GPU.
+
+    flash_attn.flash_attn_varlen_func      THD q/k/v, cu_seqlens, causal aligned bottom-right,
+                                           window_size=(left, right): query i sees keys
+                                           [i + Lk - Lq - left, i + Lk - Lq + right], -1 = unbounded
+    causal_conv1d.causal_conv1d_fn         x [B, C, S], weight [C, K], seq_idx [B, S]: no tap
+                                           crosses a change of seq_idx
+    fla.ops.gated_delta_rule.chunk_gated_delta_rule
+                                           B = 1 THD with cu_seqlens: transformers' own torch
+                                           reference run on each sequence alone
+    mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined
+                                           sequential SSM recurrence, state zeroed where seq_idx changes
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import types
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), window_shift: int = 0, **_):
+    """window_shift != 0 simulates a wrong window convention (for tests that must catch it)."""
+    assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
+    scale = softmax_scale or 1.0 / math.sqrt(q.shape[-1])
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for (qa, qb), (ka, kb) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+        assert qb - qa <= max_seqlen_q and kb - ka <= max_seqlen_k
+        qd = q[qa:qb].transpose(0, 1).float()  # [L, H, D] -> [H, L, D]
+        kd = k[ka:kb].repeat_interleave(groups, 1).transpose(0, 1).float()
+        vd = v[ka:kb].repeat_interleave(groups, 1).transpose(0, 1).float()
+        lq, lk = qb - qa, kb - ka
+        i = torch.arange(lq)[:, None] + lk - lq  # bottom-right aligned query index in key coordinates
+        j = torch.arange(lk)[None, :]
+        allowed = torch.ones(lq, lk, dtype=torch.bool)
+        if causal:
+            allowed &= j <= i
+        left, right = window_size
+        if left >= 0:
+            allowed &= j >= i - left + window_shift
+        if right >= 0:
+            allowed &= j <= i + right
+        scores = (qd @ kd.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+        outs.append((scores.softmax(-1) @ vd).transpose(0, 1).to(q.dtype))  # [H, L, D] -> [L, H, D]
+    return torch.cat(outs)
+
+
+def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                     final_states_out=None, activation=None):
+    assert seq_idx is not None and seq_idx.dtype == torch.int32 and x.stride(1) == 1, "channel-last x with seq_idx"
+    kernel = weight.shape[1]
+    out = torch.empty_like(x, dtype=torch.float32)
+    for b in range(x.shape[0]):
+        ids = seq_idx[b]
+        starts = [0] + ((ids[1:] != ids[:-1]).nonzero().flatten() + 1).tolist() + [x.shape[2]]
+        for a, e in zip(starts, starts[1:]):
+            seg = x[b:b + 1, :, a:e].float()  # [1, C, L]
+            conv = F.conv1d(F.pad(seg, (kernel - 1, 0)), weight.float()[:, None], None if bias is None else bias.float(),
+                            groups=x.shape[1])
+            out[b, :, a:e] = conv[0]
+    if activation in ("silu", "swish"):
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, use_qk_l2norm_in_kernel=False, **_):
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+
+    assert q.shape[0] == 1 and cu_seqlens is not None, "varlen mode: B = 1 and cu_seqlens"
+    assert scale is None or abs(scale - q.shape[-1] ** -0.5) < 1e-12, "transformers' reference uses Dk^-1/2"
+    bounds = cu_seqlens.tolist()
+    reference = getattr(torch_chunk_gated_delta_rule, "__wrapped__", torch_chunk_gated_delta_rule)  # never a hub kernel
+    outs = [reference(q[:, a:e], k[:, a:e], v[:, a:e], g[:, a:e], beta[:, a:e],
+                                         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
+            for a, e in zip(bounds, bounds[1:])]
+    return torch.cat(outs, dim=1), None
+
+
+def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                              seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), **_):
+    assert seq_idx is not None and seq_idx.dtype == torch.int32
+    dt = dt.float() + (0 if dt_bias is None else dt_bias.float())
+    dt = F.softplus(dt) if dt_softplus else dt
+    dt = dt.clamp(*dt_limit)
+    heads, groups = x.shape[2], B.shape[2]
+    Bh, Ch = (t.float().repeat_interleave(heads // groups, dim=2) for t in (B, C))  # [b, S, h, n]
+    state = torch.zeros(x.shape[0], heads, x.shape[3], B.shape[3])  # [b, h, p, n]
+    ys = []
+    for t in range(x.shape[1]):
+        fresh = (seq_idx[:, t] != seq_idx[:, t - 1]) if t else torch.ones(x.shape[0], dtype=torch.bool)
+        state = state * (~fresh).float()[:, None, None, None]
+        decay = torch.exp(dt[:, t] * A.float())[:, :, None, None]  # [b, h, 1, 1]
+        state = decay * state + (dt[:, t, :, None] * x[:, t].float())[..., None] * Bh[:, t, :, None, :]
+        y = (state * Ch[:, t, :, None, :]).sum(-1)  # [b, h, p]
+        if D is not None:
+            y = y + D.float()[:, None] * x[:, t].float()
+        ys.append(y)
+    return torch.stack(ys, dim=1).to(x.dtype)
+
+
+def _module(name: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    return module
+
+
+@contextmanager
+def installed(*, flash_window_shift: int = 0):
+    """Install the stand-ins as importable packages for the duration of the block."""
+    flash = lambda *a, **kw: flash_attn_varlen_func(*a, window_shift=flash_window_shift, **kw)
+    modules = {
+        "flash_attn": _module("flash_attn", flash_attn_varlen_func=flash),
+        "causal_conv1d": _module("causal_conv1d", causal_conv1d_fn=causal_conv1d_fn),
+        "fla": _module("fla"), "fla.ops": _module("fla.ops"),
+        "fla.ops.gated_delta_rule": _module("fla.ops.gated_delta_rule", chunk_gated_delta_rule=chunk_gated_delta_rule),
+        "mamba_ssm": _module("mamba_ssm"), "mamba_ssm.ops": _module("mamba_ssm.ops"),
+        "mamba_ssm.ops.triton": _module("mamba_ssm.ops.triton"),
+        "mamba_ssm.ops.triton.ssd_combined": _module("mamba_ssm.ops.triton.ssd_combined",
+                                                     mamba_chunk_scan_combined=mamba_chunk_scan_combined),
+    }
+    # transformers binds its kernel fallbacks (fla, mamba-ssm, causal-conv1d) when a modeling module is
+    # first imported: import them now, so they keep their torch paths after the stand-ins leave.
+    for family in ("qwen3_5", "qwen3_next", "nemotron_h"):
+        importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
