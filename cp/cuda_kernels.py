@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from cp import kernel_check
-from cp.kernels import AttnMask, MathBlockKernel, _check_gqa, _default_scale, _is_square_causal, acc_dtype
+from cp.kernels import AttnMask, BlockMask, MathBlockKernel, _check_gqa, _default_scale, acc_dtype
 from cp.params import cu_seqlens_from_doc_ids
 
 LSE_ALIGN = 32  # memory-efficient attention pads the LSE's query dim to a multiple of this
@@ -46,13 +46,13 @@ def _padded_bias(allowed: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return bias.expand(B, q.shape[2], Sq, Sk)  # [B, 1, Sq, Sk] -> [B, H, Sq, Sk]
 
 
-def _mask_mode(allowed: torch.Tensor, q: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+def _mask_mode(mask: BlockMask, q: torch.Tensor) -> tuple[int, torch.Tensor | None]:
     """(custom_mask_type, bias): 1 = causal from the top left, 0 = none."""
-    if _is_square_causal(allowed):
+    if mask.kind == "causal":
         return 1, None
-    if bool(allowed.all()):
+    if mask.kind == "full":
         return 0, None
-    return 0, _padded_bias(allowed, q)
+    return 0, _padded_bias(mask.dense(), q)
 
 
 def _expand_kv_bshd(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -65,22 +65,24 @@ class EfficientBlockKernel:
 
     name: str = "cuda_efficient"
 
-    def forward(self, q, k, v, allowed: torch.Tensor, scale: float):
-        groups = _check_gqa(q, k)
-        mask_type, bias = _mask_mode(allowed, q)
+    def forward(self, q, k, v, allowed, scale: float):
+        groups, mask = _check_gqa(q, k), BlockMask.of(allowed)
+        mask_type, bias = _mask_mode(mask, q)
         out, lse, *_ = torch.ops.aten._efficient_attention_forward(  # by name: bound to the op's schema
             query=q, key=_expand_kv_bshd(k, groups), value=_expand_kv_bshd(v, groups), bias=bias, cu_seqlens_q=None,
             cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0, custom_mask_type=mask_type,
             compute_log_sumexp=True, scale=scale)  # out [B, Sq, H, D], lse [B, H, Sq padded to LSE_ALIGN]
-        visible = allowed.any(-1).to(q.device)  # [B, Sq]: a query with no visible key gets out 0, lse -inf
-        lse = lse[..., :q.shape[1]].to(acc_dtype(q)).masked_fill(~visible[:, None], float("-inf"))
-        out = out.to(acc_dtype(q)).masked_fill(~visible[:, :, None, None], 0.0)
+        lse, out = lse[..., :q.shape[1]].to(acc_dtype(q)), out.to(acc_dtype(q))
+        empty = mask.rows_without_keys()  # [B, Sq]: a query with no visible key gets out 0, lse -inf
+        if empty is not None:
+            empty = empty.to(q.device)
+            lse, out = lse.masked_fill(empty[:, None], float("-inf")), out.masked_fill(empty[:, :, None, None], 0.0)
         return out, lse
 
-    def backward(self, q, k, v, out, dout, lse, delta, allowed: torch.Tensor, scale: float):
+    def backward(self, q, k, v, out, dout, lse, delta, allowed, scale: float):
         groups = _check_gqa(q, k)
         B, Sq, H, _ = q.shape
-        mask_type, bias = _mask_mode(allowed, q)
+        mask_type, bias = _mask_mode(BlockMask.of(allowed), q)
         lse_padded = torch.zeros(B, H, math.ceil(Sq / LSE_ALIGN) * LSE_ALIGN, dtype=torch.float32, device=q.device)
         lse_padded[..., :Sq] = lse.float()  # [B, H, Sq] -> [B, H, Sq_pad]
         no_rng = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout 0: seed and offset unused

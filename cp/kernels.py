@@ -25,7 +25,11 @@ Kernels (`KERNELS`, chosen by name; `resolve_kernel` is the one entry point):
 
 Block kernels (`BLOCK_KERNELS`, for the ring and "lse"): forward returns (out, lse) of one block;
 backward takes the FINAL out/lse of the query rows (flash-attention style), so blocks can be done
-one at a time in any order and merged with `merge_attention`, the one online-softmax merge.
+one at a time in any order and merged with `merge_attention`, the one online-softmax merge. A
+block's mask is a `BlockMask`: "causal" (one document's diagonal) and "full" run the fused
+kernels' mask-free paths; only "dense" (a window cuts the block) carries a [B, Sq, Sk] tensor.
+Packed documents never reach a kernel as one dense mask: Ulysses calls the kernel per document
+(`per_document`), the ring plan cuts its pieces per document (cp.ring.RingPlan).
 Any HF AttentionInterface function (sdpa, eager, ...) becomes a kernel through `hf_kernel(fn)`.
 """
 
@@ -140,7 +144,7 @@ def lse_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks:
                   block_kernel=None):
     """One block through a block kernel with LSE (cpu_flash on CPU): sinks merged exactly, fused memory use."""
     kernel = resolve_block_kernel(block_kernel, q.device, q.dtype)
-    return _BlockAttention.apply(q, k, v, sinks, mask.dense(), _default_scale(q, scale), kernel)
+    return _BlockAttention.apply(q, k, v, sinks, BlockMask.from_attn_mask(mask), _default_scale(q, scale), kernel)
 
 
 KERNELS: dict[str, Kernel] = {"math": math_attention, "sdpa": sdpa_attention, "lse": lse_attention,
@@ -170,12 +174,19 @@ def per_document(kernel: Kernel, q, k, v, mask: AttnMask, spans, *, scale=None, 
     """
     if getattr(kernel, "packed_documents", False) or len(spans) <= q.shape[0]:
         return kernel(q, k, v, mask, scale=scale, sinks=sinks)
-    rows = [[] for _ in range(q.shape[0])]
+    lengths = [[] for _ in range(q.shape[0])]
     for row, start, end in spans:
+        lengths[row].append(end - start)
+    # split, not slices: the backward of a split is one cat, where every slice would allocate a full-size grad
+    by_row = lambda t: [t] if t.shape[0] == 1 else t.split(1, dim=0)  # [B, S, h, D] -> B x [1, S, h, D]
+    pieces = [[t_row.split(lengths[row], dim=1) for row, t_row in enumerate(by_row(t))] for t in (q, k, v)]
+    rows = [[] for _ in range(q.shape[0])]
+    for row, start, end in spans:  # spans run through each row in order: the n-th span is the n-th split
+        n = len(rows[row])
         doc = AttnMask(mask.q_pos[start:end], mask.k_pos[start:end], mask.q_doc[row:row + 1, start:end],
                        mask.k_doc[row:row + 1, start:end], mask.causal, mask.window)
-        rows[row].append(kernel(q[row:row + 1, start:end], k[row:row + 1, start:end], v[row:row + 1, start:end], doc,
-                                scale=scale, sinks=sinks))  # [1, L_doc, h, D]
+        rows[row].append(kernel(pieces[0][row][n], pieces[1][row][n], pieces[2][row][n], doc, scale=scale,
+                                sinks=sinks))  # [1, L_doc, h, D]
     return torch.cat([torch.cat(docs, dim=1) for docs in rows], dim=0)  # documents, rows -> [B, S, h, D]
 
 
@@ -234,15 +245,73 @@ def _sum_kv_groups(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.view(B, H // groups, groups, Sk, D).sum(2).transpose(1, 2)  # [B, H, Sk, D] -> [B, Sk, Hkv, D]
 
 
+@dataclass(frozen=True, eq=False)
+class BlockMask:
+    """Which keys of one (query block, key block) each query sees, without building what is not needed:
+
+        "causal"  square block of one document's diagonal: key j visible to query i iff j <= i
+        "full"    every key visible to every query
+        "dense"   anything else: the explicit bool tensor [B, Sq, Sk]
+
+    Fused kernels run the first two as is_causal / no mask; only "dense" has a mask tensor. Block
+    kernels accept a BlockMask or a bool tensor (classified by `BlockMask.of`).
+    """
+
+    kind: str
+    shape: tuple[int, int, int]  # B, Sq, Sk
+    tensor: torch.Tensor | None = None
+
+    @staticmethod
+    def of(allowed: BlockMask | torch.Tensor) -> BlockMask:
+        if isinstance(allowed, BlockMask):
+            return allowed
+        B, sq, sk = allowed.shape
+        if sq == sk and torch.equal(allowed, torch.ones(sq, sk, dtype=torch.bool, device=allowed.device).tril()
+                                    .expand_as(allowed)):
+            return BlockMask("causal", (B, sq, sk))
+        if bool(allowed.all()):
+            return BlockMask("full", (B, sq, sk))
+        return BlockMask("dense", (B, sq, sk), allowed)
+
+    @staticmethod
+    def from_attn_mask(mask: AttnMask) -> BlockMask:
+        shape = (mask.q_doc.shape[0], len(mask.q_pos), len(mask.k_pos))
+        if mask.is_plain_causal():
+            return BlockMask("causal", shape)
+        if mask.is_unmasked():
+            return BlockMask("full", shape)
+        return BlockMask("dense", shape, mask.dense())
+
+    def dense(self, device=None) -> torch.Tensor:
+        """The bool mask [B, Sq, Sk] (built for causal / full blocks)."""
+        if self.tensor is not None:
+            return self.tensor if device is None else self.tensor.to(device)
+        B, sq, sk = self.shape
+        ones = torch.ones(sq, sk, dtype=torch.bool, device=device)
+        return (ones.tril() if self.kind == "causal" else ones).expand(B, sq, sk)
+
+    def rows_without_keys(self) -> torch.Tensor | None:
+        """[B, Sq] True where a query sees no key of the block; None when every query sees one."""
+        return None if self.tensor is None else ~self.tensor.any(-1)
+
+    def visible_pairs(self) -> int:
+        B, sq, sk = self.shape
+        if self.kind == "causal":
+            return B * sq * (sq + 1) // 2
+        return B * sq * sk if self.kind == "full" else int(self.tensor.sum())
+
+
 @dataclass(frozen=True)
 class MathBlockKernel:
     """Explicit fp32 (fp64 for fp64) block attention with LSE (exact on any device; memory O(B*H*Sq*Sk) per block)."""
 
     name: str = "math"
 
-    def forward(self, q, k, v, allowed: torch.Tensor, scale: float):
-        """q [B, Sq, H, D], k/v [B, Sk, Hkv, D], allowed [B, Sq, Sk] -> out [B, Sq, H, D], lse [B, H, Sq] (acc_dtype)."""
+    def forward(self, q, k, v, allowed, scale: float):
+        """q [B, Sq, H, D], k/v [B, Sk, Hkv, D], allowed (BlockMask or bool [B, Sq, Sk]) -> out [B, Sq, H, D],
+        lse [B, H, Sq] (acc_dtype)."""
         groups, dtype = _check_gqa(q, k), acc_dtype(q)
+        allowed = BlockMask.of(allowed).dense(q.device)
         qh = q.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
         scores = torch.matmul(qh, _expand_kv(k.to(dtype), groups).transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
@@ -251,10 +320,11 @@ class MathBlockKernel:
         out = torch.matmul(torch.exp(scores - safe[..., None]), _expand_kv(v.to(dtype), groups))  # [B, H, Sq, D]
         return out.transpose(1, 2), lse  # -> [B, Sq, H, D]
 
-    def backward(self, q, k, v, out, dout, lse, delta, allowed: torch.Tensor, scale: float):
+    def backward(self, q, k, v, out, dout, lse, delta, allowed, scale: float):
         """Gradients of one block given the query block's FINAL out [B, Sq, H, D], lse [B, H, Sq] and
         delta = rowsum(dout * out) [B, H, Sq]. Returns dq [B, Sq, H, D], dk/dv [B, Sk, Hkv, D] (acc_dtype)."""
         groups, dtype = _check_gqa(q, k), acc_dtype(q)
+        allowed = BlockMask.of(allowed).dense(q.device)
         qh = q.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
         kh, vh = _expand_kv(k.to(dtype), groups), _expand_kv(v.to(dtype), groups)  # [B, H, Sk, D]
         doh = dout.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
@@ -272,21 +342,13 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))[:, None]
 
 
-def _is_square_causal(allowed: torch.Tensor) -> bool:
-    """True when the block mask is exactly 'key <= query' on aligned positions (a diagonal block of
-    one document): the fused kernel's is_causal path then skips the upper tiles and needs no mask."""
-    sq, sk = allowed.shape[1:]
-    return sq == sk and torch.equal(allowed, torch.ones(sq, sk, dtype=torch.bool, device=allowed.device).tril()
-                                    .expand_as(allowed))
-
-
-def _mask_args(allowed: torch.Tensor, dtype: torch.dtype) -> dict:
+def _mask_args(mask: BlockMask, q: torch.Tensor) -> dict:
     """Fused-kernel mask arguments for a block: plain causal, no mask (all visible), or additive."""
-    if _is_square_causal(allowed):
+    if mask.kind == "causal":
         return {"is_causal": True, "attn_mask": None}
-    if bool(allowed.all()):
+    if mask.kind == "full":
         return {"is_causal": False, "attn_mask": None}
-    return {"is_causal": False, "attn_mask": _additive_mask(allowed, dtype)}
+    return {"is_causal": False, "attn_mask": _additive_mask(mask.dense(q.device), q.dtype)}
 
 
 @dataclass(frozen=True)
@@ -296,20 +358,23 @@ class CpuFlashBlockKernel:
 
     name: str = "cpu_flash"
 
-    def forward(self, q, k, v, allowed: torch.Tensor, scale: float):
-        groups = _check_gqa(q, k)
+    def forward(self, q, k, v, allowed, scale: float):
+        groups, mask = _check_gqa(q, k), BlockMask.of(allowed)
         qh = q.transpose(1, 2)  # [B, Sq, H, D] -> [B, H, Sq, D]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qh, _expand_kv(k, groups), _expand_kv(v, groups), 0.0, scale=scale, **_mask_args(allowed, q.dtype))
-        lse = lse.to(acc_dtype(q)).masked_fill(~allowed.any(-1)[:, None], float("-inf"))  # no visible key: -inf, not 0
+            qh, _expand_kv(k, groups), _expand_kv(v, groups), 0.0, scale=scale, **_mask_args(mask, q))
+        lse = lse.to(acc_dtype(q))
+        empty = mask.rows_without_keys()
+        if empty is not None:  # no visible key: lse -inf, not 0
+            lse = lse.masked_fill(empty[:, None].to(q.device), float("-inf"))
         return out.transpose(1, 2).to(acc_dtype(q)), lse  # [B, H, Sq, D] -> [B, Sq, H, D]
 
-    def backward(self, q, k, v, out, dout, lse, delta, allowed: torch.Tensor, scale: float):
-        groups = _check_gqa(q, k)
+    def backward(self, q, k, v, out, dout, lse, delta, allowed, scale: float):
+        groups, mask = _check_gqa(q, k), BlockMask.of(allowed)
         bhsd = lambda t: t.transpose(1, 2).to(q.dtype)  # [B, S, H, D] -> [B, H, S, D]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             bhsd(dout), bhsd(q), _expand_kv(k, groups), _expand_kv(v, groups), bhsd(out), lse.to(acc_dtype(q)), 0.0,
-            scale=scale, **_mask_args(allowed, q.dtype))
+            scale=scale, **_mask_args(mask, q))
         dtype = acc_dtype(q)
         return (dq.transpose(1, 2).to(dtype), _sum_kv_groups(dk.to(dtype), groups),  # [B, H, Sq, D] -> [B, Sq, H, D]
                 _sum_kv_groups(dv.to(dtype), groups))
@@ -336,20 +401,20 @@ class _BlockAttention(torch.autograd.Function):
     """Attention of one (query, key) block through a block kernel; sinks merged once."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, allowed, scale, kernel):
-        out, lse = kernel.forward(q, k, v, allowed, scale)
+    def forward(ctx, q, k, v, sinks, mask, scale, kernel):
+        out, lse = kernel.forward(q, k, v, mask, scale)
         if sinks is not None:
             out, lse = merge_sinks(out, lse, sinks)
-        ctx.save_for_backward(q, k, v, out, lse, sinks, allowed)
-        ctx.scale, ctx.kernel = scale, kernel
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.mask, ctx.scale, ctx.kernel = mask, scale, kernel
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, sinks, allowed = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dout = dout.to(out.dtype)
         delta = (dout * out).sum(-1).transpose(1, 2)  # [B, L, H] -> [B, H, L]
-        dq, dk, dv = ctx.kernel.backward(q, k, v, out, dout, lse, delta, allowed, ctx.scale)
+        dq, dk, dv = ctx.kernel.backward(q, k, v, out, dout, lse, delta, ctx.mask, ctx.scale)
         dsinks = None if sinks is None else sinks_grad(sinks, lse, delta)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None
 

@@ -18,6 +18,9 @@
 The mask of a block comes from GLOBAL positions and document ids (CPParams), so packed documents
 crossing shard and zigzag boundaries, sliding windows and causality are exact; a (query run, key
 run) pair with no visible key (future chunk, out of window, no shared document) costs nothing.
+Pairs are cut per row and per document, and each piece's BlockMask is classified from position
+ranges (diagonal -> "causal", keys all earlier -> "full"), so no mask tensor is built unless a
+window cuts a piece; the plan is built once per micro-batch (CPParams.memo) for all layers.
 Runs are maximal stretches of consecutive positions (2 per rank for zigzag), so half-masked zigzag
 blocks are computed on their visible half only. K/V travel with Hkv heads (GQA expanded locally).
 """
@@ -30,12 +33,12 @@ import torch
 import torch.distributed as dist
 
 from cp.collectives import RingExchange, group_size
-from cp.kernels import (AttnMask, _default_scale, acc_dtype, merge_attention, merge_sinks, resolve_block_kernel,
-                        sinks_grad)
+from cp.kernels import (AttnMask, BlockMask, _default_scale, acc_dtype, merge_attention, merge_sinks,
+                        resolve_block_kernel, sinks_grad)
 from cp.params import CPParams
 from cp.validation import check_qkv
 
-Piece = tuple[slice, slice, slice, torch.Tensor]  # (rows, query run, key run, allowed [rows, q_run, k_run])
+Piece = tuple[slice, slice, slice, BlockMask]  # (rows, query run, key run, which pairs are visible)
 
 
 def _runs(pos: torch.Tensor) -> list[slice]:
@@ -121,14 +124,33 @@ def _document_pieces(q_pos, k_pos, qs: slice, ks: slice, doc_ids: torch.Tensor, 
             if doc not in k_runs:
                 continue
             qd, kd = _sub(qs, q_doc_run), _sub(ks, k_runs[doc])
-            qp, kp = q_pos[qd], k_pos[kd]
-            if not _may_see(qp, kp, causal, window):
-                continue
-            same = torch.full((1, len(qp)), doc, device=qp.device)
-            allowed = AttnMask(qp, kp, same, same[:, :1].expand(1, len(kp)), causal, window).dense()  # [1, q, k]
-            if allowed.any():
-                pieces.append((slice(row, row + 1), qd, kd, allowed))
+            mask = _piece_mask(q_pos[qd], k_pos[kd], causal, window)
+            if mask is not None:
+                pieces.append((slice(row, row + 1), qd, kd, mask))
     return pieces
+
+
+def _piece_mask(qp: torch.Tensor, kp: torch.Tensor, causal: bool, window: int | None) -> BlockMask | None:
+    """The mask of one document's piece (consecutive positions on both sides), classified from the
+    position ranges alone; a dense mask only when a window cuts through the piece. None: nothing visible."""
+    shape = (1, len(qp), len(kp))
+    q_lo, q_hi, k_lo, k_hi = int(qp[0]), int(qp[-1]), int(kp[0]), int(kp[-1])
+    nearest, farthest = q_lo - k_hi, q_hi - k_lo  # smallest and largest query - key distance
+    if causal and (q_lo, q_hi) == (k_lo, k_hi):  # the document's diagonal
+        if window is None or window >= len(qp):
+            return BlockMask("causal", shape)
+    elif causal and nearest > 0:  # keys all before the queries
+        if window is None or farthest < window:
+            return BlockMask("full", shape)
+        if nearest >= window:
+            return None
+    elif causal and farthest < 0:  # keys all after the queries
+        return None
+    elif not causal and (window is None or max(abs(nearest), abs(farthest)) < window):
+        return BlockMask("full", shape)
+    same = torch.zeros(1, len(qp), dtype=torch.long, device=qp.device)
+    allowed = AttnMask(qp, kp, same, same[:, :1].expand(1, len(kp)), causal, window).dense()  # [1, q, k]
+    return BlockMask("dense", shape, allowed) if allowed.any() else None
 
 
 def _exchange(plan: RingPlan) -> RingExchange | None:

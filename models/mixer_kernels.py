@@ -20,6 +20,7 @@ twin. Both take the twin's arguments and return its layout, so the mixers never 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ class MixerOp:
     probe: Callable  # probe(fused, twin, device, dtype) -> None | failure
 
 
+@functools.cache
 def _twins() -> dict[str, MixerOp]:
     from models.gated_deltanet import varlen_gated_delta_rule
     from models.mamba2 import ssd_scan_varlen
@@ -138,6 +140,7 @@ def _twins() -> dict[str, MixerOp]:
     return {op.name: op for op in ops}
 
 
+@functools.cache
 def _importable(package: str) -> bool:
     try:
         importlib.import_module(package)

@@ -177,12 +177,15 @@ def test_mixer_probe_catches_documents_leaking():
 
 
 def test_mixer_kernels_fall_back_to_the_twin_off_cuda_or_when_the_check_fails():
+    mixer_kernels._importable.cache_clear()  # importability is cached per process
     assert mixer_kernels.pick("causal_conv1d", torch.device("cpu"), torch.float32) is varlen_causal_conv1d
     assert mixer_kernels.pick("ssd_scan", torch.device("cuda"), torch.float32) is ssd_scan_varlen  # not importable
     kernel_check.forget()
     with fake_gpu_packages.installed():  # importable, but the probe cannot run on a CUDA device here
+        mixer_kernels._importable.cache_clear()
         with pytest.warns(RuntimeWarning, match="exactness check"):
             assert mixer_kernels.pick("gated_delta_rule", torch.device("cuda"), torch.bfloat16) is varlen_gated_delta_rule
+    mixer_kernels._importable.cache_clear()
     kernel_check.forget()
 
 

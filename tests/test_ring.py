@@ -1,5 +1,7 @@
 """Ring and hybrid attention == single-rank reference, forward and backward, on real gloo groups."""
 
+import math
+
 import pytest
 import torch
 
@@ -87,11 +89,12 @@ def _plan_worker(rank, world):
     S = 64
     p = cp.setup_cp_params(torch.zeros(1, S, dtype=torch.long), dims).params
     plan = RingPlan.build(p, causal=True, window=None)
-    computed = sum(a.numel() for step in plan.steps for *_, a in step)  # mask area actually computed
-    visible = sum(int(a.sum()) for step in plan.steps for *_, a in step)
+    computed = sum(math.prod(m.shape) for step in plan.steps for *_, m in step)  # area actually computed
+    visible = sum(m.visible_pairs() for step in plan.steps for *_, m in step)
     # one document, causal: rank-balanced with zigzag; every computed piece is at least half visible
     contiguous = cp.setup_cp_params(torch.zeros(1, S, dtype=torch.long), dims, layout="contiguous").params
-    contiguous_visible = sum(int(a.sum()) for step in RingPlan.build(contiguous, True, None).steps for *_, a in step)
+    contiguous_visible = sum(m.visible_pairs() for step in RingPlan.build(contiguous, True, None).steps
+                             for *_, m in step)
     # documents that never meet across ranks: a step whose blocks share no document computes nothing
     docs = cp.setup_cp_params(torch.zeros(1, S, dtype=torch.long), dims, seq_lens=[[S // 4] * 4],
                               layout="contiguous").params
@@ -130,3 +133,28 @@ def _ring_errors_worker(rank, world):
 def test_ring_and_hybrid_reject_bad_inputs():
     from tests.dist import run_distributed
     run_distributed(_ring_errors_worker, 4)
+
+
+def test_piece_masks_classified_from_ranges_equal_the_dense_mask():
+    """Every piece kind the plan derives from position ranges alone (causal diagonal, full, window-cut
+    dense, skipped) is exactly the dense mask of global positions, for causal and non-causal, any window."""
+    from cp.kernels import AttnMask
+    from cp.ring import _piece_mask
+
+    runs = [(0, 8), (8, 16), (3, 5), (20, 27)]
+    kinds = set()
+    for (qa, qb) in runs:
+        for (ka, kb) in runs:
+            qp, kp = torch.arange(qa, qb), torch.arange(ka, kb)
+            for causal in (True, False):
+                for window in (None, 1, 3, 8, 9, 30):
+                    one = torch.zeros(1, len(qp), dtype=torch.long)
+                    expected = AttnMask(qp, kp, one, torch.zeros(1, len(kp), dtype=torch.long), causal, window).dense()
+                    mask = _piece_mask(qp, kp, causal, window)
+                    if mask is None:
+                        assert not expected.any(), (qa, qb, ka, kb, causal, window)
+                        continue
+                    kinds.add(mask.kind)
+                    assert torch.equal(mask.dense(), expected), (qa, qb, ka, kb, causal, window, mask.kind)
+                    assert mask.visible_pairs() == int(expected.sum())
+    assert kinds == {"causal", "full", "dense"}

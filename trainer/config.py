@@ -30,7 +30,8 @@ class ModelConfig:
     cp_ulysses: Optional[int] = None
     """hybrid only: the Ulysses degree (ring degree = cp / cp_ulysses)."""
     attn: str = "sdpa"
-    """Inner attention kernel under CP: sdpa | eager | math | lse, or a registered AttentionInterface name."""
+    """Inner attention kernel under CP: sdpa | eager | math | lse | flash_attention_2 | flash_attention_3 (CUDA),
+    or a registered AttentionInterface name (Ulysses only). See models/attention.py."""
     dtype: str = "float32"
     """Parameter dtype: float32 | bfloat16 | float16."""
     activation_checkpointing: bool = False

@@ -1,17 +1,15 @@
 """Where cptrain's CP time and memory go, measured on one process (the numbers behind the notes
-on goals the sweep does not meet). Shapes follow the attention workload (H=8, Hkv=2, D=64, fp32).
+on the goals). Shapes follow the attention workload (H=8, Hkv=2, D=64, fp32).
 
-    mask     Ulysses' local kernel at cp=2 (cp.kernels.sdpa_attention on the full S for H/2 heads,
-             packed documents) fwd+bwd under torch.profiler: time in the fused flash kernels vs
-             in the ops that build and apply the dense mask (AttnMask.dense's int64 position
-             difference and comparisons; SDPA's bool -> float conversion, aten::where), and the
-             peak bytes. The mask is built for the FULL S on every rank, once per attention call,
-             so at cp=P a rank builds P of them per step where cp=1 builds one.
-    block    cp.kernels.CpuFlashBlockKernel fwd+bwd on the ring's pieces at cp=2 (S/4 x S/4):
-             a causal diagonal piece and a fully visible piece, with the dense additive mask the
-             ring passes today, against the same fused kernel with is_causal=True / no mask.
-    index    cp.collectives.seq_to_head at group size 1 with an explicit head index (what
-             cptrain's cp=1 path does for q, k, v): an advanced-indexing copy.
+    documents  Ulysses' local kernel at cp=2 (cp.kernels.sdpa_attention on the full S for H/2 heads,
+               the workload's packed documents) fwd+bwd, two ways: one call over the dense [S, S]
+               document mask (what cptrain did before per-document calls), and cp.kernels.per_document
+               (one fused causal call per document, what Ulysses does now): time and peak bytes.
+    block      cp.kernels.CpuFlashBlockKernel fwd+bwd on the ring's S/4 x S/4 pieces at cp=2 (a
+               diagonal piece of one document and a fully visible one) against the raw fused op
+               with is_causal=True / no mask: the block kernel's own overhead.
+    index      cp.collectives.seq_to_head at group size 1 with every head (cptrain's cp=1 path for
+               q, k, v): returns its input, no copy.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import torch
 from bench.measure import PeakMemory
 from bench.workloads import packed_doc_lens
 from cp.collectives import seq_to_head
-from cp.kernels import AttnMask, CpuFlashBlockKernel, sdpa_attention
+from cp.kernels import AttnMask, BlockMask, CpuFlashBlockKernel, per_document, sdpa_attention
 
 CPU = torch.device("cpu")
 
@@ -45,37 +43,27 @@ def _peak(fn) -> int:
     return peak.bytes
 
 
-MASK_OPS = ("aten::sub", "aten::eq", "aten::ge", "aten::lt", "aten::abs", "aten::bitwise_and", "aten::where",
-            "aten::logical_not", "aten::masked_fill")
-
-
-def mask_cost(seq_len: int, heads: int = 4, kv_heads: int = 1, dim: int = 64) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
+def document_cost(seq_len: int, heads: int = 4, kv_heads: int = 1, dim: int = 64) -> dict:
     lens = packed_doc_lens(seq_len, seed=seq_len)
     pos = torch.arange(seq_len)
     doc = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))[None]  # [1, S]
     mask = AttnMask(q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, causal=True)
+    ends = torch.tensor(lens).cumsum(0).tolist()
+    spans = [(0, end - n, end) for n, end in zip(lens, ends)]
     gen = torch.Generator().manual_seed(0)
     q, dout = (torch.randn(1, seq_len, heads, dim, generator=gen) for _ in range(2))
     k, v = (torch.randn(1, seq_len, kv_heads, dim, generator=gen) for _ in range(2))
     leaves = [t.requires_grad_() for t in (q, k, v)]
 
-    def call():
-        sdpa_attention(*leaves, mask).backward(dout)
+    def call(per_doc: bool):
+        out = per_document(sdpa_attention, *leaves, mask, spans) if per_doc else sdpa_attention(*leaves, mask)
+        out.backward(dout)
         for leaf in leaves:
             leaf.grad = None
 
-    call()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        call()
-        total = time.perf_counter() - start
-    by_op = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
-    flash = sum(t for name, t in by_op.items() if "flash_attention" in name)
-    masking = sum(by_op.get(name, 0.0) for name in MASK_OPS)
-    return {"seq_len": seq_len, "heads": heads, "s": total, "flash_s": flash, "mask_s": masking, "bytes": _peak(call),
-            "mask_bytes": _peak(mask.dense)}
+    return {"seq_len": seq_len, "docs": len(lens), "dense_s": _median_time(lambda: call(False)),
+            "per_doc_s": _median_time(lambda: call(True)), "dense_bytes": _peak(lambda: call(False)),
+            "per_doc_bytes": _peak(lambda: call(True))}
 
 
 def _block_step(kernel, q, k, v, allowed, dout, scale):
@@ -99,16 +87,13 @@ def block_cost(seq_len: int, heads: int = 8, kv_heads: int = 2, dim: int = 64) -
     q, dout = (torch.randn(1, piece, heads, dim, generator=gen) for _ in range(2))
     k, v = (torch.randn(1, piece, kv_heads, dim, generator=gen) for _ in range(2))
     scale, kernel = dim ** -0.5, CpuFlashBlockKernel()
-    causal = torch.ones(piece, piece, dtype=torch.bool).tril()[None]  # [1, c, c]
-    full = torch.ones(1, piece, piece, dtype=torch.bool)
+    causal, full = BlockMask("causal", (1, piece, piece)), BlockMask("full", (1, piece, piece))  # as RingPlan makes them
     return {
         "seq_len": seq_len, "piece": piece,
-        "diag_masked_s": _median_time(lambda: _block_step(kernel, q, k, v, causal, dout, scale)),
-        "diag_causal_s": _median_time(lambda: _fused_step(q, k, v, dout, scale, True)),
-        "full_masked_s": _median_time(lambda: _block_step(kernel, q, k, v, full, dout, scale)),
-        "full_nomask_s": _median_time(lambda: _fused_step(q, k, v, dout, scale, False)),
-        "diag_masked_bytes": _peak(lambda: _block_step(kernel, q, k, v, causal, dout, scale)),
-        "diag_causal_bytes": _peak(lambda: _fused_step(q, k, v, dout, scale, True)),
+        "diag_kernel_s": _median_time(lambda: _block_step(kernel, q, k, v, causal, dout, scale)),
+        "diag_fused_s": _median_time(lambda: _fused_step(q, k, v, dout, scale, True)),
+        "full_kernel_s": _median_time(lambda: _block_step(kernel, q, k, v, full, dout, scale)),
+        "full_fused_s": _median_time(lambda: _fused_step(q, k, v, dout, scale, False)),
     }
 
 
@@ -129,7 +114,7 @@ def run(seq_lens: list[int]) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {"mask": [mask_cost(s) for s in seq_lens], "block": [block_cost(s) for s in seq_lens],
+        return {"documents": [document_cost(s) for s in seq_lens], "block": [block_cost(s) for s in seq_lens],
                 "index": [index_cost(s) for s in seq_lens]}
     finally:
         torch.set_num_threads(threads)

@@ -225,8 +225,8 @@ METHOD = """\
   doing data parallelism, each on its own sequence. Throughput ratio = t(cp=1) / t(config).
 - **Baselines (cp=1).** `cp1 hf` (model workload, the reference): the unmodified transformers model
   with its own sdpa attention, no cptrain code. `cp1 sdpa`: cptrain's cp=1 path with the default local
-  kernel (torch SDPA with the document mask, or `is_causal` for one document); the reference of the
-  attention workload. `cp1 block`: the ring's block kernel (`cpu_flash` on CPU, dense mask per block)
+  kernel (torch SDPA, one `is_causal` call per document); the reference of the
+  attention workload. `cp1 block`: the ring's block kernel (`cpu_flash` on CPU, pieces cut by document)
   at cp=1, the kernel ring and hybrid use, so "vs same-kernel cp1" isolates the CP overhead.
 - **Throughput ratio.** Median over the interleaved rounds (min–max in brackets) of
   t(reference) / t(config) within the same round; t = the slowest rank's wall time for the step
@@ -254,40 +254,34 @@ def _hotspot_lines(hot: dict, cells: list[dict]) -> list[str]:
     """The hotspots section: cp/ functions that cost time or memory, with their share of a step."""
     if not hot:
         return []
-    step = lambda workload, config, S: _find(cells, world=2, workload=workload, seq_len=S, config=config)
     lines = ["", "## Where the time and memory go (cp/ code, measured on one process)", "",
              "Single-thread measurements by `scripts/bench/hotspots.py` (medians of 5), related to the sweep above "
-             "(2 ranks). These are in `cp/` (outside the benchmark), so they are reported here, not changed.", "",
-             "**1. Dense masks in Ulysses' local kernel (packed documents).** `ulysses._local_attention` builds "
-             "`AttnMask.dense()` for the FULL sequence on every rank for every attention call (an int64 [S, S] "
-             "position difference, then bool [S, S] comparisons), and torch SDPA turns the bool mask into a float "
-             "[S, S] additive mask (`aten::where`) in forward and backward. None of it shrinks with cp: at cp=P a "
-             "rank builds P such masks per step (one per micro-batch) where cp=1 builds one, and the mask's bytes "
-             "set Ulysses' peak memory on packed documents. One call of cp.kernels.sdpa_attention as a cp=2 rank "
-             "runs it (H/2 = 4 query heads, 1 KV head, full S), fwd+bwd:", "",
-             "| S | call ms | fused flash ms | mask ops ms (share) | call peak MiB | of which AttnMask.dense MiB |",
-             "|---|---|---|---|---|---|"]
-    for m in hot["mask"]:
-        lines.append(f"| {m['seq_len']} | {m['s'] * 1e3:.0f} | {m['flash_s'] * 1e3:.0f} | {m['mask_s'] * 1e3:.0f} "
-                     f"({m['mask_s'] / m['s']:.0%}) | {m['bytes'] / MIB:.1f} | {m['mask_bytes'] / MIB:.1f} |")
-    lines += ["", "**2. The ring's block kernel and its masks.** `CpuFlashBlockKernel` takes the fused kernel's "
-              "`is_causal` path on a plain causal diagonal piece (since this benchmark's first run, which measured "
-              "the saving below), but still turns every other piece's bool mask into a float [B, 1, Sq, Sk] additive "
-              "mask, also for a fully visible piece that needs none (the remaining saving). One document at cp=2, "
-              "each rank runs 2 diagonal and 3 fully visible S/4 x S/4 pieces per attention call:", "",
-              "| S | piece | diagonal: dense mask / is_causal ms | full: dense mask / no mask ms | saving per call | "
-              "x calls / ring cp2 model step |", "|---|---|---|---|---|---|"]
+             "(2 ranks): the cp/ code paths behind the numbers above.", "",
+             "**1. Packed documents: one fused call per document instead of a dense mask.** "
+             "`ulysses._local_attention` hands the kernel one document at a time (`cp.kernels.per_document`, spans "
+             "from `CPParams.document_spans`): each causal document takes the fused kernel's mask-free `is_causal` "
+             "path, the work is sum(L_doc^2) instead of S^2, and no [S, S] mask is built. Before, one call over the "
+             "full S built `AttnMask.dense()` (int64 [S, S] position differences, bool comparisons) and SDPA turned "
+             "it into a float [S, S] additive mask, on every rank for every call. One call of "
+             "cp.kernels.sdpa_attention as a cp=2 rank runs it (H/2 = 4 query heads, 1 KV head, full S), fwd+bwd:", "",
+             "| S | documents | dense mask ms | per document ms | speed-up | dense mask peak MiB | per document peak MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for m in hot["documents"]:
+        lines.append(f"| {m['seq_len']} | {m['docs']} | {m['dense_s'] * 1e3:.0f} | {m['per_doc_s'] * 1e3:.0f} | "
+                     f"{m['dense_s'] / m['per_doc_s']:.1f}x | {m['dense_bytes'] / MIB:.1f} | "
+                     f"{m['per_doc_bytes'] / MIB:.1f} |")
+    lines += ["", "**2. The ring's pieces.** `cp.ring.RingPlan` cuts every (query run, key run) pair by document, so "
+              "a piece is a diagonal of one document (the fused kernel's `is_causal` path), a piece whose keys all "
+              "precede its queries (no mask), or a piece a window cuts through (the only dense mask left). "
+              "`CpuFlashBlockKernel` against the raw fused op on the two common pieces (S/4 x S/4, cp=2):", "",
+              "| S | piece | diagonal: block kernel / fused is_causal ms | full: block kernel / fused no mask ms | "
+              "overhead |", "|---|---|---|---|---|"]
     for b in hot["block"]:
-        saving = 2 * (b["diag_masked_s"] - b["diag_causal_s"]) + 3 * (b["full_masked_s"] - b["full_nomask_s"])
-        cell = step("model", "ring cp2", b["seq_len"])
-        share = None if cell is None else saving * 4 / cell["median_s"]  # 2 micro-batches x 2 layers
-        lines.append(f"| {b['seq_len']} | {b['piece']} | "
-                     f"{b['diag_masked_s'] * 1e3:.1f} / {b['diag_causal_s'] * 1e3:.1f} | "
-                     f"{b['full_masked_s'] * 1e3:.1f} / {b['full_nomask_s'] * 1e3:.1f} | {saving * 1e3:.1f} ms | "
-                     f"{_fmt(share, '.1%')} |")
-    lines += ["", "**3. cptrain's cp=1 path copies q, k, v.** `cp.collectives.seq_to_head` at group size 1 with an "
-              "explicit head index (what `_ulysses_single_shot` passes) returns `x[:, :, heads]`, an advanced-indexing "
-              "copy, instead of `x` itself:", "", "| S | copy ms per attention call | bytes |", "|---|---|---|"]
+        kernel, fused = b["diag_kernel_s"] + b["full_kernel_s"], b["diag_fused_s"] + b["full_fused_s"]
+        lines.append(f"| {b['seq_len']} | {b['piece']} | {b['diag_kernel_s'] * 1e3:.1f} / {b['diag_fused_s'] * 1e3:.1f} "
+                     f"| {b['full_kernel_s'] * 1e3:.1f} / {b['full_fused_s'] * 1e3:.1f} | {kernel / fused - 1:+.0%} |")
+    lines += ["", "**3. cptrain's cp=1 path does not copy q, k, v.** `cp.collectives.seq_to_head` at group size 1 "
+              "with every head returns its input:", "", "| S | ms per attention call | bytes |", "|---|---|---|"]
     lines += [f"| {i['seq_len']} | {i['s'] * 1e3:.2f} | {i['bytes'] / MIB:.1f} MiB |" for i in hot["index"]]
     ring = [c for c in _measured(cells)
             if c["style"] == "ring" and c["peer"] is None and c["cp"] > 1 and c["bytes_min"]]
