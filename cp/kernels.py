@@ -78,9 +78,12 @@ class AttnMask:
         return not self.causal and self._one_document_unwindowed()
 
     def _one_document_unwindowed(self) -> bool:
+        """One document per row on both sides, and no query-key pair as far apart as the window."""
         one_doc = bool((self.q_doc == self.q_doc[:, :1]).all()) and bool((self.k_doc == self.q_doc[:, :1]).all())
-        span = max(len(self.q_pos), len(self.k_pos))
-        return one_doc and (self.window is None or self.window >= span)
+        if not one_doc or self.window is None:
+            return one_doc
+        farthest = max(int(self.q_pos.max() - self.k_pos.min()), int(self.k_pos.max() - self.q_pos.min()))
+        return farthest < self.window
 
 
 def _default_scale(q: torch.Tensor, scale: float | None) -> float:

@@ -78,12 +78,13 @@ def check_inner_kernel(attn: str, cp_style: str) -> None:
                          f"blocks by LSE: use model.attn=sdpa (or math), or model.cp_style=ulysses")
 
 
-def _kernels_for(attn: str, module: torch.nn.Module, q: torch.Tensor, sinks: torch.Tensor | None):
+def _kernels_for(attn: str, module: torch.nn.Module, q: torch.Tensor, sinks: torch.Tensor | None, style: str):
     """(Ulysses local kernel, ring block kernel) for inner kernel `attn` on q's device and dtype."""
     if attn in INNER_KERNELS:
         return INNER_KERNELS[attn]
-    if attn in FLASH_MODULES:  # sinks need the LSE: the fused block kernel path
-        return ("lse" if sinks is not None else flash_varlen_kernel(attn, q.device, q.dtype)), "cuda_efficient"
+    if attn in FLASH_MODULES:  # ring / hybrid and sink layers (they need the LSE): the fused block kernel
+        varlen = style == "ulysses" and sinks is None
+        return (flash_varlen_kernel(attn, q.device, q.dtype) if varlen else "lse"), "cuda_efficient"
     return cp.hf_kernel(AttentionInterface._global_mapping[attn], module), None  # Ulysses only (checked at startup)
 
 
@@ -103,7 +104,7 @@ def make_cp_attention(attn: str):
         if dropout and module.training:
             raise ValueError("attention dropout is not supported under CP (set the config's attention_dropout=0)")
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S_local, D] -> [B, S_local, H, D]
-        ulysses_kernel, block_kernel = _kernels_for(attn, module, q, s_aux)
+        ulysses_kernel, block_kernel = _kernels_for(attn, module, q, s_aux, cp_params.style)
         kernel_kw = {"attn_fn": ulysses_kernel} if cp_params.style == "ulysses" else {"kernel": block_kernel}
         out = _STYLE_FUNCTIONS[cp_params.style](q, k, v, cp_params, causal=getattr(module, "is_causal", True),
                                                 scale=scaling, window=sliding_window, sinks=s_aux, **kernel_kw)

@@ -154,3 +154,21 @@ def _per_document_worker(rank, world):
 @pytest.mark.parametrize("world", [1, 2])
 def test_ulysses_runs_the_kernel_per_document(world):
     run_distributed(_per_document_worker, world)
+
+
+def test_mask_fast_paths_only_where_they_are_exact():
+    """is_plain_causal / is_unmasked (the kernels' mask-free paths) agree with the dense mask, also for
+    blocks whose queries and keys are far apart under a window."""
+    from cp.kernels import AttnMask, BlockMask
+    for q_lo, k_lo in ((0, 0), (100, 0), (0, 100)):
+        q_pos, k_pos = torch.arange(q_lo, q_lo + 10), torch.arange(k_lo, k_lo + 10)
+        for causal in (True, False):
+            for window in (None, 5, 10, 11, 20, 200):
+                one = torch.zeros(1, 10, dtype=torch.long)
+                mask = AttnMask(q_pos, k_pos, one, one, causal, window)
+                dense = mask.dense()
+                if mask.is_plain_causal():
+                    assert torch.equal(dense[0], torch.ones(10, 10, dtype=torch.bool).tril())
+                if mask.is_unmasked():
+                    assert bool(dense.all()), (q_lo, k_lo, causal, window)
+                assert torch.equal(BlockMask.from_attn_mask(mask).dense(), dense)
