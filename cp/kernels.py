@@ -147,7 +147,9 @@ def lse_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks:
                   block_kernel=None):
     """One block through a block kernel with LSE (cpu_flash on CPU): sinks merged exactly, fused memory use."""
     kernel = resolve_block_kernel(block_kernel, q.device, q.dtype)
-    return _BlockAttention.apply(q, k, v, sinks, BlockMask.from_attn_mask(mask), _default_scale(q, scale), kernel)
+    block, scale = BlockMask.from_attn_mask(mask), _default_scale(q, scale)
+    return LseAttention.apply(q, k, v, sinks, lambda *qkv: kernel.forward(*qkv, block, scale),
+                              lambda *args: kernel.backward(*args, block, scale))
 
 
 KERNELS: dict[str, Kernel] = {"math": math_attention, "sdpa": sdpa_attention, "lse": lse_attention,
@@ -400,16 +402,18 @@ def _sink_lse(sinks: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return sinks.to(lse.dtype)[None, :, None].expand_as(lse)  # [H] -> [B, H, L]
 
 
-class _BlockAttention(torch.autograd.Function):
-    """Attention of one (query, key) block through a block kernel; sinks merged once."""
+class LseAttention(torch.autograd.Function):
+    """Attention done as (out, lse) by `forward_fn(q, k, v)` (one block, or the whole ring) and
+    differentiated flash style by `backward_fn(q, k, v, out, dout, lse, delta) -> dq, dk, dv` from the
+    FINAL out/lse; sinks join each query's softmax exactly once, after everything else."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, mask, scale, kernel):
-        out, lse = kernel.forward(q, k, v, mask, scale)
+    def forward(ctx, q, k, v, sinks, forward_fn, backward_fn):
+        out, lse = forward_fn(q, k, v)
         if sinks is not None:
             out, lse = merge_sinks(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.mask, ctx.scale, ctx.kernel = mask, scale, kernel
+        ctx.backward_fn = backward_fn
         return out.to(q.dtype)
 
     @staticmethod
@@ -417,9 +421,9 @@ class _BlockAttention(torch.autograd.Function):
         q, k, v, out, lse, sinks = ctx.saved_tensors
         dout = dout.to(out.dtype)
         delta = (dout * out).sum(-1).transpose(1, 2)  # [B, L, H] -> [B, H, L]
-        dq, dk, dv = ctx.kernel.backward(q, k, v, out, dout, lse, delta, ctx.mask, ctx.scale)
+        dq, dk, dv = ctx.backward_fn(q, k, v, out, dout, lse, delta)
         dsinks = None if sinks is None else sinks_grad(sinks, lse, delta)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None
 
 
 def resolve_block_kernel(kernel, device: torch.device | None = None, dtype: torch.dtype | None = None):

@@ -33,8 +33,7 @@ import torch
 import torch.distributed as dist
 
 from cp.collectives import RingExchange, group_size
-from cp.kernels import (AttnMask, BlockMask, _default_scale, acc_dtype, merge_attention, merge_sinks,
-                        resolve_block_kernel, sinks_grad)
+from cp.kernels import AttnMask, BlockMask, LseAttention, _default_scale, acc_dtype, merge_attention, resolve_block_kernel
 from cp.params import CPParams
 from cp.validation import check_qkv
 
@@ -210,32 +209,13 @@ def ring_backward(q, k, v, out, dout, lse, delta, plan: RingPlan, scale: float, 
     return dq, own_dk, own_dv
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, plan, scale, kernel):
-        out, lse = ring_forward(q, k, v, plan, scale, kernel)
-        if sinks is not None:  # the sink joins each query's softmax exactly once, after the ring
-            out, lse = merge_sinks(out, lse, sinks)
-        ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.plan, ctx.scale, ctx.kernel = plan, scale, kernel
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, sinks = ctx.saved_tensors
-        dout = dout.to(out.dtype)
-        delta = (dout * out).sum(-1).transpose(1, 2)  # [B, L, H] -> [B, H, L]
-        dq, dk, dv = ring_backward(q, k, v, out, dout, lse, delta, ctx.plan, ctx.scale, ctx.kernel)
-        dsinks = None if sinks is None else sinks_grad(sinks, lse, delta)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None
-
-
 def ring_core(q, k, v, params: CPParams, *, causal: bool, scale: float | None, window: int | None,
               sinks: torch.Tensor | None, kernel=None) -> torch.Tensor:
     """The ring over params.ring_group on blocks laid out as params.ring_block_index describes."""
     plan = RingPlan.cached(params, causal, window)
-    kernel = resolve_block_kernel(kernel, q.device, q.dtype)
-    return _RingAttention.apply(q, k, v, sinks, plan, _default_scale(q, scale), kernel)
+    kernel, scale = resolve_block_kernel(kernel, q.device, q.dtype), _default_scale(q, scale)
+    return LseAttention.apply(q, k, v, sinks, lambda *qkv: ring_forward(*qkv, plan, scale, kernel),
+                              lambda *args: ring_backward(*args, plan, scale, kernel))
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParams, *, causal: bool = True,

@@ -172,7 +172,7 @@ _GENERIC = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::zer
 
 def _site(node, depth: int = 2) -> str:
     """Where an allocation happened: its enclosing ops / autograd functions (generic allocation ops
-    skipped), innermost first, e.g. "repeat_interleave < _RingAttention"."""
+    skipped), innermost first, e.g. "repeat_interleave < LseAttention"."""
     names, parent = [], node.parent
     while parent is not None and len(names) < depth:
         if parent.name not in _GENERIC:

@@ -320,7 +320,7 @@ def _op_lines(cells: list[dict]) -> list[str]:
     lines = ["", "## Op profile (rank 0, one profiled step, longest S, world 2)", "",
              "Self time per op (ms, number of calls) from torch.profiler; time a rank spends blocked inside an "
              "autograd Function waiting for its peer shows as that Function's self time (e.g. "
-             "`_RingAttentionBackward`, `_AllToAllBackward`).", "", "| workload | config | top ops by self time |",
+             "`LseAttentionBackward` (the ring), `_AllToAllBackward`).", "", "| workload | config | top ops by self time |",
              "|---|---|---|"]
     for c in rows:
         ops = "; ".join(f"{name.replace('aten::', '')} {ms:.0f} ({calls})" for name, ms, calls in c["ops_rank0"])
