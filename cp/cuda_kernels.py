@@ -111,18 +111,27 @@ def probe_block_kernel(kernel, device, dtype) -> str | None:
     """Compare a block kernel with the exact math block kernel on `device`: three block shapes (a
     diagonal causal piece, an all-visible piece, a packed piece cut by a window), forward (out, lse)
     and backward (dq, dk, dv) from the exact final out/lse. None when it matches."""
-    q, k, v, dout, pos, docs = _probe_inputs(device, dtype)
-    one_doc = torch.zeros_like(docs)
-    pieces = {"diagonal": AttnMask(pos, pos, one_doc, one_doc).dense(),
-              "all visible": torch.ones(1, len(pos), len(pos), dtype=torch.bool, device=device),
-              "packed + window": AttnMask(pos, pos, docs, docs, window=17).dense()}
-    exact, scale = MathBlockKernel(), _default_scale(q, None)
-    for what, allowed in pieces.items():
+    q_all, k_all, v_all, dout_all, pos, docs = _probe_inputs(device, dtype)
+    one_doc, half = torch.zeros_like(docs), len(pos) // 2
+    early, late = slice(0, half), slice(half, len(pos))
+    pieces = {  # name: (query rows, key rows, mask)
+        "diagonal": (slice(None), slice(None), AttnMask(pos, pos, one_doc, one_doc).dense()),
+        "all visible": (slice(None), slice(None), torch.ones(1, len(pos), len(pos), dtype=torch.bool, device=device)),
+        "packed + window": (slice(None), slice(None), AttnMask(pos, pos, docs, docs, window=17).dense()),
+        "earlier keys, window (queries with no key)": (late, early, AttnMask(pos[late], pos[early], one_doc[:, late],
+                                                                           one_doc[:, early], window=17).dense()),
+    }
+    exact, scale = MathBlockKernel(), _default_scale(q_all, None)
+    for what, (qs, ks, allowed) in pieces.items():
+        q, k, v, dout = q_all[:, qs], k_all[:, ks], v_all[:, ks], dout_all[:, qs]
         out, lse = kernel.forward(q, k, v, allowed, scale)
         ref_out, ref_lse = exact.forward(q, k, v, allowed, scale)
-        delta = (dout.to(ref_out.dtype) * ref_out).sum(-1).transpose(1, 2)  # [B, S, H] -> [B, H, S]
-        grads = kernel.backward(q, k, v, ref_out, dout, ref_lse, delta, allowed, scale)
-        ref_grads = exact.backward(q, k, v, ref_out, dout, ref_lse, delta, allowed, scale)
+        ref_out_final = ref_out.masked_fill(torch.isneginf(ref_lse).transpose(1, 2)[..., None], 0.0)
+        # a query with no key in this block has a finite final LSE from the ring's other blocks
+        final_lse = torch.where(torch.isneginf(ref_lse), torch.zeros_like(ref_lse), ref_lse)
+        delta = (dout.to(ref_out.dtype) * ref_out_final).sum(-1).transpose(1, 2)  # [B, S, H] -> [B, H, S]
+        grads = kernel.backward(q, k, v, ref_out_final, dout, final_lse, delta, allowed, scale)
+        ref_grads = exact.backward(q, k, v, ref_out_final, dout, final_lse, delta, allowed, scale)
         failure = kernel_check.compare([out, lse, *grads], [ref_out, ref_lse, *ref_grads], dtype,
                                        ["out", "lse", "dq", "dk", "dv"])
         if failure is not None:
@@ -179,7 +188,7 @@ class FlashVarlenKernel:
             raise ValueError("flash_attn_varlen_func has no attention sinks; cptrain routes sink layers through "
                              "the LSE block kernel")
         if not torch.equal(mask.q_pos, mask.k_pos):
-            raise ValueError("flash varlen needs queries and keys at the same positions (the Ulysses gathered sequence)")
+            raise ValueError("flash varlen needs queries and keys at the same positions (Ulysses' gathered sequence)")
         B, S, H, D = q.shape
         cu_seqlens, max_len = _document_cu_seqlens(mask.q_doc)
         out = self.module.flash_attn_varlen_func(

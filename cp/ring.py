@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from cp.collectives import RingExchange, group_size
-from cp.kernels import AttnMask, BlockMask, LseAttention, _default_scale, acc_dtype, merge_attention, resolve_block_kernel
+from cp.kernels import (AttnMask, BlockMask, LseAttention, _default_scale, acc_dtype, merge_attention,
+                        resolve_block_kernel)
 from cp.params import CPParams
 from cp.validation import check_qkv
 

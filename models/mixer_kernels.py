@@ -73,8 +73,9 @@ def fused_ssd_scan(x, dt, A, B, C, doc_ids, *, D=None, dt_bias=None, dt_softplus
     """mamba-ssm's chunked SSD scan with seq_idx (state reset at every document start); float32 out."""
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    y = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx_from_doc_ids(doc_ids),
-                                  dt_softplus=dt_softplus, dt_limit=tuple(dt_limit))
+    y = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
+                                  seq_idx=seq_idx_from_doc_ids(doc_ids), dt_softplus=dt_softplus,
+                                  dt_limit=tuple(dt_limit))
     return y.float()
 
 
@@ -115,7 +116,8 @@ def probe_ssd_scan(fused, twin, device, dtype) -> str | None:
     B, C = (_randn(1, S, 2, 8, device=device, dtype=dtype, seed=s) for s in (3, 4))
     D, dt_bias = torch.ones(4, device=device), torch.zeros(4, device=device)
     run = lambda scan: lambda x_, dt_, B_, C_: scan(x_, dt_, A, B_, C_, docs, D=D, dt_bias=dt_bias, chunk_size=32)
-    return kernel_check.probe_function(run(fused), run(twin), [x, dt, B, C], dtype, names=["y", "dx", "ddt", "dB", "dC"])
+    return kernel_check.probe_function(run(fused), run(twin), [x, dt, B, C], dtype,
+                                       names=["y", "dx", "ddt", "dB", "dC"])
 
 
 @dataclass(frozen=True)

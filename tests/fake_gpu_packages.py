@@ -69,8 +69,8 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
         starts = [0] + ((ids[1:] != ids[:-1]).nonzero().flatten() + 1).tolist() + [x.shape[2]]
         for a, e in zip(starts, starts[1:]):
             seg = x[b:b + 1, :, a:e].float()  # [1, C, L]
-            conv = F.conv1d(F.pad(seg, (kernel - 1, 0)), weight.float()[:, None], None if bias is None else bias.float(),
-                            groups=x.shape[1])
+            taps = weight.float()[:, None]  # [C, K] -> [C, 1, K]
+            conv = F.conv1d(F.pad(seg, (kernel - 1, 0)), taps, None if bias is None else bias.float(), groups=x.shape[1])
             out[b, :, a:e] = conv[0]
     if activation in ("silu", "swish"):
         out = F.silu(out)

@@ -184,7 +184,8 @@ def test_mixer_kernels_fall_back_to_the_twin_off_cuda_or_when_the_check_fails():
     with fake_gpu_packages.installed():  # importable, but the probe cannot run on a CUDA device here
         mixer_kernels._importable.cache_clear()
         with pytest.warns(RuntimeWarning, match="exactness check"):
-            assert mixer_kernels.pick("gated_delta_rule", torch.device("cuda"), torch.bfloat16) is varlen_gated_delta_rule
+            picked = mixer_kernels.pick("gated_delta_rule", torch.device("cuda"), torch.bfloat16)
+        assert picked is varlen_gated_delta_rule
     mixer_kernels._importable.cache_clear()
     kernel_check.forget()
 
