@@ -1,5 +1,10 @@
 """Fused GPU attention kernels for the CP paths, each checked on its device before it is trusted.
 
+    ring / hybrid / "lse" block kernel       "cuda_flash" (fp16 / bf16, flash-attn installed)
+        flash_attn_func with the LSE for "causal" and "full" pieces, flash-attn's block backward
+        (bound by argument name: its signature changed between releases); window-cut pieces
+        go to "cuda_efficient".
+
     ring / hybrid / "lse" block kernel       "cuda_efficient"
         torch's memory-efficient attention ops (aten::_efficient_attention_forward / _backward,
         the kernels behind SDPA's efficient backend; fp32, fp16, bf16), which return the LSE and
@@ -15,14 +20,16 @@
         causal, window_size=(window-1, 0) (non-causal: (window-1, window-1)), native GQA.
         Sinks need the LSE: such layers go through the block kernel path ("lse") instead.
 
-Neither is assumed right: `cp.kernel_check` runs each once per (device, dtype) against the exact
+None is assumed right: `cp.kernel_check` runs each once per (device, dtype) against the exact
 math kernel (packed documents, GQA, a window, forward and backward) before first use. "auto" on
-CUDA picks cuda_efficient when it passes and the exact math block kernel otherwise.
+CUDA picks cuda_flash (half precision, flash-attn installed), else cuda_efficient, whichever first
+passes, and the exact math block kernel when none does.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -142,13 +149,71 @@ def probe_block_kernel(kernel, device, dtype) -> str | None:
 EFFICIENT = EfficientBlockKernel()
 
 
-def cuda_block_kernel(device: torch.device, dtype: torch.dtype, *, explicit: bool):
-    """The fused block kernel for CUDA once it passed its check; else (auto) the exact math kernel."""
-    probe = lambda: probe_block_kernel(EFFICIENT, device, dtype)
-    if explicit:
-        kernel_check.require(EFFICIENT.name, device, dtype, probe)
-        return EFFICIENT
-    return EFFICIENT if kernel_check.prefer(EFFICIENT.name, device, dtype, probe) else MathBlockKernel()
+def _flash_backward_args(**candidates):
+    """flash-attn's internal block backward, its arguments bound by name: its signature changed between
+    releases (window_size -> window_size_left/_right, softcap added), the names did not."""
+    from flash_attn import flash_attn_interface
+
+    backward = flash_attn_interface._flash_attn_backward
+    names = inspect.signature(backward).parameters
+    return backward, {name: value for name, value in candidates.items() if name in names}
+
+
+@dataclass(frozen=True)
+class FlashBlockKernel:
+    """Block kernel on flash-attn (fp16 / bf16): "causal" and "full" pieces through flash_attn_func with
+    the LSE (return_attn_probs) and flash-attn's block backward from the final out/LSE, native GQA;
+    "dense" pieces (a window cuts them) go to `fallback` (the memory-efficient kernel)."""
+
+    name: str = "cuda_flash"
+    fallback: object = EFFICIENT
+
+    def forward(self, q, k, v, allowed, scale: float):
+        mask = BlockMask.of(allowed)
+        if mask.kind == "dense":
+            return self.fallback.forward(q, k, v, mask, scale)
+        from flash_attn import flash_attn_func
+
+        out, lse, _ = flash_attn_func(q, k, v, 0.0, softmax_scale=scale, causal=mask.kind == "causal",
+                                      return_attn_probs=True)  # out [B, Sq, H, D], lse [B, H, Sq]
+        return out.to(acc_dtype(q)), lse.to(acc_dtype(q))
+
+    def backward(self, q, k, v, out, dout, lse, delta, allowed, scale: float):
+        mask = BlockMask.of(allowed)
+        if mask.kind == "dense":
+            return self.fallback.backward(q, k, v, out, dout, lse, delta, mask, scale)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # filled by the kernel
+        backward, args = _flash_backward_args(
+            dout=dout.to(q.dtype).contiguous(), q=q, k=k, v=v, out=out.to(q.dtype).contiguous(),
+            softmax_lse=lse.float().contiguous(), dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale,
+            causal=mask.kind == "causal", window_size=(-1, -1), window_size_left=-1, window_size_right=-1,
+            softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None)
+        backward(**args)
+        dtype = acc_dtype(q)
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+
+
+FLASH = FlashBlockKernel()
+CUDA_BLOCK_KERNELS = {FLASH.name: FLASH, EFFICIENT.name: EFFICIENT}
+HALF = (torch.float16, torch.bfloat16)
+
+
+def cuda_block_kernel(device: torch.device, dtype: torch.dtype, name: str | None = None):
+    """A fused block kernel for CUDA that passed its check on (device, dtype).
+
+    name given ("cuda_flash", "cuda_efficient"): that kernel, or an error naming why not.
+    name None (auto): cuda_flash for fp16/bf16 when flash-attn imports, else cuda_efficient, each only
+    once checked; the exact math kernel when neither passes (with a warning saying why)."""
+    probe = lambda kernel: (lambda: probe_block_kernel(kernel, device, dtype))
+    if name is not None:
+        kernel = CUDA_BLOCK_KERNELS[name]
+        kernel_check.require(kernel.name, device, dtype, probe(kernel))
+        return kernel
+    candidates = ([FLASH] if dtype in HALF and kernel_check.importable("flash_attn") else []) + [EFFICIENT]
+    for kernel in candidates:
+        if kernel_check.prefer(kernel.name, device, dtype, probe(kernel)):
+            return kernel
+    return MathBlockKernel()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Device self-checks: a fused kernel is trusted on a (device, dtype) only after it matched
 cptrain's exact torch path there, forward and backward.
 
-Fused GPU kernels (torch's memory-efficient attention with LSE, flash-attn varlen, fla's gated
-delta rule, mamba-ssm's SSD scan, causal-conv1d) change calling conventions between versions:
+Fused GPU kernels (flash-attn's block and varlen kernels, torch's memory-efficient attention with
+LSE, fla's gated delta rule, mamba-ssm's SSD scan, causal-conv1d) change calling conventions between
+versions:
 LSE layouts and padding, window conventions, document indices, head layouts. A convention
 mismatch does not crash, it trains on wrong numbers, which is the failure cptrain exists to
 rule out. So none runs unchecked:
@@ -13,7 +14,7 @@ rule out. So none runs unchecked:
                  gradients compared at the dtype's tolerance
         verdict cached per (K, device, dtype): None (trusted) or the reason it failed
 
-    explicit choice (model.attn=flash_attention_2, kernel="cuda_efficient"): a failed check raises
+    explicit choice (model.attn=flash_attention_2, kernel="cuda_flash"): a failed check raises
     automatic choice ("auto", mixer kernels when importable): a failed check warns once and the
     exact torch path runs instead
 
@@ -22,6 +23,8 @@ The probe costs one small fwd+bwd per kernel, device and dtype per process.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -96,6 +99,16 @@ def prefer(name: str, device, dtype: torch.dtype, probe: Callable[[], str | None
         warnings.warn(f"kernel {name!r} failed cptrain's exactness check on {device} / {dtype} ({failure}); "
                       "running the exact torch path instead", RuntimeWarning, stacklevel=3)
     return failure is None
+
+
+@functools.cache
+def importable(package: str) -> bool:
+    """Whether an optional kernel package imports here (cached: a failed import is slow to repeat)."""
+    try:
+        importlib.import_module(package)
+        return True
+    except ImportError:
+        return False
 
 
 def forget(name: str | None = None) -> None:

@@ -427,23 +427,23 @@ class LseAttention(torch.autograd.Function):
 
 
 def resolve_block_kernel(kernel, device: torch.device | None = None, dtype: torch.dtype | None = None):
-    """Block kernels (with LSE) for the ring: a name in BLOCK_KERNELS, "cuda_efficient" (torch's fused
-    memory-efficient kernel, cp.cuda_kernels), "auto"/None (cpu_flash on CPU; on CUDA cuda_efficient
-    once it passed its exactness check there, else math), or an object with the same
-    forward/backward (the test override hook)."""
+    """Block kernels (with LSE) for the ring: a name in BLOCK_KERNELS, "cuda_flash" / "cuda_efficient"
+    (flash-attn / torch's memory-efficient kernel, cp.cuda_kernels), "auto"/None (cpu_flash on CPU; on
+    CUDA the first fused kernel that passed its exactness check there, else math), or an object with
+    the same forward/backward (the test override hook)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     if kernel is None or kernel == "auto":
         if device.type == "cuda":
             from cp.cuda_kernels import cuda_block_kernel
-            return cuda_block_kernel(device, dtype or torch.float32, explicit=False)
+            return cuda_block_kernel(device, dtype or torch.float32)
         kernel = "cpu_flash" if device.type == "cpu" else "math"
-    if kernel == "cuda_efficient":
+    if kernel in ("cuda_flash", "cuda_efficient"):
         from cp.cuda_kernels import cuda_block_kernel
-        return cuda_block_kernel(device, dtype or torch.float32, explicit=True)
+        return cuda_block_kernel(device, dtype or torch.float32, kernel)
     if isinstance(kernel, str):
         try:
             return BLOCK_KERNELS[kernel]
         except KeyError:
-            known = sorted([*BLOCK_KERNELS, "auto", "cuda_efficient"])
+            known = sorted([*BLOCK_KERNELS, "auto", "cuda_flash", "cuda_efficient"])
             raise ValueError(f"unknown ring block kernel {kernel!r}; known: {known}") from None
     return kernel

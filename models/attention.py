@@ -14,9 +14,9 @@ name, so transformers builds no [S, S] mask: documents, causality and windows co
 Inner kernels (`model.attn`): "sdpa", "eager" (run as cptrain's explicit softmax "math": the same
 computation as HF's eager function, with masks from CPParams instead of a [B, 1, S, S] tensor, so
 HF's eager mask is never built), "math", "lse", "flash_attention_2" / "flash_attention_3" (CUDA:
-the flash-attn package's varlen kernel over the packed documents under Ulysses, torch's fused
-memory-efficient kernel with LSE for ring / hybrid and for sink layers; both pass cptrain's
-exactness check on the device first, see cp.cuda_kernels); any other function registered with
+the flash-attn package's varlen kernel over the packed documents under Ulysses, flash-attn's block
+kernel with LSE for ring / hybrid (window-cut pieces on torch's memory-efficient kernel); each
+passes cptrain's exactness check on the device first, see cp.cuda_kernels); any other function registered with
 transformers' AttentionInterface runs under Ulysses through cp.hf_kernel (given the mask it
 needs). Known-bad kernels are a deny-list with reasons, refused at startup.
 
@@ -84,7 +84,7 @@ def _kernels_for(attn: str, module: torch.nn.Module, q: torch.Tensor, sinks: tor
         return INNER_KERNELS[attn]
     if attn in FLASH_MODULES:  # ring / hybrid and sink layers (they need the LSE): the fused block kernel
         varlen = style == "ulysses" and sinks is None
-        return (flash_varlen_kernel(attn, q.device, q.dtype) if varlen else "lse"), "cuda_efficient"
+        return (flash_varlen_kernel(attn, q.device, q.dtype) if varlen else "lse"), "cuda_flash"
     return cp.hf_kernel(AttentionInterface._global_mapping[attn], module), None  # Ulysses only (checked at startup)
 
 

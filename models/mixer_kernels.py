@@ -21,7 +21,6 @@ twin. Both take the twin's arguments and return its layout, so the mixers never 
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,19 +141,10 @@ def _twins() -> dict[str, MixerOp]:
     return {op.name: op for op in ops}
 
 
-@functools.cache
-def _importable(package: str) -> bool:
-    try:
-        importlib.import_module(package)
-        return True
-    except ImportError:
-        return False
-
-
 def pick(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
     """The kernel for mixer op `op` on (device, dtype): fused when on CUDA, importable and checked; else the twin."""
     spec = _twins()[op]
-    if torch.device(device).type != "cuda" or not _importable(spec.package):
+    if torch.device(device).type != "cuda" or not kernel_check.importable(spec.package):
         return spec.twin
     probe = lambda: spec.probe(spec.fused, spec.twin, device, dtype)
     return spec.fused if kernel_check.prefer(f"{op}:{spec.package}", device, dtype, probe) else spec.twin

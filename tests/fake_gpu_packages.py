@@ -9,6 +9,10 @@ conventions fails the same checks it would fail on a GPU.
     flash_attn.flash_attn_varlen_func      THD q/k/v, cu_seqlens, causal aligned bottom-right,
                                            window_size=(left, right): query i sees keys
                                            [i + Lk - Lq - left, i + Lk - Lq + right], -1 = unbounded
+    flash_attn.flash_attn_func             BSHD, GQA, return_attn_probs -> (out, lse [B, H, Sq], _)
+    flash_attn.flash_attn_interface._flash_attn_backward
+                                           fills dq/dk/dv from the given out / LSE; the 2.5 and the
+                                           2.7 signatures (window_size tuple vs _left/_right, softcap)
     causal_conv1d.causal_conv1d_fn         x [B, C, S], weight [C, K], seq_idx [B, S]: no tap
                                            crosses a change of seq_idx
     fla.ops.gated_delta_rule.chunk_gated_delta_rule
@@ -59,6 +63,46 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return torch.cat(outs)
 
 
+def _block_mask(q, k, causal: bool):
+    from cp.kernels import BlockMask
+
+    B, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    assert not causal or sq == sk, "the stand-in covers square causal blocks (what cptrain sends)"
+    return BlockMask("causal" if causal else "full", (B, sq, sk))
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """BSHD, native GQA; with return_attn_probs: (out, softmax_lse [B, H, Sq] fp32, S_dmask)."""
+    from cp.kernels import MathBlockKernel
+
+    assert window_size == (-1, -1) and dropout_p == 0.0
+    out, lse = MathBlockKernel().forward(q, k, v, _block_mask(q, k, causal), softmax_scale)
+    out = out.to(q.dtype)
+    return (out, lse.float(), None) if return_attn_probs else out
+
+
+def _flash_attn_backward_v27(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
+                             window_size_left, window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
+    """flash-attn >= 2.7's block backward: fills dq, dk, dv from the given out and LSE."""
+    from cp.kernels import MathBlockKernel
+
+    assert (window_size_left, window_size_right) == (-1, -1) and softcap == 0.0 and dropout_p == 0.0
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # [B, S, H] -> [B, H, S]
+    grads = MathBlockKernel().backward(q, k, v, out.float(), dout.float(), softmax_lse, delta,
+                                       _block_mask(q, k, causal), softmax_scale)
+    for buffer, grad in zip((dq, dk, dv), grads):
+        buffer.copy_(grad)
+    return softmax_lse
+
+
+def _flash_attn_backward_v25(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
+                             window_size, alibi_slopes, deterministic, rng_state=None):
+    """flash-attn 2.5's signature for the same backward (window_size a tuple, no softcap)."""
+    return _flash_attn_backward_v27(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
+                                    *window_size, 0.0, alibi_slopes, deterministic, rng_state)
+
+
 def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
                      final_states_out=None, activation=None):
     assert seq_idx is not None and seq_idx.dtype == torch.int32 and x.stride(1) == 1, "channel-last x with seq_idx"
@@ -70,7 +114,8 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
         for a, e in zip(starts, starts[1:]):
             seg = x[b:b + 1, :, a:e].float()  # [1, C, L]
             taps = weight.float()[:, None]  # [C, K] -> [C, 1, K]
-            conv = F.conv1d(F.pad(seg, (kernel - 1, 0)), taps, None if bias is None else bias.float(), groups=x.shape[1])
+            bias_f = None if bias is None else bias.float()
+            conv = F.conv1d(F.pad(seg, (kernel - 1, 0)), taps, bias_f, groups=x.shape[1])
             out[b, :, a:e] = conv[0]
     if activation in ("silu", "swish"):
         out = F.silu(out)
@@ -120,11 +165,15 @@ def _module(name: str, **attrs) -> types.ModuleType:
 
 
 @contextmanager
-def installed(*, flash_window_shift: int = 0):
+def installed(*, flash_window_shift: int = 0, flash_backward_version: str = "2.7"):
     """Install the stand-ins as importable packages for the duration of the block."""
     flash = lambda *a, **kw: flash_attn_varlen_func(*a, window_shift=flash_window_shift, **kw)
+    backward = {"2.7": _flash_attn_backward_v27, "2.5": _flash_attn_backward_v25}[flash_backward_version]
+    interface = _module("flash_attn.flash_attn_interface", _flash_attn_backward=backward)
     modules = {
-        "flash_attn": _module("flash_attn", flash_attn_varlen_func=flash),
+        "flash_attn": _module("flash_attn", flash_attn_varlen_func=flash, flash_attn_func=flash_attn_func,
+                              flash_attn_interface=interface),
+        "flash_attn.flash_attn_interface": interface,
         "causal_conv1d": _module("causal_conv1d", causal_conv1d_fn=causal_conv1d_fn),
         "fla": _module("fla"), "fla.ops": _module("fla.ops"),
         "fla.ops.gated_delta_rule": _module("fla.ops.gated_delta_rule", chunk_gated_delta_rule=chunk_gated_delta_rule),

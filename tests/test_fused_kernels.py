@@ -14,7 +14,8 @@ import torch
 
 import cp
 from cp import kernel_check
-from cp.cuda_kernels import EfficientBlockKernel, FlashVarlenKernel, probe_block_kernel, probe_local_kernel
+from cp.cuda_kernels import (EfficientBlockKernel, FlashBlockKernel, FlashVarlenKernel, probe_block_kernel,
+                             probe_local_kernel)
 from cp.kernels import AttnMask, CpuFlashBlockKernel, MathBlockKernel
 from models import mixer_kernels
 from models.gated_deltanet import varlen_gated_delta_rule
@@ -130,6 +131,15 @@ def test_flash_varlen_adapter_is_exact_and_a_wrong_window_convention_is_caught()
         assert failure is not None and "out" in failure
 
 
+@pytest.mark.parametrize("version", ["2.5", "2.7"])
+def test_flash_block_kernel_binds_either_backward_signature(version):
+    """The flash block kernel (causal / full pieces on flash-attn, window-cut pieces on its fallback)
+    passes the block probe against flash-attn's 2.5 and 2.7 backward signatures."""
+    with fake_gpu_packages.installed(flash_backward_version=version):
+        kernel = FlashBlockKernel(fallback=CpuFlashBlockKernel())
+        assert probe_block_kernel(kernel, torch.device("cpu"), torch.float32) is None
+
+
 def _ulysses_flash_worker(rank, world):
     """Ulysses at world 2 with the flash varlen adapter on packed documents == the math kernel."""
     dims = cp.ParallelDims(world_size=world, cp=world, cp_style="ulysses")
@@ -177,16 +187,16 @@ def test_mixer_probe_catches_documents_leaking():
 
 
 def test_mixer_kernels_fall_back_to_the_twin_off_cuda_or_when_the_check_fails():
-    mixer_kernels._importable.cache_clear()  # importability is cached per process
+    kernel_check.importable.cache_clear()  # importability is cached per process
     assert mixer_kernels.pick("causal_conv1d", torch.device("cpu"), torch.float32) is varlen_causal_conv1d
     assert mixer_kernels.pick("ssd_scan", torch.device("cuda"), torch.float32) is ssd_scan_varlen  # not importable
     kernel_check.forget()
     with fake_gpu_packages.installed():  # importable, but the probe cannot run on a CUDA device here
-        mixer_kernels._importable.cache_clear()
+        kernel_check.importable.cache_clear()
         with pytest.warns(RuntimeWarning, match="exactness check"):
             picked = mixer_kernels.pick("gated_delta_rule", torch.device("cuda"), torch.bfloat16)
         assert picked is varlen_gated_delta_rule
-    mixer_kernels._importable.cache_clear()
+    kernel_check.importable.cache_clear()
     kernel_check.forget()
 
 
@@ -196,6 +206,7 @@ def test_ring_block_kernel_auto_on_cuda_falls_back_when_unchecked():
     kernel_check.forget()
     with pytest.warns(RuntimeWarning, match="cuda_efficient"):
         assert isinstance(cp.kernels.resolve_block_kernel("auto", torch.device("cuda"), torch.float32), MathBlockKernel)
-    with pytest.raises(RuntimeError, match="cuda_efficient"):
-        cp.kernels.resolve_block_kernel("cuda_efficient", torch.device("cuda"), torch.float32)
+    for name in ("cuda_efficient", "cuda_flash"):
+        with pytest.raises(RuntimeError, match=name):
+            cp.kernels.resolve_block_kernel(name, torch.device("cuda"), torch.bfloat16)
     kernel_check.forget()

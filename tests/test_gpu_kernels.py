@@ -12,7 +12,7 @@ import torch
 
 import cp
 from cp import kernel_check
-from cp.cuda_kernels import EFFICIENT, FlashVarlenKernel, probe_block_kernel, probe_local_kernel
+from cp.cuda_kernels import EFFICIENT, FLASH, FlashVarlenKernel, probe_block_kernel, probe_local_kernel
 from models import mixer_kernels
 
 pytestmark = pytest.mark.gpu
@@ -29,6 +29,12 @@ def _needs(package: str):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_efficient_block_kernel_passes_its_probe(dtype):
     assert probe_block_kernel(EFFICIENT, CUDA, dtype) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_block_kernel_passes_its_probe(dtype):
+    _needs("flash_attn")
+    assert probe_block_kernel(FLASH, CUDA, dtype) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -53,7 +59,8 @@ def test_mixer_kernels_pass_their_probes(op, package, dtype):
 def test_ring_auto_kernel_on_cuda_matches_math():
     """The ring at world 1 on CUDA with 'auto' (cuda_efficient once checked) == the math block kernel,
     on packed documents with a window."""
-    p = cp.setup_cp_params(torch.zeros(1, 96, dtype=torch.long, device=CUDA), style="ring", seq_lens=[[40, 1, 55]]).params
+    ids = torch.zeros(1, 96, dtype=torch.long, device=CUDA)
+    p = cp.setup_cp_params(ids, style="ring", seq_lens=[[40, 1, 55]]).params
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 96, h, 64, generator=gen).to(CUDA) for h in (4, 2, 2))
     results = []
@@ -62,6 +69,6 @@ def test_ring_auto_kernel_on_cuda_matches_math():
         out = cp.ring_attention(*leaves, p, window=33, kernel=kernel)
         out.pow(2).sum().backward()
         results.append([out, *(t.grad for t in leaves)])
-    assert isinstance(cp.kernels.resolve_block_kernel("auto", CUDA, torch.float32), type(EFFICIENT))
+    assert isinstance(cp.kernels.resolve_block_kernel("auto", CUDA, torch.float32), type(EFFICIENT))  # fp32: no flash
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
