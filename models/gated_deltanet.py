@@ -54,6 +54,7 @@ from torch import nn
 from cp.collectives import head_to_seq, seq_to_head
 from cp.params import CPParams
 from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
+from models.hf_mixers import adopt, cache_keyword, call_original, original_if_unchanged, take_cache
 from models.mixer_kernels import pick as pick_mixer_kernel
 from models.varlen_ops import ACTIVATIONS
 
@@ -283,19 +284,12 @@ class UlyssesGatedDeltaNet(nn.Module):
     def __init__(self, mixer: nn.Module, *, chunk_size: int = 64):
         super().__init__()
         self.projection_layout = projection_layout(mixer)
+        cache_keyword(mixer)  # a calling convention the wrapper does not know fails here, at startup
         if mixer.activation not in ACTIVATIONS:
             raise ValueError(f"GatedDeltaNet conv activation {mixer.activation!r} is not supported by the varlen conv "
                              f"(known: {sorted(ACTIVATIONS)})")
-        for name in _CONFIG_ATTRIBUTES:
-            setattr(self, name, getattr(mixer, name, None))
-        for name, child in mixer.named_children():
-            self.add_module(name, child)
-        for name, param in mixer.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buffer in mixer.named_buffers(recurse=False):
-            self.register_buffer(name, buffer)
+        adopt(self, mixer, _CONFIG_ATTRIBUTES)
         self.chunk_size = chunk_size
-        object.__setattr__(self, "_original", mixer)  # not a registered child: no duplicate parameter names
 
     def extra_repr(self) -> str:
         return (f"{type(self._original).__name__}, layout={self.projection_layout}, v_heads={self.num_v_heads}, "
@@ -372,12 +366,13 @@ class UlyssesGatedDeltaNet(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
 
-    def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask: torch.Tensor | None = None,
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cp_params: CPParams | None = None, **kwargs) -> torch.Tensor:
-        """The decoder layer's call: linear_attn(hidden_states=, cache_params=, attention_mask=, **kwargs);
-        cp_params arrives through **kwargs of the model's forward. hidden [B, S_local, hidden]."""
-        if cache_params is not None:
-            return self._cached_forward(hidden_states, cache_params, attention_mask, cp_params, **kwargs)
+        """The decoder layer's call: linear_attn(hidden_states=, cache= (5.24) | cache_params= (5.23),
+        attention_mask=, **kwargs); cp_params arrives through **kwargs of the model's forward. hidden [B, S_local, hidden]."""
+        cache = take_cache(kwargs, "GatedDeltaNet")
+        if cache is not None:
+            return self._cached_forward(hidden_states, cache, attention_mask, cp_params, **kwargs)
         if cp_params is None:
             doc_ids = self._documents_without_cp(hidden_states, kwargs.get("cu_seq_lens_q"))
             if attention_mask is not None:
@@ -407,18 +402,13 @@ class UlyssesGatedDeltaNet(nn.Module):
             return doc_ids_from_cu_seqlens(cu_seqlens, batch, seq).to(hidden_states.device)
         return torch.arange(batch, device=hidden_states.device)[:, None].expand(batch, seq)
 
-    def _cached_forward(self, hidden_states, cache_params, attention_mask, cp_params, **kwargs):
+    def _cached_forward(self, hidden_states, cache, attention_mask, cp_params, **kwargs):
         """HF generation (a cache present): the original module's own path, one document per row."""
         if cp_params is not None:
             raise ValueError("GatedDeltaNet under CP does not fill a generation cache: call the model with "
                              "use_cache=False (HF's default use_cache=True makes a DynamicCache even in training)")
-        original = self._original
-        shared = dict(self.named_parameters())
-        if any(shared.get(name) is not param for name, param in original.named_parameters()):
-            raise RuntimeError("the wrapped GatedDeltaNet's parameters were replaced (e.g. by FSDP), so the original "
-                               "module cannot run the cached generation path: generate with use_cache=False or with "
-                               "an unwrapped model")
-        return original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        original = original_if_unchanged(self, "GatedDeltaNet")
+        return call_original(original, hidden_states, cache, attention_mask, **kwargs)
 
 
 def _gather_sequence_scatter_heads(q, k, v, b, a, group, split: GroupedHeadSplit):

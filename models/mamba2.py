@@ -22,8 +22,10 @@ the transformers path), the same again in backward.
 
 Constraints: Ulysses only (the scan needs whole sequences: any ring degree > 1 is refused),
 mamba_num_heads % P == 0 (ValueError naming the fix), no cache continuation and no 2D padding mask
-together with cp_params (padding is a document of its own). Without cp_params the wrapper calls
-the original mixer unchanged (caches, decoding, fused GPU kernels).
+together with cp_params (padding is a document of its own). Without cp_params every row is one
+document (same kernels, no collectives); with a cache (HF generation) or a padding mask the
+original mixer runs unchanged. The wrapper adopts the mixer's children and parameters under their own names, so
+state_dict keys, FSDP / optimizer / PEFT names are the HF names (models.hf_mixers).
 
 The kernels here are plain torch in float32 (`ssd_scan_varlen`, `models.varlen_ops.varlen_causal_conv1d`);
 autograd gives the backward. On CUDA, mamba-ssm's scan and causal-conv1d (with seq_idx) replace them
@@ -44,7 +46,12 @@ from cp.collectives import head_to_seq, seq_to_head
 from cp.dims import ParallelDims
 from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
 from cp.params import CPParams
+from models.hf_mixers import adopt, cache_keyword, call_original, original_if_unchanged, take_cache
 from models.mixer_kernels import pick as pick_mixer_kernel
+
+# Plain attributes of NemotronHMamba2Mixer the wrapper reads (its children and parameters are adopted).
+_MIXER_ATTRIBUTES = ("num_heads", "n_groups", "head_dim", "ssm_state_size", "intermediate_size", "time_step_limit",
+                     "chunk_size", "activation", "layer_idx", "hidden_size", "conv_kernel_size")
 
 # ----------------------------------------------------------------------------------------------
 # Varlen SSD scan
@@ -193,7 +200,7 @@ def mamba2_sharding(num_heads: int, n_groups: int, size: int) -> GroupedHeadSpli
     return grouped_head_split(num_heads, n_groups, size)
 
 
-def check_mamba2_cp(mixer: NemotronHMamba2Mixer, *, cp_style: str, ulysses_size: int, ring_size: int = 1) -> None:
+def check_mamba2_cp(mixer: nn.Module, *, cp_style: str, ulysses_size: int, ring_size: int = 1) -> None:
     """Raise a ValueError naming the fix if this mixer cannot run under the given CP layout.
 
     Any ring degree > 1 is refused: a ring rank never sees the whole sequence of a head, which the
@@ -214,25 +221,40 @@ def check_mamba2_cp(mixer: NemotronHMamba2Mixer, *, cp_style: str, ulysses_size:
 class UlyssesMamba2Mixer(nn.Module):
     """Runs a NemotronHMamba2Mixer exactly for packed documents, under Ulysses CP when cp_params say so.
 
-    The original mixer is the child `mixer` (its parameters are the ones trained); forward without
-    cp_params is the original forward, unchanged.
+    Adopts the mixer's children and parameters under their own names (state_dict keys, FSDP and
+    optimizer names are the HF names); the original module is kept, unregistered, only for HF's
+    cached generation / padding path. Without cp_params, a cache or a mask, every row is one document.
     """
 
     def __init__(self, mixer: NemotronHMamba2Mixer) -> None:
         super().__init__()
-        self.mixer = mixer
+        cache_keyword(mixer)  # a calling convention the wrapper does not know fails here, at startup
+        adopt(self, mixer, _MIXER_ATTRIBUTES)
 
-    def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask: torch.Tensor | None = None,
+    def extra_repr(self) -> str:
+        return f"{type(self._original).__name__}, heads={self.num_heads}, n_groups={self.n_groups}"
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cp_params: CPParams | None = None, **kwargs) -> torch.Tensor:
+        """The decoder layer's call: mixer(hidden, cache= (5.24) | cache_params= (5.23), attention_mask=, **kwargs)."""
+        cache = take_cache(kwargs, "Mamba2 mixer")
         if cp_params is None:
-            return self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-        self._check_call(hidden_states, cache_params, attention_mask, cp_params)
-        return self._forward_cp(hidden_states, cp_params)
+            if cache is not None or attention_mask is not None:  # HF generation / padding: the original's own path
+                return call_original(original_if_unchanged(self, "Mamba2 mixer"), hidden_states, cache,
+                                     attention_mask, **kwargs)
+            batch, seq = hidden_states.shape[:2]
+            doc_ids = torch.arange(batch, device=hidden_states.device)[:, None].expand(batch, seq)  # a row = a doc
+            return self._forward_heads(hidden_states, doc_ids, None, 1, 0)
+        self._check_call(hidden_states, cache, attention_mask, cp_params)
+        group, size = cp_params.ulysses_group, cp_params.ulysses_size
+        rank = dist.get_rank(group) if size > 1 else 0
+        positions = cp_params.ulysses_gathered_index().to(hidden_states.device)
+        doc_ids = cp_params.doc_ids.to(hidden_states.device)[:, positions]  # [B, S] of the gathered tokens
+        return self._forward_heads(hidden_states, doc_ids, group, size, rank)
 
-    def _check_call(self, hidden_states, cache_params, attention_mask, params: CPParams) -> None:
+    def _check_call(self, hidden_states, cache, attention_mask, params: CPParams) -> None:
         """Everything a rank can check alone, before the first collective (ranks fail together)."""
-        check_mamba2_cp(self.mixer, cp_style=params.style, ulysses_size=params.ulysses_size,
-                        ring_size=params.ring_size)
+        check_mamba2_cp(self, cp_style=params.style, ulysses_size=params.ulysses_size, ring_size=params.ring_size)
         if hidden_states.dim() != 3 or hidden_states.shape[:2] != (params.batch_size, params.local_len):
             raise ValueError(f"Mamba2 mixer got hidden_states {tuple(hidden_states.shape)} but CPParams describe "
                              f"[B, S_local] = [{params.batch_size}, {params.local_len}] (S_pad={params.padded_len}, "
@@ -241,45 +263,42 @@ class UlyssesMamba2Mixer(nn.Module):
             raise ValueError("a 2D padding attention_mask is not supported with cp_params: packed documents and "
                              "padding are described by cp_params (setup_cp_params makes the tail pad its own "
                              "document); drop attention_mask")
-        if cache_params is not None and self._cache_has_state(cache_params):
+        if cache is not None and self._cache_has_state(cache):
             raise ValueError("Mamba2 under cp_params cannot continue from a filled cache (packed documents have no "
                              "single recurrent state): call the model with use_cache=False")
 
-    def _cache_has_state(self, cache_params) -> bool:
-        layer = self.mixer.layer_idx
-        return (cache_params.get_conv_state(layer) is not None
-                or cache_params.get_recurrent_state(layer) is not None)
+    def _cache_has_state(self, cache) -> bool:
+        return cache.get_conv_state(self.layer_idx) is not None or cache.get_recurrent_state(self.layer_idx) is not None
 
-    def _forward_cp(self, hidden_states: torch.Tensor, params: CPParams) -> torch.Tensor:
-        m = self.mixer
-        group, size = params.ulysses_group, params.ulysses_size
-        rank = dist.get_rank(group) if size > 1 else 0
-        sharding = mamba2_sharding(m.num_heads, m.n_groups, size)
+    def _forward_heads(self, hidden_states: torch.Tensor, doc_ids: torch.Tensor, group, size: int,
+                       rank: int) -> torch.Tensor:
+        """hidden [B, S/P, d] -> out [B, S/P, d]; doc_ids [B, S] of the full (gathered) sequence."""
+        sharding = mamba2_sharding(self.num_heads, self.n_groups, size)
         heads = sharding.head_index[rank]
         batch, local_len, _ = hidden_states.shape
 
         z, x_dt, bc = self._project(hidden_states)
-        x_dt = seq_to_head(x_dt, group, sharding.head_index)  # [B, S/P, H, hd+1] -> [B, S, H/P, hd+1]
-        bc = seq_to_head(bc, group, sharding.group_index)  # [B, S/P, G, 2N] -> [B, S, g_r, 2N]
+        if size > 1:
+            x_dt = seq_to_head(x_dt, group, sharding.head_index)  # [B, S/P, H, hd+1] -> [B, S, H/P, hd+1]
+            bc = seq_to_head(bc, group, sharding.group_index)  # [B, S/P, G, 2N] -> [B, S, g_r, 2N]
         x, dt = x_dt[..., :-1], x_dt[..., -1]  # [B, S, h, hd], [B, S, h]
 
-        positions = params.ulysses_gathered_index().to(hidden_states.device)
-        doc_ids = params.doc_ids.to(hidden_states.device)[:, positions]  # [B, S]
         x, B, C = self._conv(x, bc, doc_ids, heads, sharding.group_index[rank])
         B, C = align_groups_to_heads(B, C, sharding.local_group_of_heads(rank))
 
         index = torch.tensor(heads, device=hidden_states.device)
         scan = pick_mixer_kernel("ssd_scan", x.device, x.dtype)  # fused on CUDA when checked
-        y = scan(x, dt, -torch.exp(m.A_log.float().index_select(0, index)), B, C, doc_ids,
-                            D=m.D.index_select(0, index), dt_bias=m.dt_bias.index_select(0, index),
-                            dt_limit=m.time_step_limit, chunk_size=m.chunk_size)  # [B, S, h, hd] float32
-        y = head_to_seq(y, group, sharding.head_index, m.num_heads)  # [B, S, h, hd] -> [B, S/P, H, hd]
-        y = m.norm(y.reshape(batch, local_len, m.intermediate_size), z)  # [B, S/P, H, hd] -> [B, S/P, I]
-        return m.out_proj(y.to(hidden_states.dtype))
+        y = scan(x, dt, -torch.exp(self.A_log.float().index_select(0, index)), B, C, doc_ids,
+                 D=self.D.index_select(0, index), dt_bias=self.dt_bias.index_select(0, index),
+                 dt_limit=self.time_step_limit, chunk_size=self.chunk_size)  # [B, S, h, hd] float32
+        if size > 1:
+            y = head_to_seq(y, group, sharding.head_index, self.num_heads)  # [B, S, h, hd] -> [B, S/P, H, hd]
+        y = self.norm(y.reshape(batch, local_len, self.intermediate_size), z)  # [B, S/P, H, hd] -> [B, S/P, I]
+        return self.out_proj(y.to(hidden_states.dtype))
 
     def _project(self, hidden_states: torch.Tensor):
         """in_proj on the local shard -> z [B, s, I], x+dt [B, s, H, hd+1], B+C [B, s, G, 2N]."""
-        m = self.mixer
+        m = self
         batch, local_len, _ = hidden_states.shape
         groups_width = m.n_groups * m.ssm_state_size
         z, x, B, C, dt = m.in_proj(hidden_states).split(
@@ -292,7 +311,7 @@ class UlyssesMamba2Mixer(nn.Module):
 
     def _conv(self, x: torch.Tensor, bc: torch.Tensor, doc_ids: torch.Tensor, heads: list[int], groups: list[int]):
         """Varlen causal conv1d + activation over this rank's x / B / C channels (weights sliced)."""
-        m = self.mixer
+        m = self
         batch, length, num_local, head_dim = x.shape
         state = m.ssm_state_size
         B, C = bc[..., :state], bc[..., state:]  # [B, S, g, 2N] -> [B, S, g, N] each
@@ -332,12 +351,8 @@ def is_mamba2_mixer(module: nn.Module) -> bool:
 
 def wrap_mamba2_mixer(mixer: nn.Module, *, dims: ParallelDims | None = None) -> UlyssesMamba2Mixer:
     """Wrap a NemotronHMamba2Mixer; with dims, refuse (ValueError) a CP layout it cannot run. Idempotent."""
-    if isinstance(mixer, UlyssesMamba2Mixer):
-        inner = mixer.mixer
-    elif is_mamba2_mixer(mixer):
-        inner = mixer
-    else:
+    if not isinstance(mixer, UlyssesMamba2Mixer) and not is_mamba2_mixer(mixer):
         raise TypeError(f"wrap_mamba2_mixer expects a NemotronHMamba2Mixer, got {type(mixer).__name__}")
     if dims is not None:
-        check_mamba2_cp(inner, cp_style=dims.cp_style, ulysses_size=dims.ulysses, ring_size=dims.ring)
-    return mixer if isinstance(mixer, UlyssesMamba2Mixer) else UlyssesMamba2Mixer(inner)
+        check_mamba2_cp(mixer, cp_style=dims.cp_style, ulysses_size=dims.ulysses, ring_size=dims.ring)
+    return mixer if isinstance(mixer, UlyssesMamba2Mixer) else UlyssesMamba2Mixer(mixer)

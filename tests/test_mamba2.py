@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
 import cp
+from models.hf_mixers import cache_keyword
 from models.mamba2 import UlyssesMamba2Mixer, discretise_dt, is_mamba2_mixer, ssd_scan_varlen, wrap_mamba2_mixer
 from models.varlen_ops import doc_ids_from_seq_lens, varlen_causal_conv1d
 from tests.dist import run_distributed
@@ -224,7 +225,7 @@ def test_wrapper_cp1_matches_original_mixer_per_document(heads, groups):
     hidden, proj = torch.randn(rows, S, 64, generator=gen), torch.randn(rows, S, 64, generator=gen)
     params = cp.setup_cp_params(torch.zeros(rows, S, dtype=torch.long), seq_lens=seq_lens).params
 
-    got = run_and_grads(wrapped.mixer, hidden, proj, lambda h: wrapped(h, cp_params=params))
+    got = run_and_grads(wrapped, hidden, proj, lambda h: wrapped(h, cp_params=params))
     want = run_and_grads(reference, hidden, proj, lambda h: per_document(reference, h, seq_lens))
     check_mixer_against_reference(wrapped, reference, got, want, f"cp=1 H={heads} G={groups}")
 
@@ -252,12 +253,15 @@ def test_packed_documents_are_isolated():
     assert (out[:, 31] - out_changed[:, 31]).abs().max() > 1e-3, "the neighbouring document itself should change"
 
 
-def test_without_cp_params_the_original_forward_runs():
+def test_without_cp_params_every_row_is_one_document():
     reference = make_mixer(tiny_config(), seed=5)
     wrapped = wrap_mamba2_mixer(copy.deepcopy(reference))
     hidden = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 40)
+    mask[1, :7] = 0  # left padding, HF's convention: padded positions enter as zeros
     with torch.no_grad():
-        assert torch.equal(wrapped(hidden), reference(hidden))
+        assert_close(wrapped(hidden), reference(hidden), "no cp_params: the original mixer's output")
+        assert torch.equal(wrapped(hidden, attention_mask=mask), reference(hidden, attention_mask=mask))  # HF's path
     assert wrap_mamba2_mixer(wrapped) is wrapped  # idempotent
     assert is_mamba2_mixer(reference) and not is_mamba2_mixer(wrapped)
 
@@ -358,7 +362,7 @@ def check_mixer_case(dims, *, heads, groups, S, rows, seed) -> None:
     assert params.padded_len != S or S % dims.cp == 0, "setup_cp_params should pad"
     assert crosses_a_shard(seq_lens, params.padded_len, dims.cp), f"no document crosses a shard: {seq_lens}"
 
-    out, grad_in, grads = run_and_grads(wrapped.mixer, cp.shard(hidden, params), cp.shard(proj, params),
+    out, grad_in, grads = run_and_grads(wrapped, cp.shard(hidden, params), cp.shard(proj, params),
                                         lambda h: wrapped(h, cp_params=params))
     got = (cp.unshard(out, params), cp.unshard(grad_in, params), summed_over_cp(grads, params.cp_group))
     want = run_and_grads(reference, hidden, proj, lambda h: per_document(reference, h, seq_lens))
@@ -381,9 +385,7 @@ def check_model_case(dims, seed) -> None:
     logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, cp_params=params,
                    use_cache=False).logits
     (logits * cp.shard(proj, params)).sum().backward()
-    # The wrapper holds the original mixer as its child `mixer`: "...mixer.mixer.in_proj" is "...mixer.in_proj".
-    grads = summed_over_cp({n.replace(".mixer.mixer.", ".mixer."): p.grad for n, p in model.named_parameters()},
-                           params.cp_group)
+    grads = summed_over_cp({n: p.grad for n, p in model.named_parameters()}, params.cp_group)  # HF names
     want = per_document_logits(reference, input_ids, seq_lens)
     (want * proj).sum().backward()
 
@@ -456,6 +458,6 @@ def test_forward_refuses_bad_calls():
         wrapped(hidden, cache_params=cache, cp_params=params)  # an empty cache is left alone
         assert cache.get_conv_state(0) is None and cache.get_recurrent_state(0) is None
         mixer.eval()
-        mixer(hidden, cache_params=cache)  # the original fills it
+        mixer(hidden, **{cache_keyword(mixer): cache})  # the original fills it
     with pytest.raises(ValueError, match="use_cache=False"):
         wrapped(hidden, cache_params=cache, cp_params=params)
