@@ -242,11 +242,12 @@ class FlashVarlenKernel:
     positions with contiguous documents, what Ulysses gathers). No sinks (no LSE returned)."""
 
     attn: str = "flash_attention_2"
+    source: object = None  # a module with flash_attn_varlen_func (an HF hub kernel); None: FLASH_MODULES[attn]
     packed_documents = True  # cp.kernels.per_document hands it the whole packed call
 
     @property
     def module(self):
-        return importlib.import_module(FLASH_MODULES[self.attn])
+        return self.source if self.source is not None else importlib.import_module(FLASH_MODULES[self.attn])
 
     def __call__(self, q, k, v, mask: AttnMask, *, scale=None, sinks=None):
         if sinks is not None:

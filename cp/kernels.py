@@ -12,7 +12,9 @@ gathered permuted sequence (hybrid) or one block of a ring.
 
 `window` has HF's `sliding_window` meaning: a causal query sees at most `window` keys, itself
 included. `sinks` are per-head logits (GPT-OSS `s_aux`) that join every query's softmax
-denominator once, with a zero value vector.
+denominator once, with a zero value vector. `softcap` (Gemma2's attn_logit_softcapping) caps each
+scaled logit s to softcap * tanh(s / softcap) before the mask and softmax; only the explicit-softmax
+kernels apply it (`softcap_kernels` gives the Ulysses kernel and the ring block kernel).
 
 Kernels (`KERNELS`, chosen by name; `resolve_kernel` is the one entry point):
     "math"  explicit softmax in fp32 (or fp64 for fp64 inputs), differentiated by autograd:
@@ -96,18 +98,20 @@ def _check_gqa(q: torch.Tensor, k: torch.Tensor) -> int:
     return q.shape[2] // k.shape[2]
 
 
-def attention_with_lse(q, k, v, mask: AttnMask, *, scale: float | None = None,
-                       sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks: torch.Tensor | None = None,
+                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention, differentiable by autograd. Returns (out [B, Sq, H, D], lse [B, H, Sq]).
 
     Computed in fp32 (fp64 stays fp64); the LSE includes the sink. Rows with no visible key give
-    out = 0 and lse = -inf.
+    out = 0 and lse = -inf. softcap: logits capped to softcap * tanh(logit / softcap) (Gemma2).
     """
     groups, dtype = _check_gqa(q, k), acc_dtype(q)
     qh = q.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
     kh = k.transpose(1, 2).to(dtype).repeat_interleave(groups, dim=1)  # [B, Sk, Hkv, D] -> [B, H, Sk, D]
     vh = v.transpose(1, 2).to(dtype).repeat_interleave(groups, dim=1)  # [B, Sk, Hkv, D] -> [B, H, Sk, D]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * _default_scale(q, scale)  # [B, H, Sq, Sk]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask.dense()[:, None], float("-inf"))
     if sinks is not None:
         sink = sinks.to(dtype)[None, :, None, None].expand(*scores.shape[:3], 1)  # [H] -> [B, H, Sq, 1]
@@ -120,8 +124,9 @@ def attention_with_lse(q, k, v, mask: AttnMask, *, scale: float | None = None,
     return out.to(q.dtype), lse
 
 
-def math_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks: torch.Tensor | None = None):
-    return attention_with_lse(q, k, v, mask, scale=scale, sinks=sinks)[0]
+def math_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks: torch.Tensor | None = None,
+                   softcap: float | None = None):
+    return attention_with_lse(q, k, v, mask, scale=scale, sinks=sinks, softcap=softcap)[0]
 
 
 def sdpa_attention(q, k, v, mask: AttnMask, *, scale: float | None = None, sinks: torch.Tensor | None = None):
@@ -308,9 +313,16 @@ class BlockMask:
 
 @dataclass(frozen=True)
 class MathBlockKernel:
-    """Explicit fp32 (fp64 for fp64) block attention with LSE (exact on any device; memory O(B*H*Sq*Sk) per block)."""
+    """Explicit fp32 (fp64 for fp64) block attention with LSE (exact on any device; memory O(B*H*Sq*Sk) per block).
+    softcap: logits capped to softcap * tanh(logit / softcap) (Gemma2), the backward through the tanh."""
 
     name: str = "math"
+    softcap: float | None = None
+
+    def _scores(self, qh, kh, scale: float) -> torch.Tensor:
+        """Scaled (and capped) logits [B, H, Sq, Sk] of qh [B, H, Sq, D], kh [B, H, Sk, D]."""
+        scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
+        return scores if self.softcap is None else torch.tanh(scores / self.softcap) * self.softcap
 
     def forward(self, q, k, v, allowed, scale: float):
         """q [B, Sq, H, D], k/v [B, Sk, Hkv, D], allowed (BlockMask or bool [B, Sq, Sk]) -> out [B, Sq, H, D],
@@ -318,7 +330,7 @@ class MathBlockKernel:
         groups, dtype = _check_gqa(q, k), acc_dtype(q)
         allowed = BlockMask.of(allowed).dense(q.device)
         qh = q.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
-        scores = torch.matmul(qh, _expand_kv(k.to(dtype), groups).transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
+        scores = self._scores(qh, _expand_kv(k.to(dtype), groups), scale)  # [B, H, Sq, Sk]
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # [B, H, Sq]
         safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
@@ -333,10 +345,12 @@ class MathBlockKernel:
         qh = q.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
         kh, vh = _expand_kv(k.to(dtype), groups), _expand_kv(v.to(dtype), groups)  # [B, H, Sk, D]
         doh = dout.transpose(1, 2).to(dtype)  # [B, Sq, H, D] -> [B, H, Sq, D]
-        scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
+        scores = self._scores(qh, kh, scale)  # [B, H, Sq, Sk]
         probs = torch.exp(scores - lse[..., None]).masked_fill(~allowed[:, None], 0.0)
         dv = torch.matmul(probs.transpose(-1, -2), doh)  # [B, H, Sk, D]
         dscores = probs * (torch.matmul(doh, vh.transpose(-1, -2)) - delta[..., None]) * scale  # [B, H, Sq, Sk]
+        if self.softcap is not None:  # d(c * tanh(s / c)) / ds = 1 - tanh^2 = 1 - (capped / c)^2
+            dscores = dscores * (1 - (scores / self.softcap) ** 2)
         dq = torch.matmul(dscores, kh).transpose(1, 2)  # [B, H, Sq, D] -> [B, Sq, H, D]
         dk = torch.matmul(dscores.transpose(-1, -2), qh)  # [B, H, Sk, D]
         return dq, _sum_kv_groups(dk, groups), _sum_kv_groups(dv, groups)
@@ -386,6 +400,15 @@ class CpuFlashBlockKernel:
 
 
 BLOCK_KERNELS = {"math": MathBlockKernel(), "cpu_flash": CpuFlashBlockKernel()}
+
+
+def softcap_kernels(softcap: float) -> tuple[Kernel, MathBlockKernel]:
+    """(Ulysses local kernel, ring block kernel) that cap logits at `softcap`: the explicit-softmax ones."""
+
+    def capped_math(q, k, v, mask: AttnMask, *, scale=None, sinks=None):
+        return math_attention(q, k, v, mask, scale=scale, sinks=sinks, softcap=softcap)
+
+    return capped_math, MathBlockKernel(name=f"math_softcap{softcap:g}", softcap=softcap)
 
 
 def merge_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):

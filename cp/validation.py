@@ -19,6 +19,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParam
     if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree on batch, "
                          "sequence or KV heads")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q head dim {q.shape[3]} differs from k head dim {k.shape[3]} (q {tuple(q.shape)}, k "
+                         f"{tuple(k.shape)}): the scores q.k need equal head dims; check the model's q/k projections")
     if q.shape[0] != params.batch_size or q.shape[1] != params.local_len:
         raise ValueError(f"q has [B, S_local] = {list(q.shape[:2])} but CPParams describe "
                          f"[{params.batch_size}, {params.local_len}] (S_pad={params.padded_len}, cp={params.cp_size})")
@@ -42,8 +45,8 @@ SUPPORTED_SEQUENCE_MIXERS = {
 # Class-name words that mark a recurrent / linear-attention / SSM / long-conv sequence mixer. Matched
 # case-sensitively at a CamelCase word start ("GptOssModel" holds no "Ssm" word).
 _SEQUENCE_MIXER_MARKERS = re.compile(
-    r"(?:^|(?<=[a-z0-9_]))(?:DeltaNet|Mamba|Mixer|Ssm|SSM|LinearAttention|Lightning|Rwkv|RWKV|RetNet|Retention"
-    r"|Hyena|ShortConv|LSTM|Lstm|Hgrn|HGRN|GatedLinear|RecurrentBlock|Rglru)")
+    r"(?:^|(?<=[a-z0-9_]))(?:DeltaNet|DeltaAttention|Mamba|Mixer|Ssm|SSM|LinearAttention|Lightning|Rwkv|RWKV"
+    r"|RetNet|Retention|Hyena|ShortConv|LSTM|Lstm|Hgrn|HGRN|GatedLinear|RecurrentBlock|Rglru)")
 # HF config layer-type names we understand (config.layer_types / layers_block_type).
 _KNOWN_LAYER_TYPES = {"full_attention", "sliding_attention", "attention", "linear_attention", "mamba", "mlp", "moe",
                       "dense", "sparse"}

@@ -3,12 +3,14 @@
     apply_cp(model, dims, attn=None)
       1. cp.assert_cp_style_supports_model(dims.cp_style, model)   refuse what would run wrong
       2. check the attention heads against the Ulysses degree         (fail at startup, not step 900)
+         and the attention traits (models.traits: RoPE, chunking, softcap vs kernel)
       3. register "cptrain_cp_<attn>" with AttentionInterface and switch the model to it
       4. wrap every Gated DeltaNet / Mamba2 mixer in its Ulysses wrapper (one file per family)
       5. config.use_cache = False                                    (CP is for training passes)
 
-Call it before FSDP's fully_shard (wrappers keep the original module as a child, so parameters
-keep their tensors; their names gain one level). Then call the model with
+Call it before FSDP's fully_shard. Nothing is renamed: the wrappers adopt each mixer's children and
+parameters under their own names, so state_dict keys, parameter names, HF checkpoints and PEFT
+target_modules are those of the untouched transformers model. Then call the model with
 `model(input_ids=batch.input_ids, position_ids=batch.position_ids, cp_params=batch.params)`.
 """
 
@@ -19,10 +21,8 @@ from torch import nn
 import cp
 from models.attention import check_inner_kernel, inner_kernel_of, register_cp_attention
 from models.gated_deltanet import is_gated_deltanet, wrap_gated_deltanet
-from models.mamba2 import UlyssesMamba2Mixer, is_mamba2_mixer, wrap_mamba2_mixer
-
-# Wrappers that hold the original mixer as a named child: their parameter names gain that level.
-_WRAPPER_CHILD = {UlyssesMamba2Mixer: "mixer"}
+from models.mamba2 import is_mamba2_mixer, wrap_mamba2_mixer
+from models.traits import check_attention_traits
 
 
 def _configured_attn(model: nn.Module) -> str:
@@ -59,24 +59,10 @@ def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None
     attn = attn or _configured_attn(model)
     check_inner_kernel(attn, dims.cp_style)
     _check_heads(model, dims)
+    check_attention_traits(model, attn)
     # The wrappers check each mixer's head split against the Ulysses degree as they are installed.
     _replace_modules(model, is_gated_deltanet, lambda m: wrap_gated_deltanet(m, ulysses_size=dims.ulysses))
     _replace_modules(model, is_mamba2_mixer, lambda m: wrap_mamba2_mixer(m, dims=dims))
     model.set_attn_implementation(register_cp_attention(attn))
     model.config.use_cache = False
     return model
-
-
-def to_hf_state_dict(model: nn.Module, state_dict: dict) -> dict:
-    """Rename a CP-prepared model's state dict to the plain transformers model's names (undo the
-    extra level of wrappers that keep the original mixer as a child)."""
-    renames = [(f"{path}.{child}.", f"{path}.") for path, module in model.named_modules()
-               for cls, child in _WRAPPER_CHILD.items() if isinstance(module, cls)]
-    out = {}
-    for key, value in state_dict.items():
-        for old, new in renames:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        out[key] = value
-    return out

@@ -2,9 +2,15 @@
 
     model(input_ids=shard, position_ids=global shard, cp_params=params)
       └─ decoder layer ─ attention module: q, k, v = proj(x); RoPE(global positions)
-           └─ ALL_ATTENTION_FUNCTIONS["cptrain_cp_<inner>"](module, q, k, v, mask=None,
-                                                             scaling, sliding_window, s_aux, cp_params=...)
+           └─ ALL_ATTENTION_FUNCTIONS["cptrain_cp_<inner>"](module, q, k, v, mask=None, scaling,
+                                                             sliding_window, softcap, s_aux, cp_params=...)
+                ├─ window, softcap: kwarg, else module attribute, else config (models.traits)
                 └─ cp.{ulysses,ring,hybrid}_attention(BSHD shards, params, causal, scale, window, sinks)
+
+A layer with a logit softcap runs on the explicit-softmax kernels that apply it (cp.kernels.
+softcap_kernels: math under Ulysses, the math block kernel in the ring), whatever the inner kernel;
+inner kernels that cannot take that path are refused at startup (models.traits). A value head dim
+other than the query/key one (MLA: DeepSeek-V3, MiniCPM3) runs the ring on the math block kernel.
 
 The registered function reads CPParams from the call's kwargs (transformers passes a model
 forward's extra kwargs down to every attention function), so the style, the groups and the
@@ -18,7 +24,10 @@ the flash-attn package's varlen kernel over the packed documents under Ulysses, 
 kernel with LSE for ring / hybrid (window-cut pieces on torch's memory-efficient kernel); each
 passes cptrain's exactness check on the device first, see cp.cuda_kernels); any other function registered with
 transformers' AttentionInterface runs under Ulysses through cp.hf_kernel (given the mask it
-needs). Known-bad kernels are a deny-list with reasons, refused at startup.
+needs); an HF hub kernel ("kernels-community/flash-attn2") is loaded and registered through
+transformers' own loader at startup and then wrapped the same way (models.hub_kernels; a flash
+one as the varlen kernel on that module). Known-bad kernels are a deny-list with reasons, refused
+at startup.
 
 The registered name is "cptrain_cp_<inner>", except that flash kernels register as
 "cptrain_cp_fa2" / "_fa3": transformers treats any implementation whose name contains "flash" as
@@ -34,7 +43,10 @@ from transformers import AttentionInterface
 
 import cp
 from cp.cuda_kernels import FLASH_MODULES, flash_varlen_kernel
+from cp.kernels import softcap_kernels
 from cp.params import CPParams
+from models.hub_kernels import hub_local_kernel, is_hub_kernel, load_hub_kernel, registered_suffix
+from models.traits import NOT_PASSED, SOFTCAP_KERNELS, layer_softcap, layer_window
 
 CP_ATTENTION_PREFIX = "cptrain_cp"
 
@@ -51,7 +63,8 @@ DENIED_KERNELS = {
     "paged_attention": "inference-only (paged KV cache); use model.attn=sdpa",
     "sdpa_paged": "inference-only (paged KV cache); use model.attn=sdpa",
 }
-_REGISTERED_SUFFIX = {"flash_attention_2": "fa2", "flash_attention_3": "fa3"}  # no "flash" in the name (see above)
+# no "flash" in the name (see above); hub kernels ("<org>/<repo>") are added as registered (models.hub_kernels)
+_REGISTERED_SUFFIX = {"flash_attention_2": "fa2", "flash_attention_3": "fa3"}
 _STYLE_FUNCTIONS = {"ulysses": cp.ulysses_attention, "ring": cp.ring_attention, "hybrid": cp.hybrid_attention}
 
 
@@ -62,6 +75,9 @@ def check_inner_kernel(attn: str, cp_style: str) -> None:
     if attn in DENIED_KERNELS:
         raise ValueError(f"model.attn={attn} is refused under CP: {DENIED_KERNELS[attn]}")
     if attn in INNER_KERNELS:
+        return
+    if is_hub_kernel(attn):  # "<org>/<repo>": loaded and registered through transformers (models.hub_kernels)
+        load_hub_kernel(attn, cp_style)
         return
     if attn in FLASH_MODULES:
         try:
@@ -85,6 +101,8 @@ def _kernels_for(attn: str, module: torch.nn.Module, q: torch.Tensor, sinks: tor
     if attn in FLASH_MODULES:  # ring / hybrid and sink layers (they need the LSE): the fused block kernel
         varlen = style == "ulysses" and sinks is None
         return (flash_varlen_kernel(attn, q.device, q.dtype) if varlen else "lse"), "cuda_flash"
+    if is_hub_kernel(attn):  # Ulysses only (checked at startup); sink layers need the LSE: the "lse" kernel
+        return ("lse" if sinks is not None else hub_local_kernel(attn, module, q)), None
     return cp.hf_kernel(AttentionInterface._global_mapping[attn], module), None  # Ulysses only (checked at startup)
 
 
@@ -93,7 +111,7 @@ def make_cp_attention(attn: str):
 
     def cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                             sliding_window: int | None = None, s_aux: torch.Tensor | None = None,
+                             sliding_window: int | None = NOT_PASSED, s_aux: torch.Tensor | None = None,
                              cp_params: CPParams | None = None, **kwargs):
         if cp_params is None:
             raise ValueError(f"{type(module).__name__} runs CP attention but the model was called without cp_params: "
@@ -104,10 +122,20 @@ def make_cp_attention(attn: str):
         if dropout and module.training:
             raise ValueError("attention dropout is not supported under CP (set the config's attention_dropout=0)")
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S_local, D] -> [B, S_local, H, D]
-        ulysses_kernel, block_kernel = _kernels_for(attn, module, q, s_aux, cp_params.style)
+        softcap = layer_softcap(module, kwargs.get("softcap"))
+        if softcap is None:
+            ulysses_kernel, block_kernel = _kernels_for(attn, module, q, s_aux, cp_params.style)
+        elif attn in SOFTCAP_KERNELS:
+            ulysses_kernel, block_kernel = softcap_kernels(softcap)
+        else:  # refused at startup by models.traits; kept for functions called outside apply_cp
+            raise ValueError(f"{type(module).__name__} caps attention logits (softcap={softcap}), which "
+                             f"model.attn={attn} cannot do under CP: use model.attn=eager")
+        if v.shape[-1] != q.shape[-1] and softcap is None:  # MLA-style value head dim: fused block kernels
+            block_kernel = "math"  # want one head dim; the math block kernel takes any value head dim
         kernel_kw = {"attn_fn": ulysses_kernel} if cp_params.style == "ulysses" else {"kernel": block_kernel}
         out = _STYLE_FUNCTIONS[cp_params.style](q, k, v, cp_params, causal=getattr(module, "is_causal", True),
-                                                scale=scaling, window=sliding_window, sinks=s_aux, **kernel_kw)
+                                                scale=scaling, window=layer_window(module, sliding_window),
+                                                sinks=s_aux, **kernel_kw)
         return out, None  # [B, S_local, H, D], no attention weights
 
     return cp_attention_forward
@@ -115,6 +143,8 @@ def make_cp_attention(attn: str):
 
 def register_cp_attention(attn: str) -> str:
     """Register the CP attention function for inner kernel `attn`; returns the implementation name."""
+    if is_hub_kernel(attn):
+        _REGISTERED_SUFFIX[attn] = registered_suffix(attn)
     name = f"{CP_ATTENTION_PREFIX}_{_REGISTERED_SUFFIX.get(attn, attn)}"
     AttentionInterface.register(name, make_cp_attention(attn))
     return name

@@ -5,13 +5,12 @@ import random
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 import cp
 import models
-from models.tiny import tiny_model
+from models.tiny import TINY_FAMILIES, tiny_model
 from tests.dist import run_distributed
+from tests.family_sweep import cp_run, labels_for, reference_run
 from tests.reference import random_doc_lens
 
 SOFTMAX = ("qwen3", "glm4_moe", "gpt_oss")
@@ -23,46 +22,6 @@ LOGITS_ATOL = 2e-5
 GRAD_RTOL = 2e-5
 
 
-def _labels(ids, lens):
-    """Next-token labels inside each document, -100 at each document's last token."""
-    labels = torch.full_like(ids, -100)
-    start = 0
-    for n in lens:
-        labels[0, start:start + n - 1] = ids[0, start + 1:start + n]
-        start += n
-    return labels
-
-
-def _reference(model, ids, lens, labels):
-    """Each document alone through the unmodified model; the loss over all tokens; its gradients."""
-    logits, start = [], 0
-    for n in lens:
-        logits.append(model(input_ids=ids[:, start:start + n], use_cache=False).logits)
-        start += n
-    logits = torch.cat(logits, dim=1)
-    loss = F.cross_entropy(logits[0], labels[0], ignore_index=-100, reduction="sum") / (labels != -100).sum()
-    loss.backward()
-    return logits.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-
-def _cp_run(model, dims, ids, lens, labels):
-    batch = cp.setup_cp_params(ids, dims, labels=labels, seq_lens=[lens])
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, cp_params=batch.params, use_cache=False)
-    # loss = sum of this rank's token losses / GLOBAL token count: the cp ranks' losses sum to the cp=1 loss
-    count = (batch.labels != -100).sum()
-    dist.all_reduce(count, group=batch.params.cp_group)
-    local = F.cross_entropy(out.logits[0], batch.labels[0], ignore_index=-100, reduction="sum") / count
-    local.backward()
-    loss = local.detach().clone()
-    dist.all_reduce(loss, group=batch.params.cp_group)
-    grads = []
-    for p in model.parameters():
-        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-        dist.all_reduce(g, group=batch.params.cp_group)  # each rank holds its tokens' share
-        grads.append(g)
-    return cp.unshard(out.logits.detach(), batch.params), loss, grads
-
-
 def _model_worker(rank, world, family, styles, S, attn=None):
     if attn == "my_sdpa":  # a user's custom function, registered in this process
         from transformers import AttentionInterface
@@ -72,15 +31,15 @@ def _model_worker(rank, world, family, styles, S, attn=None):
     rng = random.Random(7)
     lens = random_doc_lens(S, rng, max_len=S // 2)
     ids = torch.randint(0, ref_model.config.vocab_size, (1, S), generator=torch.Generator().manual_seed(1))
-    labels = _labels(ids, lens)
-    ref_logits, ref_loss, ref_grads = _reference(ref_model, ids, lens, labels)
+    labels = labels_for(ids, lens)
+    ref_logits, ref_loss, ref_grads = reference_run(ref_model, ids, lens, labels)
     names = [n for n, _ in ref_model.named_parameters()]
     failures = []
     for style, cp_ulysses in styles:
         dims = cp.ParallelDims(world_size=world, cp=world, cp_style=style, cp_ulysses=cp_ulysses)
         dims.build()
         model = models.apply_cp(tiny_model(family), dims, attn=attn)
-        logits, loss, grads = _cp_run(model, dims, ids, lens, labels)
+        logits, loss, grads = cp_run(model, dims, ids, lens, labels)
         tag = f"{family} {style}{'' if cp_ulysses is None else cp_ulysses} cp={world} docs={lens}"
         err = (logits - ref_logits).abs().max().item()
         if not err <= LOGITS_ATOL:
@@ -157,9 +116,11 @@ def test_model_called_without_cp_params_fails_clearly():
         model(input_ids=torch.zeros(1, 8, dtype=torch.long))
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "nemotron_h", "gpt_oss"])
-def test_prepared_models_export_plain_transformers_names(family):
-    from models.apply import to_hf_state_dict
-    plain_keys = set(tiny_model(family).state_dict())
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_prepared_models_keep_transformers_names(family):
+    """apply_cp renames nothing: state_dict keys and parameter names are the untouched model's, in order."""
+    plain = tiny_model(family)
     prepared = models.apply_cp(tiny_model(family), cp.ParallelDims(world_size=1, cp=1))
-    assert set(to_hf_state_dict(prepared, prepared.state_dict())) == plain_keys
+    assert list(prepared.state_dict()) == list(plain.state_dict())
+    assert [n for n, _ in prepared.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    prepared.load_state_dict(plain.state_dict(), strict=True)  # an HF checkpoint loads as it is

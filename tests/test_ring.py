@@ -126,6 +126,11 @@ def _ring_errors_worker(rank, world):
         cp.ring_attention(q, q, q, p)
     with pytest.raises(ValueError, match="CPParams describe"):
         cp.hybrid_attention(q[:, 1:], q[:, 1:], q[:, 1:], p)
+    with pytest.raises(ValueError, match="q head dim 8 differs from k head dim 6"):
+        cp.hybrid_attention(q, q[..., :6], q, p)
+    ring = cp.setup_cp_params(torch.zeros(1, 32, dtype=torch.long), _dims(world, "ring")).params
+    with pytest.raises(ValueError, match="q head dim 8 differs from k head dim 6"):
+        cp.ring_attention(q, q[..., :6], q, ring)
     with pytest.raises(ValueError, match="pass a built ParallelDims"):
         cp.setup_cp_params(torch.zeros(1, 32, dtype=torch.long), style="hybrid")
 

@@ -74,6 +74,8 @@ def _errors_worker(rank, world):
         cp.ulysses_attention(q, q, q, p, window=0)
     with pytest.raises(ValueError, match="one logit per query head"):
         cp.ulysses_attention(q, q, q, p, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="q head dim 8 differs from k head dim 6"):
+        cp.ulysses_attention(q, q[..., :6], q, p)
     # After every rejected call the group is still in step: a real call works.
     out = cp.ulysses_attention(q, q, q, p)
     assert out.shape == q.shape
