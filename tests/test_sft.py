@@ -94,10 +94,10 @@ def test_resume_reproduces_uninterrupted_run_and_writes_logs(tmp_path):
     assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
 
 
-def _config_error_worker(rank, world, overrides, match):
+def _config_error_worker(rank, world, overrides, match, output_dir):
     from trainer.sft import run_sft
     with pytest.raises(ValueError, match=match):
-        run_sft(compose_cfg(FAST + overrides))
+        run_sft(compose_cfg(FAST + overrides + [f"output_dir={output_dir}"]))
     return "raised"
 
 
@@ -108,9 +108,10 @@ def _config_error_worker(rank, world, overrides, match):
     (["model.cp_style=ring"], "use model.cp_style=ulysses"),  # default model is a Qwen3.5-style hybrid
     (["model.attn=flex_attention"], "BlockMask"),
     (["data.seq_len=2", "model=tiny_qwen3", "model.cp_style=ring"], "shorter than the 4 shards"),
+    (["model.dtype=float16"], "model.dtype=bfloat16"),
 ])
-def test_bad_configs_fail_before_training_with_the_key_named(overrides, match):
-    assert run_distributed(_config_error_worker, 2, overrides, match, timeout=300) == ["raised", "raised"]
+def test_bad_configs_fail_before_training_with_the_key_named(tmp_path, overrides, match):
+    assert run_distributed(_config_error_worker, 2, overrides, match, tmp_path, timeout=300) == ["raised", "raised"]
 
 
 def test_unknown_override_key_is_named():
@@ -118,15 +119,16 @@ def test_unknown_override_key_is_named():
         compose_cfg(["optim.lrr=1"])
 
 
-def _nan_worker(rank, world):
+def _nan_worker(rank, world, output_dir):
     from trainer.sft import run_sft
-    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d"):
-        run_sft(compose_cfg(FAST + ["optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0", "max_steps=8"]))
+    with pytest.raises(FloatingPointError, match=r"non-finite (loss|gradient norm) .* at step \d"):
+        run_sft(compose_cfg(FAST + ["optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0", "max_steps=8",
+                                    f"output_dir={output_dir}"]))
     return "stopped"
 
 
-def test_nan_loss_stops_the_run_with_the_step():
-    assert run_distributed(_nan_worker, 2, timeout=300) == ["stopped", "stopped"]
+def test_nan_loss_stops_the_run_with_the_step(tmp_path):
+    assert run_distributed(_nan_worker, 2, tmp_path, timeout=300) == ["stopped", "stopped"]
 
 
 def _dying_rank(rank, world, port, output_dir):

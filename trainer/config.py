@@ -13,7 +13,8 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -33,7 +34,8 @@ class ModelConfig:
     """Inner attention kernel under CP: sdpa | eager | math | lse | flash_attention_2 | flash_attention_3 (CUDA),
     or a registered AttentionInterface name (Ulysses only). See models/attention.py."""
     dtype: str = "float32"
-    """Parameter dtype: float32 | bfloat16 | float16."""
+    """Compute dtype of forward/backward: float32 | bfloat16. Master weights, gradient reduction and AdamW
+    state are fp32 either way (FSDP2 MixedPrecisionPolicy). float16 is refused (no loss scaling): use bfloat16."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward (HF gradient checkpointing, non-reentrant)."""
     tiny_hidden_size: int = 128
@@ -46,8 +48,9 @@ class ModelConfig:
 class DataConfig:
     source: str = "builtin"
     """builtin (bundled chat data) | a local .jsonl/.json/.parquet path | an HF datasets name."""
-    tokenizer: str = "builtin"
-    """builtin (bundled byte-level BPE) | HF id or local path."""
+    tokenizer: str = "auto"
+    """auto (tiny:* models: builtin; any other model: the model's own tokenizer, from model.name) | builtin
+    (bundled byte-level BPE) | HF id or local path. Checked against the model's embedding table at startup."""
     seq_len: int = 512
     """Tokens per packed row (documents packed, a pad document fills the rest)."""
     micro_batch_size: int = 1
@@ -92,8 +95,16 @@ class WandbConfig:
 class CheckpointConfig:
     every: int = 0
     """Save a torch.distributed.checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Keep the newest N complete checkpoints, delete older ones once a new one is complete (0: keep all)."""
+    timeout_s: int = 3600
+    """How long ranks wait for the slowest one's checkpoint write and for rank 0's HF export (a large model takes
+    minutes); the top-level timeout_s guards every other collective."""
     export_hf: bool = True
     """At the end, also write output_dir/hf: safetensors + config + tokenizer, loadable by from_pretrained."""
+    export_dtype: Optional[str] = None
+    """dtype of the HF export's weights: float32 | bfloat16 | float16 (null: model.dtype, the compute dtype).
+    Checkpoints always hold the fp32 master weights."""
 
 
 @dataclass
@@ -110,9 +121,14 @@ class SFTConfig:
     output_dir: str = "outputs/sft"
     """Where metrics.jsonl, checkpoints, the HF export and W&B files go."""
     resume: bool = False
-    """Continue from the latest checkpoint in output_dir."""
+    """Continue from the latest complete checkpoint in output_dir. Config changes: lr, schedule, warmup,
+    max_steps, clipping, AdamW settings, batch size, logging are honoured; the model, cp layout, data,
+    seq_len, seed, world size (trainer.checkpoint.RESUME_REFUSED) are refused with the diff."""
+    overwrite: bool = False
+    """A fresh run (resume=false) into an output_dir holding checkpoints is refused unless true: then the old
+    checkpoints, metrics/samples and HF export are deleted first."""
     log_every: int = 1
-    """Print a progress line every N steps (metrics.jsonl gets every step)."""
+    """W&B and the progress bar's numbers every N steps (and the last); metrics.jsonl gets every step."""
     timeout_s: int = 300
     """Collective timeout: if a rank dies, the others fail with an error within this many seconds."""
 
@@ -132,7 +148,10 @@ class RolloutConfig:
     task: str = "arithmetic"
     """Built-in task the prompts come from (trainer.tasks.TASKS: add, sub, mul, reverse, sort, arithmetic, mixed)."""
     eval_prompts: int = 64
-    """Held-out prompts scored greedily at the start and the end (0 disables)."""
+    """Held-out prompts scored greedily at the start and the end (0 disables): every task of the mix in equal
+    shares, never in the training prompt pool."""
+    timeout_s: int = 1800
+    """How long ranks wait for the slowest one to finish generating (rollouts, eval); timeout_s guards the rest."""
 
 
 @dataclass
@@ -189,7 +208,14 @@ def validate_common(cfg, world_size: int) -> None:
                f"model.cp_style=hybrid needs model.cp_ulysses dividing model.cp={m.cp} (got {m.cp_ulysses})")
     else:
         _check(m.cp_ulysses is None, f"model.cp_ulysses={m.cp_ulysses} is only used with model.cp_style=hybrid")
+    _check(m.dtype != "float16", "model.dtype=float16 is not supported: fp16 gradients underflow or overflow "
+                                 "without loss scaling, which cptrain does not do. Use model.dtype=bfloat16 "
+                                 "(same memory and speed, fp32's exponent range); checkpoint.export_dtype=float16 "
+                                 "still exports fp16 weights")
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: choose one of {DTYPES}")
+    export = cfg.checkpoint.export_dtype
+    _check(export is None or export in EXPORT_DTYPES,
+           f"checkpoint.export_dtype={export!r}: choose one of {EXPORT_DTYPES} or null (= model.dtype)")
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
     _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose one of {SCHEDULES}")
     _check(o.warmup_steps >= 0 and o.grad_accum >= 1, "optim.warmup_steps must be >= 0 and optim.grad_accum >= 1")
@@ -197,6 +223,14 @@ def validate_common(cfg, world_size: int) -> None:
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables)")
     _check(cfg.wandb.mode in WANDB_MODES, f"wandb.mode={cfg.wandb.mode!r}: choose one of {WANDB_MODES}")
     _check(cfg.timeout_s >= 10, f"timeout_s={cfg.timeout_s} must be >= 10")
+    _check(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1")
+    _check(not (cfg.resume and cfg.overwrite), "resume=true continues the run in output_dir and overwrite=true "
+                                               "deletes it: set one of them")
+    c = cfg.checkpoint
+    _check(c.every >= 0 and c.keep_last >= 0,
+           f"checkpoint.every={c.every} and checkpoint.keep_last={c.keep_last} must be >= 0 "
+           "(0: only at the end / keep all)")
+    _check(c.timeout_s >= 10, f"checkpoint.timeout_s={c.timeout_s} must be >= 10")
 
 
 def validate_sft(cfg, world_size: int) -> None:
@@ -221,6 +255,20 @@ def validate_rl(cfg, world_size: int) -> None:
     _check(l.clip_eps_low > 0 and l.clip_eps_high > 0 and l.kl_coef >= 0, "loss clip eps must be > 0, kl_coef >= 0")
     _check(len(w.functions) == len(w.weights) and len(w.functions) > 0,
            f"reward.functions ({len(w.functions)}) and reward.weights ({len(w.weights)}) must pair up")
+    _check(cfg.optim.grad_accum == 1,
+           f"optim.grad_accum={cfg.optim.grad_accum} is not used by GRPO: a step trains on all its "
+           "rollout.prompts_per_step x rollout.group_size completions (in as many micro-batches of "
+           "data.micro_batch_size rows as they need); raise rollout.prompts_per_step for a larger step")
+    _check(cfg.data.source == "builtin" and cfg.data.limit is None,
+           f"data.source={cfg.data.source!r} / data.limit={cfg.data.limit} are not used by GRPO: prompts come from "
+           "rollout.task (trainer/tasks.py); remove the override")
+    from trainer.tasks import TASKS, task_components
+    _check(r.task in TASKS, f"rollout.task={r.task!r}: choose one of {', '.join(TASKS)}")
+    parts = task_components(r.task)
+    _check(r.eval_prompts == 0 or r.eval_prompts >= len(parts),
+           f"rollout.eval_prompts={r.eval_prompts} must be 0 (no eval) or >= {len(parts)}, one per task of "
+           f"rollout.task={r.task} ({', '.join(parts)})")
+    _check(r.timeout_s >= 10, f"rollout.timeout_s={r.timeout_s} must be >= 10")
     prompt_budget = cfg.data.seq_len - r.max_new_tokens
     _check(prompt_budget >= 16, f"data.seq_len={cfg.data.seq_len} leaves {prompt_budget} tokens for the prompt after "
                                 f"rollout.max_new_tokens={r.max_new_tokens}: raise data.seq_len")

@@ -1,5 +1,9 @@
 """Data for the SFT and GRPO trainers: tokenizer, chat records, packing, RL prompts.
 
+    Tokenizer (startup, before any collective)
+    resolve_tokenizer_name(data.tokenizer, model.name)   auto -> builtin for tiny:*, else model.name
+    load_tokenizer(name) ─> check_tokenizer_fits_model(tok, model)  ids < embedding rows, eos, chat template
+
     SFT
     load_sft_records(source)          "builtin" | file.jsonl/.json/.parquet | HF datasets name
       │  rows -> {"messages": [{"role", "content"}, ...]}   (prompt/completion pairs converted)
@@ -15,7 +19,9 @@
               └─> cp.setup_cp_params(batch.input_ids, dims, labels=batch.labels, seq_lens=batch.seq_lens)
 
     RL
-    make_prompts(task, n, seed, tok) -> [Prompt(prompt, answer, input_ids (generation prompt), task)]
+    make_eval_prompts(task, n, tok)   held-out prompts: every task of the mix in equal shares (bundled eval
+                                      rows first, disjoint from the SFT rows; generated when they run out)
+    make_prompts(task, n, seed, tok, exclude_prompts=eval) -> [Prompt(prompt, answer, input_ids, task)]
     PromptSampler(prompts, batch_size, dp_rank, dp_size, seed).next_prompts()
 
 Constraints: labels are shifted inside each document (labels[t] = input_ids[t+1] when t+1 is in
@@ -30,25 +36,36 @@ import json
 import logging
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from trainer.tasks import SYSTEM_PROMPT, make_examples, task_messages
+from trainer.tasks import SYSTEM_PROMPT, make_examples, task_components, task_messages
 
 IGNORE_INDEX = -100
+TINY_MODEL_PREFIX = "tiny:"  # trainer.modeling.TINY_PREFIX (not imported: data must not import the model stack)
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 BUILTIN_TOKENIZER_DIR = ASSETS_DIR / "tokenizer"
 BUILTIN_SFT_FILES = {"train": ASSETS_DIR / "sft_tasks.jsonl", "eval": ASSETS_DIR / "eval_tasks.jsonl"}
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- tokenizer
+
+
+def resolve_tokenizer_name(tokenizer: str | None, model_name: str) -> str:
+    """data.tokenizer -> what load_tokenizer gets. "auto" (the default): the bundled tokenizer for a
+    random-init tiny:* model (it has no tokenizer of its own), else the model's own (model.name, the
+    same hub id or directory from_pretrained loads the weights from, with its chat template)."""
+    if tokenizer in (None, "auto"):
+        return "builtin" if model_name.startswith(TINY_MODEL_PREFIX) else model_name
+    return tokenizer
 
 
 def load_tokenizer(name_or_path: str | None = None):
@@ -61,15 +78,49 @@ def load_tokenizer(name_or_path: str | None = None):
             raise FileNotFoundError(f"the bundled tokenizer is missing from {BUILTIN_TOKENIZER_DIR}: "
                                     "run `python scripts/make_assets.py` (or reinstall with the package data)")
         return AutoTokenizer.from_pretrained(str(BUILTIN_TOKENIZER_DIR))
-    return AutoTokenizer.from_pretrained(name_or_path)
+    fix = "set data.tokenizer to the model's tokenizer (an HF id or a local directory with tokenizer files)"
+    local = Path(name_or_path).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
+        # transformers would build an EMPTY tokenizer of the config's model type here, without complaint
+        raise ValueError(f"{name_or_path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}): {fix}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load a tokenizer from {name_or_path!r} ({err}): {fix}") from err
+    if len(tokenizer) < 2:
+        raise ValueError(f"the tokenizer loaded from {name_or_path!r} is empty ({len(tokenizer)} tokens): {fix}")
+    return tokenizer
 
 
 def pad_token_id(tokenizer) -> int:
-    """The id to pad with: the pad token, else the end-of-sequence token, else 0."""
+    """The id to pad with: the pad token, else the end-of-sequence token (a common convention: pad
+    positions are their own document and never a loss target, so any in-range id is safe)."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return int(token_id)
-    return 0
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an eos token: "
+                     "set tokenizer.eos_token (the trainers end turns and stop generation at it)")
+
+
+def check_tokenizer_fits_model(tokenizer, model, *, tokenizer_name: str, model_name: str) -> None:
+    """Refuse, at startup, a tokenizer the model cannot use (DESIGN rule 11): an id past the input
+    embedding table (it would index out of range or train rows that mean nothing), the bundled
+    tokenizer next to a pretrained model (its ids are in range but meaningless), no eos token (SFT
+    ends assistant turns with it, rollouts stop at it, padding falls back to it), no chat template."""
+    rows = model.get_input_embeddings().num_embeddings
+    size = max(max(tokenizer.get_vocab().values(), default=-1) + 1, len(tokenizer))
+    own = "leave data.tokenizer=auto (the model's own tokenizer) or set it to the tokenizer the model was trained with"
+    if size > rows:
+        raise ValueError(f"data.tokenizer={tokenizer_name} has {size} token ids but model {model_name} has only {rows} "
+                         f"input embedding rows (ids >= {rows} have no embedding): {own}")
+    if tokenizer_name == "builtin" and not model_name.startswith(TINY_MODEL_PREFIX) and size != rows:
+        raise ValueError(f"data.tokenizer=builtin ({size} tokens) is not the tokenizer of model {model_name} "
+                         f"({rows} embedding rows): its ids would select arbitrary embeddings. {own}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"data.tokenizer={tokenizer_name} has no eos token, which the trainers need (assistant turns "
+                         "end with it, rollouts stop at it, padding falls back to it): use a tokenizer with "
+                         "eos_token set (e.g. save one with tokenizer.eos_token = '<|im_end|>')")
+    _chat_template(tokenizer)
 
 
 # ---------------------------------------------------------------- records
@@ -213,8 +264,9 @@ class TokenizedDoc:
 def _chat_template(tokenizer) -> str:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: "
-                         "use the builtin tokenizer or one with a chat template")
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template, which the "
+                         "trainers format SFT rows and RL prompts with: set data.tokenizer to one that has a chat "
+                         "template (an instruct model's, or builtin for tiny:* models)")
     return template if isinstance(template, str) else template.get("default", next(iter(template.values())))
 
 
@@ -475,14 +527,43 @@ def encode_prompt(tokenizer, prompt: str, *, system_prompt: str | None = SYSTEM_
     return _template_ids(tokenizer, task_messages(prompt, system_prompt=system_prompt), add_generation_prompt=True)
 
 
-def make_prompts(task: str, n: int, seed: int, tokenizer=None, *,
-                 system_prompt: str | None = SYSTEM_PROMPT) -> list[Prompt]:
-    """`n` prompts of a built-in task (trainer.tasks), deterministic by seed; tokenizer None: builtin.
-    The system prompt is the one the bundled SFT data uses, so an SFT model knows the answer format."""
+def _to_prompts(examples: Sequence[dict], tokenizer, system_prompt: str | None) -> list[Prompt]:
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None)
     return [Prompt(prompt=ex["prompt"], answer=ex["answer"], task=ex["task"],
-                   input_ids=encode_prompt(tokenizer, ex["prompt"], system_prompt=system_prompt))
-            for ex in make_examples(task, n, seed)]
+                   input_ids=encode_prompt(tokenizer, ex["prompt"], system_prompt=system_prompt)) for ex in examples]
+
+
+def make_prompts(task: str, n: int, seed: int, tokenizer=None, *, exclude_prompts: Collection[str] = (),
+                 system_prompt: str | None = SYSTEM_PROMPT) -> list[Prompt]:
+    """`n` prompts of a built-in task (trainer.tasks), deterministic by seed; tokenizer None: builtin.
+    The system prompt is the one the bundled SFT data uses, so an SFT model knows the answer format.
+    exclude_prompts: prompt texts never drawn (the held-out eval prompts)."""
+    return _to_prompts(make_examples(task, n, seed, exclude_prompts=exclude_prompts), tokenizer, system_prompt)
+
+
+EVAL_TOP_UP_SEED = 7_919  # generated eval prompts, for tasks without (enough) bundled eval rows
+
+
+def make_eval_prompts(task: str, n: int, tokenizer=None, *,
+                      system_prompt: str | None = SYSTEM_PROMPT) -> list[Prompt]:
+    """`n` held-out prompts of `task` covering every concrete task of a mix in equal shares (the first
+    n % parts tasks get one more): the bundled eval rows of that task first (disjoint from the bundled
+    SFT rows), then generated ones. Independent of the training seed; exclude them from the training
+    pool with make_prompts(..., exclude_prompts=)."""
+    parts = task_components(task)
+    if n and n < len(parts):
+        raise ValueError(f"{n} eval prompts cannot cover the {len(parts)} tasks of {task!r} ({', '.join(parts)})")
+    bundled = _read_jsonl(BUILTIN_SFT_FILES["eval"])
+    examples = []
+    for i, part in enumerate(parts):
+        share = n // len(parts) + (i < n % len(parts))
+        chosen = list({r["prompt"]: {"task": part, "prompt": r["prompt"], "answer": r["answer"]}
+                       for r in bundled if r["task"] == part}.values())[:share]
+        if len(chosen) < share:
+            chosen += make_examples(part, share - len(chosen), EVAL_TOP_UP_SEED + i,
+                                    exclude_prompts={ex["prompt"] for ex in chosen})
+        examples += chosen
+    return _to_prompts(examples, tokenizer, system_prompt)
 
 
 def load_eval_prompts(tokenizer=None, *, tasks: Sequence[str] | None = None, limit: int | None = None,

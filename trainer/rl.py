@@ -6,6 +6,7 @@
       1. engine.sync(policy)                       full weights -> a plain copy on every rank
       2. each rank: prompts_per_step / world prompts, group_size samples each (trainer/rollout.py)
          rewards (prompt, completion, answer) -> weighted sum; group advantages (complete groups, local)
+         then every rank waits for the slowest generator (rollout.timeout_s, a gloo group of its own)
       3. all_gather_object inside the cp group     every cp rank holds its dp group's rollouts
       4. pack prompt+completion documents into rows; ranks pad to the same number of micro-batches
       5. per micro-batch: cp.setup_cp_params + cp.shard(old log-probs, advantages, weights)
@@ -152,20 +153,30 @@ def reward_metrics(sums: dict, trainer: Trainer, rollouts: list, cfg) -> dict:
     return metrics
 
 
-def evaluate(cfg, engine: RolloutEngine, prompts) -> float:
+def wait_for_generation(wait_group) -> None:
+    """Every rank waits here for the slowest one to finish generating, up to rollout.timeout_s (a gloo
+    group of its own), so the collectives after it need only the ordinary timeout_s."""
+    if wait_group is not None:
+        dist.barrier(group=wait_group)
+
+
+def evaluate(cfg, engine: RolloutEngine, prompts, wait_group=None) -> float:
     """Greedy accuracy on held-out prompts, split over all ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
     correct = sum(tasks.correctness_reward(p.prompt, engine.greedy(p.input_ids, max_new_tokens=cfg.rollout.max_new_tokens),
                                            p.answer) for p in prompts[rank::world])
+    wait_for_generation(wait_group)
     t = torch.tensor([correct, len(prompts[rank::world])], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t[0] / max(t[1], 1))
 
 
-def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards, ref_model, pad_id) -> tuple[dict, list]:
+def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards, ref_model, pad_id,
+            wait_group=None) -> tuple[dict, list]:
     start = time.perf_counter()
     engine.sync(trainer.model)
     rollouts, sums = generate_rollouts(cfg, trainer, engine, sampler.next_prompts(), rewards)
+    wait_for_generation(wait_group)
     generate_s = time.perf_counter() - start
     metrics = reward_metrics(sums, trainer, rollouts, cfg)
     batches = micro_batches(cfg, trainer, gather_cp_group(rollouts, trainer), pad_id)
@@ -190,6 +201,18 @@ def build_reference(cfg, trainer: Trainer):
     return ref.eval()
 
 
+PROMPT_POOL = 4096  # training prompts drawn per run (the task spaces are small: repeats are fine)
+
+
+def build_prompt_sets(cfg, tokenizer) -> tuple[list, list]:
+    """(training prompt pool, held-out eval prompts): the eval prompts cover every task of rollout.task in
+    equal shares and are excluded from the pool (rollout.eval_prompts=0: no eval, the whole pool)."""
+    eval_prompts = data.make_eval_prompts(cfg.rollout.task, cfg.rollout.eval_prompts, tokenizer)
+    pool = data.make_prompts(cfg.rollout.task, PROMPT_POOL, cfg.seed, tokenizer,
+                             exclude_prompts={p.prompt for p in eval_prompts})
+    return pool, eval_prompts
+
+
 def run_rl(cfg: DictConfig) -> list[dict]:
     check_init_model(cfg)
     trainer = build_trainer(cfg, validate=config.validate_rl)
@@ -197,20 +220,20 @@ def run_rl(cfg: DictConfig) -> list[dict]:
         rank, world = dist.get_rank(), dist.get_world_size()
         ref_model = build_reference(cfg, trainer)
         rewards = [tasks.resolve_reward(f) for f in cfg.reward.functions]
-        prompts = data.make_prompts(cfg.rollout.task, 4096, cfg.seed, trainer.tokenizer)
+        wait_group = runtime.patient_group(cfg.rollout.timeout_s)
+        prompts, eval_prompts = build_prompt_sets(cfg, trainer.tokenizer)
         sampler = data.PromptSampler(prompts, batch_size=cfg.rollout.prompts_per_step // world, dp_rank=rank,
                                      dp_size=world, seed=cfg.seed)
         maybe_resume(trainer, sampler)
-        engine, pad_id = RolloutEngine(trainer.model, trainer.tokenizer, trainer.device), data.pad_token_id(trainer.tokenizer)
-        eval_prompts = data.load_eval_prompts(trainer.tokenizer, limit=cfg.rollout.eval_prompts) \
-            if cfg.rollout.eval_prompts else []
+        engine, pad_id = RolloutEngine(trainer.model, trainer.tokenizer, trainer.device,
+                                       dtype=modeling.compute_dtype(cfg.model)), data.pad_token_id(trainer.tokenizer)
         logger = MetricsLogger(cfg, rank=rank, total_steps=cfg.max_steps, start_step=trainer.step, job="rl")
         eval_start = None
         if eval_prompts:
             engine.sync(trainer.model)
-            eval_start = evaluate(cfg, engine, eval_prompts)
+            eval_start = evaluate(cfg, engine, eval_prompts, wait_group)
         while trainer.step < cfg.max_steps:
-            metrics, samples = rl_step(cfg, trainer, engine, sampler, rewards, ref_model, pad_id)
+            metrics, samples = rl_step(cfg, trainer, engine, sampler, rewards, ref_model, pad_id, wait_group)
             logger.log(trainer.step, metrics)
             logger.log_table("samples", ["prompt", "completion", "answer", "reward"], samples, trainer.step)
             if cfg.checkpoint.every and trainer.step % cfg.checkpoint.every == 0 and trainer.step < cfg.max_steps:
@@ -219,9 +242,11 @@ def run_rl(cfg: DictConfig) -> list[dict]:
         summary = rl_summary(cfg, logger.history)
         if eval_prompts:
             engine.sync(trainer.model)
-            summary += f"; greedy eval accuracy {eval_start:.3f} -> {evaluate(cfg, engine, eval_prompts):.3f}"
+            eval_end = evaluate(cfg, engine, eval_prompts, wait_group)
+            summary += f"; greedy eval accuracy {eval_start:.3f} -> {eval_end:.3f}"
         if cfg.checkpoint.export_hf:
-            checkpoint.export_hf(cfg.output_dir, trainer.model, trainer.tokenizer)
+            checkpoint.export_hf(cfg.output_dir, trainer.model, trainer.tokenizer, dtype=modeling.export_dtype(cfg),
+                                 group=trainer.io_group)
         logger.close(summary)
     dist.destroy_process_group()
     return logger.history

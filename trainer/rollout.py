@@ -11,7 +11,10 @@ rank is free to stop when its sequences end. CP is for the training forward/back
 
 Old log-probs: the log-softmax of the generation logits at temperature T, at the sampled tokens;
 the training pass computes the new ones the same way (logits / T), so the first ratio is 1 up to
-rounding.
+rounding. Precision: the copy computes in the training compute dtype (model.dtype): sync() loads
+the fp32 master weights and its parameters are held in that dtype (buffers stay fp32, as under
+FSDP2's param_dtype), so sampling and the training forward round the same way; an fp32 copy next
+to a bf16 policy would be a different policy (old/new log-probs apart by ~1e-3 before any update).
 """
 
 from __future__ import annotations
@@ -22,27 +25,32 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from models.apply import to_hf_state_dict
 from models.attention import CP_ATTENTION_PREFIX
+from trainer.modeling import cast_parameters
 
 
 class RolloutEngine:
-    def __init__(self, policy: torch.nn.Module, tokenizer, device: torch.device):
+    def __init__(self, policy: torch.nn.Module, tokenizer, device: torch.device, *,
+                 dtype: torch.dtype = torch.float32):
+        """dtype: the training compute dtype (trainer.modeling.compute_dtype(cfg.model))."""
         from transformers import AutoModelForCausalLM
         config = copy.deepcopy(policy.config)
         if str(config._attn_implementation).startswith(CP_ATTENTION_PREFIX):
             config._attn_implementation = "sdpa"
         config.use_cache = True
-        self.model = AutoModelForCausalLM.from_config(config).to(device).eval()
+        self.dtype = dtype
+        self.model = cast_parameters(AutoModelForCausalLM.from_config(config, dtype=torch.float32), dtype)
+        self.model = self.model.to(device).eval()
         self.tokenizer, self.device = tokenizer, device
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() \
             else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
     def sync(self, policy: torch.nn.Module) -> None:
-        """Copy the policy's current weights (a collective: every rank calls it)."""
+        """Copy the policy's current weights (a collective: every rank calls it); load_state_dict casts
+        the fp32 master weights to the copy's compute dtype."""
         full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-        self.model.load_state_dict(to_hf_state_dict(policy, full), strict=True)
+        self.model.load_state_dict(full, strict=True)
 
     def _cut(self, tokens: list[int]) -> list[int]:
         """Completion up to and including the first end-of-turn token."""

@@ -3,6 +3,12 @@
 A rank that dies leaves its peers blocked in a collective; the process group is created with
 `timeout_s`, so they fail with a RuntimeError within that time, and `fail_loudly` turns it into
 one clear line naming the rank and the likely cause before exiting non-zero.
+
+Waits that are EXPECTED to be long (a slow rank still generating rollouts) go through
+`patient_group(timeout_s)`: a gloo group with its own timeout, so only that wait is patient and a
+dead rank still fails every other collective within `timeout_s`. Checkpoint writes and the HF export
+(trainer/checkpoint.py) wait the same way, on a group with `checkpoint.timeout_s`. `write_atomic` is how markers and logs are replaced on disk:
+a reader sees the old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import contextlib
 import os
 import random
 import sys
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +42,37 @@ def init_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def patient_group(timeout_s: int) -> dist.ProcessGroup:
+    """A gloo group over every rank whose collectives wait up to `timeout_s` (every rank calls this, in
+    the same order). Gloo runs on CPU tensors whatever the default backend (NCCL on GPU)."""
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text`: a temporary file in the same directory, fsync, rename, fsync the directory."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def seed_everything(seed: int) -> None:

@@ -9,7 +9,8 @@
           ─> cp.setup_cp_params ─> this rank's shard + CPParams
         N = loss tokens of the whole step (all-reduce over dp_cp)
         for each micro-batch: loss_r = token_loss_sum(shard) / N; backward  (FSDP sums grads)
-        clip, AdamW, schedule; metrics.jsonl + W&B; checkpoint every N steps; NaN stops the run
+        clip (a non-finite total norm stops before AdamW), AdamW, schedule; metrics.jsonl + W&B;
+        checkpoint every N steps (trainer/checkpoint.py: complete-or-absent, keep_last, resume rules)
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     tokenizer: object
     step: int = 0
+    checkpointed_step: int = -1  # the step of the checkpoint on disk this run saved or resumed from
+    io_group: object = None  # gloo group with checkpoint.timeout_s: waits for checkpoint / export writes
 
 
 def build_trainer(cfg: DictConfig, *, validate=config.validate_sft) -> Trainer:
@@ -48,8 +51,10 @@ def build_trainer(cfg: DictConfig, *, validate=config.validate_sft) -> Trainer:
     rank, world, device = runtime.init_distributed(cfg.timeout_s)
     validate(cfg, world)
     runtime.seed_everything(cfg.seed)
-    tokenizer = data.load_tokenizer(cfg.data.tokenizer)
+    tokenizer_name = data.resolve_tokenizer_name(cfg.data.tokenizer, cfg.model.name)
+    tokenizer = data.load_tokenizer(tokenizer_name)
     model = modeling.build_model(cfg.model, len(tokenizer), seed=cfg.seed)
+    data.check_tokenizer_fits_model(tokenizer, model, tokenizer_name=tokenizer_name, model_name=cfg.model.name)
     cp.assert_cp_style_supports_model(cfg.model.cp_style, model)
     dims = cp.ParallelDims(world_size=world, cp=cfg.model.cp, cp_style=cfg.model.cp_style,
                            cp_ulysses=cfg.model.cp_ulysses)
@@ -57,7 +62,8 @@ def build_trainer(cfg: DictConfig, *, validate=config.validate_sft) -> Trainer:
     modeling.parallelize(model, dims, cfg.model, device)
     optimizer = optim.build_optimizer(model, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, cfg.max_steps)
-    return Trainer(cfg, dims, device, model, optimizer, scheduler, tokenizer)
+    return Trainer(cfg, dims, device, model, optimizer, scheduler, tokenizer,
+                   io_group=runtime.patient_group(cfg.checkpoint.timeout_s))
 
 
 def build_sft_loader(cfg: DictConfig, trainer: Trainer) -> data.PackedLoader:
@@ -69,22 +75,37 @@ def build_sft_loader(cfg: DictConfig, trainer: Trainer) -> data.PackedLoader:
 
 
 def maybe_resume(trainer: Trainer, loader) -> None:
-    if not trainer.cfg.resume:
-        return
-    path = checkpoint.latest_checkpoint(trainer.cfg.output_dir)
+    """Resume from the latest complete checkpoint (resume=true), or check a fresh run may use output_dir
+    (checkpoint.resume_point). Settings come from THIS config (checkpoint.check_resume_config): the lr
+    schedule is rebuilt at the resumed step, the AdamW hyper-parameters are re-applied."""
+    cfg = trainer.cfg
+    path = checkpoint.resume_point(cfg)
     if path is None:
-        raise ValueError(f"resume=true but {trainer.cfg.output_dir}/checkpoints has no complete checkpoint")
+        return
+    honoured = checkpoint.check_resume_config(path, cfg, dist.get_world_size())
     extra = checkpoint.load_checkpoint(path, trainer.model, trainer.optimizer)
-    trainer.scheduler.load_state_dict(extra["scheduler"])
     loader.load_state_dict(extra["loader"])
     runtime.set_rng_state(extra["rng"])
-    trainer.step = extra["step"]
+    trainer.step = trainer.checkpointed_step = extra["step"]
+    for group in trainer.optimizer.param_groups:  # the loaded optimizer state carries the saved run's settings
+        group.update(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    trainer.scheduler = optim.build_scheduler(trainer.optimizer, cfg.optim, cfg.max_steps, start_step=trainer.step)
+    if honoured and dist.get_rank() == 0:
+        print(f"resume from {path}: config changes honoured: {'; '.join(honoured)}", flush=True)
 
 
 def save(trainer: Trainer, loader) -> None:
-    checkpoint.save_checkpoint(trainer.cfg.output_dir, trainer.step, trainer.model, trainer.optimizer,
+    """A checkpoint at the current step, unless the one on disk is already of this step (a run resumed at
+    max_steps never rewrites it)."""
+    if trainer.step == trainer.checkpointed_step:
+        return
+    cfg = trainer.cfg
+    checkpoint.save_checkpoint(cfg.output_dir, trainer.step, trainer.model, trainer.optimizer,
                                {"scheduler": trainer.scheduler.state_dict(), "loader": loader.state_dict(),
-                                "rng": runtime.rng_state()})
+                                "rng": runtime.rng_state()},
+                               config=checkpoint.run_config(cfg, dist.get_world_size()),
+                               keep_last=cfg.checkpoint.keep_last, group=trainer.io_group)
+    trainer.checkpointed_step = trainer.step
 
 
 def global_sum(value: float, trainer: Trainer) -> float:
@@ -110,6 +131,12 @@ def optimizer_step(trainer: Trainer) -> float:
     clip = trainer.cfg.optim.grad_clip or math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if not math.isfinite(float(grad_norm)):  # the total norm: every rank sees the same value and stops here
+        trainer.optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(
+            f"non-finite gradient norm {float(grad_norm)} at step {trainer.step + 1}: stopped before the optimizer "
+            f"step, nothing saved after step {trainer.step} (lower optim.lr, check the data; resume=true continues "
+            "from the last checkpoint)")
     trainer.optimizer.step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -165,7 +192,8 @@ def run_sft(cfg: DictConfig) -> list[dict]:
                 save(trainer, loader)
         save(trainer, loader)
         if cfg.checkpoint.export_hf:
-            checkpoint.export_hf(cfg.output_dir, trainer.model, trainer.tokenizer)
+            checkpoint.export_hf(cfg.output_dir, trainer.model, trainer.tokenizer, dtype=modeling.export_dtype(cfg),
+                                 group=trainer.io_group)
         logger.close(summary_line("sft", cfg, logger.history))
     history = logger.history
     dist.destroy_process_group()

@@ -5,7 +5,8 @@
     make_examples(task, n, seed)    n examples, deterministic by seed (train and eval use other seeds)
       │
       ├─> scripts/make_assets.py     the bundled SFT rows (system + user + assistant = completion)
-      └─> trainer.data.make_prompts  RL prompts (system + user, generation prompt) and their answers
+      ├─> trainer.data.make_prompts  RL prompts (system + user, generation prompt) and their answers
+      └─> trainer.data.make_eval_prompts   held-out RL eval prompts: every task_components(task) in equal shares
 
     completion from the policy ─> Reward(prompt, completion, answer) -> float
                                    correctness_reward: extract_answer(completion) == answer
@@ -114,8 +115,16 @@ TASKS: dict[str, TaskFn] = {
     "reverse": reverse_task,
     "sort": sort_task,
 }
-TASKS["arithmetic"] = _mixture(("add", "sub", "mul"))
-TASKS["mixed"] = _mixture(("add", "sub", "mul", "reverse", "sort"))
+MIXTURES: dict[str, tuple[str, ...]] = {"arithmetic": ("add", "sub", "mul"),
+                                        "mixed": ("add", "sub", "mul", "reverse", "sort")}
+TASKS.update({name: _mixture(parts) for name, parts in MIXTURES.items()})
+
+
+def task_components(task: str) -> tuple[str, ...]:
+    """The concrete tasks a task draws from: ("add", "sub", "mul") for "arithmetic", ("add",) for "add"."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}")
+    return MIXTURES.get(task, (task,))
 
 
 def make_examples(task: str, n: int, seed: int, *, exclude_prompts: Collection[str] = ()) -> list[dict]:
