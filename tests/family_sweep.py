@@ -7,7 +7,8 @@ document run alone through the untouched model.
         for each style (ulysses, ring) on `world` gloo ranks:
             models.apply_cp(copy, dims)  ── ValueError ──> "refused" (its message is the reason)
             packed random documents crossing the shard boundary -> unshard logits, all-reduce
-            loss and gradients ──> "exact" within tolerance, else "wrong" / "error" (a failure)
+            loss and gradients ──> "exact" within tolerance and state_dict keys unchanged,
+                                   else "wrong" / "error" (a failure)
 
 Outcomes: exact | refused | not_tiny (cannot be built tiny: listed with the reason) | wrong | error.
 Only exact, refused and not_tiny are acceptable (tests/test_family_sweep.py asserts it;
@@ -185,6 +186,8 @@ def sweep_family(family: str, dims_by_style: dict, *, seq_len: int = SEQ_LEN, se
             _ranks_agree(f"{family} {style} failed", dims)  # raises (fresh processes) if the group is broken
             continue
         problems = compare(ref, got, names)
+        if list(model.state_dict()) != list(reference.state_dict()):  # HF names stay HF names (DESIGN rule 10)
+            problems.insert(0, "apply_cp changed state_dict keys")
         results[style] = ("wrong", "; ".join(problems[:6])) if problems else ("exact", f"docs={lens}")
     return results
 
