@@ -7,14 +7,20 @@
                                 dp_cp = (dp, cp_ring, cp_ulysses)   FSDP shards over it
 
 Ulysses is innermost, so a Ulysses group (two all-to-alls per layer, the heaviest traffic) sits
-on neighbouring ranks (one node); the ring spans the slower links. cp rank = ring_rank * cp_ulysses
+on neighbouring ranks (one node: torchrun numbers ranks node by node); the ring spans the slower
+links. Two nodes x 2 ranks, cp=4 hybrid with cp_ulysses=2: Ulysses groups [0, 1] and [2, 3] (one
+node each), ring groups [0, 2] and [1, 3] (across). `rank_groups(axis)` computes any axis's groups
+from the degrees; build() warns when a Ulysses group cannot fit in a node (LOCAL_WORLD_SIZE). cp rank = ring_rank * cp_ulysses
 + ulysses_rank, matching `layouts.shard_indices([("zigzag", ring), ("contiguous", ulysses)])`.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -63,6 +69,29 @@ class ParallelDims:
     def ring(self) -> int:
         return self.cp // self.ulysses
 
+    def rank_groups(self, axis: str) -> list[list[int]]:
+        """Global ranks of every group along `axis` (dp, cp_ring, cp_ulysses, cp, dp_cp), from the degrees
+        alone: the mesh is row-major over (dp, cp_ring, cp_ulysses), the order torchrun numbers ranks in
+        (node by node). What build() makes; no process group needed (launch planning, tests)."""
+        grid = torch.arange(self.world_size).reshape(self.dp, self.ring, self.ulysses)  # rank = (d*R + r)*U + u
+        axes = {"dp": (0,), "cp_ring": (1,), "cp_ulysses": (2,), "cp": (1, 2), "dp_cp": (0, 1, 2)}
+        if axis not in axes:
+            raise ValueError(f"unknown mesh axis {axis!r}; choose one of {', '.join(axes)}")
+        inner = axes[axis]
+        outer = tuple(d for d in range(3) if d not in inner)
+        size = 1
+        for d in inner:
+            size *= grid.shape[d]
+        return grid.permute(*outer, *inner).reshape(-1, size).tolist()  # [groups, ranks of one group]
+
+    def _warn_if_ulysses_crosses_nodes(self) -> None:
+        """A Ulysses group should sit inside one node (its all-to-alls are the heaviest traffic)."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+        if local and self.ulysses > 1 and (self.ulysses > local or local % self.ulysses):
+            warnings.warn(f"the Ulysses degree {self.ulysses} does not fit the {local} ranks per node: its all-to-alls "
+                          "cross nodes; use model.cp_style=hybrid with model.cp_ulysses dividing the ranks per node "
+                          "(ring across nodes)", stacklevel=3)
+
     def build(self, device_type: str = "cpu") -> DeviceMesh:
         """Make the DeviceMesh (needs the default process group, of size world_size)."""
         if not dist.is_initialized():
@@ -70,6 +99,7 @@ class ParallelDims:
         if dist.get_world_size() != self.world_size:
             raise ValueError(f"ParallelDims.world_size={self.world_size} but the process group has "
                              f"{dist.get_world_size()} ranks")
+        self._warn_if_ulysses_crosses_nodes()
         mesh = init_device_mesh(device_type, (self.dp, self.ring, self.ulysses),
                                 mesh_dim_names=("dp", "cp_ring", "cp_ulysses"))
         # Keep the flattened meshes: torch wants them bookkept, not re-sliced from the root.
