@@ -37,7 +37,7 @@ import torch
 
 from cp import kernel_check
 from cp.kernels import AttnMask, BlockMask, MathBlockKernel, _check_gqa, _default_scale, acc_dtype
-from cp.params import cu_seqlens_from_doc_ids
+from cp.documents import cu_seqlens_from_doc_ids
 
 LSE_ALIGN = 32  # memory-efficient attention pads the LSE's query dim to a multiple of this
 BIAS_ALIGN = 16  # ... and wants the bias' key dim stride aligned to this

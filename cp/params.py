@@ -19,7 +19,9 @@ are read from `position_ids` (a new document wherever the position does not cont
 without either each row is one document.
 
 CPParams travels with the call (model kwargs, attention functions): no global state, so policy and
-reference models and successive micro-batches never see each other's metadata.
+reference models and successive micro-batches never see each other's metadata. The conversions between
+seq_lens, cu_seqlens, doc ids and positions live in cp.documents (re-exported here: IGNORE_INDEX,
+cu_seqlens_from_doc_ids).
 """
 
 from __future__ import annotations
@@ -33,10 +35,17 @@ import torch.distributed as dist
 
 from cp.collectives import gather_seq, group_size
 from cp.dims import CP_STYLES, ParallelDims
+from cp.documents import (  # noqa: F401  (IGNORE_INDEX, cu_seqlens_from_doc_ids re-exported: callers import them here)
+    IGNORE_INDEX,
+    cu_seqlens_from_doc_ids,
+    doc_ids_from_seq_lens,
+    positions_from_seq_lens,
+    seq_lens_from_cu_seqlens,
+    seq_lens_from_position_ids,
+)
 from cp.layouts import ShardLevel, pad_multiple, shard_indices
 
 DEFAULT_LAYOUT = {"ulysses": "contiguous", "ring": "zigzag", "hybrid": "zigzag"}
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,28 +142,16 @@ def _shard_levels(style: str, layout: str, ring: int, ulysses: int) -> list[Shar
     return [(layout, ring), ("contiguous", ulysses)]
 
 
-def _docs_from_positions(position_ids: torch.Tensor) -> list[list[int]]:
-    """Document lengths per row: a new document wherever the position does not continue by +1."""
-    lens = []
-    for row in position_ids.tolist():
-        starts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1] + 1]
-        lens.append([b - a for a, b in zip(starts, starts[1:] + [len(row)])])
-    return lens
-
-
 def _normalise_seq_lens(seq_lens, cu_seqlens, position_ids, batch: int, length: int) -> list[list[int]]:
     if seq_lens is not None and cu_seqlens is not None:
         raise ValueError("give seq_lens or cu_seqlens, not both")
     if cu_seqlens is not None:
-        cu = [int(x) for x in torch.as_tensor(cu_seqlens).flatten().tolist()]
         if batch != 1:
             raise ValueError(f"cu_seqlens describes one row; batch has {batch} rows: pass seq_lens (one list per row)")
-        if not cu or cu[0] != 0 or cu[-1] != length:
-            raise ValueError(f"cu_seqlens must start at 0 and end at the sequence length {length}; got {cu[:3]}...{cu[-2:]}")
-        seq_lens = [[b - a for a, b in zip(cu, cu[1:])]]
+        seq_lens = seq_lens_from_cu_seqlens(cu_seqlens, length)
     if seq_lens is None:
         if position_ids is not None:
-            return _docs_from_positions(position_ids)
+            return seq_lens_from_position_ids(position_ids)
         return [[length] for _ in range(batch)]
     if isinstance(seq_lens, torch.Tensor):
         seq_lens = seq_lens.tolist()
@@ -168,11 +165,6 @@ def _normalise_seq_lens(seq_lens, cu_seqlens, position_ids, batch: int, length: 
         if sum(row) != length:
             raise ValueError(f"seq_lens row {b} sums to {sum(row)}, but the sequence length is {length}")
     return [[int(n) for n in row] for row in seq_lens]
-
-
-def _positions(seq_lens: list[list[int]], device) -> torch.Tensor:
-    """[B, S]: each document counts 0, 1, ... from its own start."""
-    return torch.stack([torch.cat([torch.arange(n, device=device) for n in row]) for row in seq_lens])
 
 
 def _check_same_on_all_ranks(group, input_ids, seq_lens, position_ids, labels) -> None:
@@ -240,7 +232,7 @@ def setup_cp_params(input_ids: torch.Tensor, dims: ParallelDims | None = None, *
     device = input_ids.device
 
     if position_ids is None:
-        position_ids = _positions(lens, device)  # global positions, made BEFORE sharding
+        position_ids = positions_from_seq_lens(lens, device)  # global positions, made BEFORE sharding
     if pad:
         lens = [row + [pad] for row in lens]  # the pad is a document of its own
         input_ids = torch.cat([input_ids, input_ids.new_full((batch, pad), pad_token_id)], dim=1)
@@ -251,8 +243,7 @@ def setup_cp_params(input_ids: torch.Tensor, dims: ParallelDims | None = None, *
     flat = [n for row in lens for n in row]
     cu = torch.zeros(len(flat) + 1, dtype=torch.int32, device=device)
     cu[1:] = torch.cumsum(torch.tensor(flat, device=device), 0)
-    doc_ids = torch.repeat_interleave(torch.arange(len(flat), device=device),
-                                      torch.tensor(flat, device=device)).view(batch, padded)
+    doc_ids = doc_ids_from_seq_lens(lens, device=device)  # [B, S_pad]
     index = shard_indices(padded, levels).to(device)
     params = CPParams(style=style, layout=layout, cp_size=cp_size, cp_rank=cp_rank, ring_size=ring,
                       ulysses_size=ulysses, cp_group=cp_group, ring_group=ring_group, ulysses_group=ulysses_group,
@@ -261,15 +252,6 @@ def setup_cp_params(input_ids: torch.Tensor, dims: ParallelDims | None = None, *
     local = params.local_index
     return CPBatch(input_ids=input_ids[:, local], position_ids=position_ids[:, local],
                    labels=None if labels is None else labels[:, local], params=params)
-
-
-def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] document ids (contiguous runs, unique across rows) -> int64 cu_seqlens [n_docs + 1] of the
-    rows flattened (THD order), for varlen kernels that take packed documents."""
-    flat = doc_ids.reshape(-1)  # [B, S] -> [B * S]
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    return torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()], device=flat.device)])
 
 
 def shard(t: torch.Tensor, params: CPParams, dim: int = 1, pad_value: float = 0) -> torch.Tensor:

@@ -1,5 +1,14 @@
 """Checks that run before any collective: a bad input fails here, on every rank, with the fix named
-(an uneven shard or a missing head would otherwise deadlock or silently corrupt a collective)."""
+(an uneven shard or a missing head would otherwise deadlock or silently corrupt a collective).
+
+    models/ (at import) ── register_sequence_mixer(class, description, cp_styles=)
+                              └─> SUPPORTED_SEQUENCE_MIXERS, MIXER_CP_STYLES
+    assert_cp_style_supports_model(style, model)   attention routed, layer types known,
+                                                   every sequence mixer registered, mixers -> Ulysses only
+
+cp never imports models/: the mixer families it accepts are the ones models/ registered (or the
+`supported_mixers` a caller passes).
+"""
 
 from __future__ import annotations
 
@@ -31,17 +40,19 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParam
         raise ValueError(f"sinks must have one logit per query head ({q.shape[2]}); got shape {tuple(sinks.shape)}")
 
 
-# Sequence mixers that are not softmax attention, by class name. cptrain runs the listed ones under
-# Ulysses (models/ has their wrappers); any other mixer family is refused rather than run wrong.
-SUPPORTED_SEQUENCE_MIXERS = {
-    "Qwen3_5GatedDeltaNet": "Qwen3.5 GatedDeltaNet (linear attention)",
-    "Qwen3_5MoeGatedDeltaNet": "Qwen3.5-MoE GatedDeltaNet (linear attention)",
-    "Qwen3NextGatedDeltaNet": "Qwen3-Next GatedDeltaNet (linear attention)",
-    "NemotronHMamba2Mixer": "NemotronH Mamba2 (SSM)",
-    # cptrain's own wrappers (models/), seen when apply_cp runs on an already prepared model
-    "UlyssesGatedDeltaNet": "GatedDeltaNet under Ulysses (linear attention)",
-    "UlyssesMamba2Mixer": "Mamba2 under Ulysses (SSM)",
-}
+# Sequence mixers that are not softmax attention, by class name -> description. cp lists none itself:
+# models/ registers every mixer family it has a Ulysses wrapper for (models.mixer_families, at import, through
+# register_sequence_mixer); any other mixer family is refused rather than run wrong.
+SUPPORTED_SEQUENCE_MIXERS: dict[str, str] = {}
+MIXER_CP_STYLES: dict[str, tuple[str, ...]] = {}  # class name -> the CP styles it runs under (default: ulysses)
+
+
+def register_sequence_mixer(class_name: str, description: str, *, cp_styles=("ulysses",)) -> None:
+    """Declare `class_name` a sequence mixer cptrain runs under `cp_styles` (called by models/ for each family)."""
+    SUPPORTED_SEQUENCE_MIXERS[class_name] = description
+    MIXER_CP_STYLES[class_name] = tuple(cp_styles)
+
+
 # Class-name words that mark a recurrent / linear-attention / SSM / long-conv sequence mixer. Matched
 # case-sensitively at a CamelCase word start ("GptOssModel" holds no "Ssm" word).
 _SEQUENCE_MIXER_MARKERS = re.compile(
@@ -52,12 +63,12 @@ _KNOWN_LAYER_TYPES = {"full_attention", "sliding_attention", "attention", "linea
                       "dense", "sparse"}
 
 
-def _sequence_mixers(model: nn.Module) -> dict[str, str]:
+def _sequence_mixers(model: nn.Module, supported) -> dict[str, str]:
     """{module path: class name} of every non-softmax sequence mixer (outermost match only)."""
     found: dict[str, str] = {}
     for path, module in model.named_modules():
         name = type(module).__name__
-        if not (name in SUPPORTED_SEQUENCE_MIXERS or _SEQUENCE_MIXER_MARKERS.search(name)):
+        if not (name in supported or _SEQUENCE_MIXER_MARKERS.search(name)):
             continue
         if any(path.startswith(parent + ".") for parent in found):
             continue
@@ -65,8 +76,12 @@ def _sequence_mixers(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def assert_cp_style_supports_model(cp_style: str, model: nn.Module) -> None:
+def assert_cp_style_supports_model(cp_style: str, model: nn.Module, *, supported_mixers: dict[str, str] | None = None
+                                   ) -> None:
     """Raise at startup if `model` cannot run exactly under `cp_style`, naming the fix.
+
+    supported_mixers: {class name: description} of the mixers with a CP path (default: the ones models/
+    registered, SUPPORTED_SEQUENCE_MIXERS).
 
     - attention must go through transformers' AttentionInterface (that is how CP attention is routed);
     - linear-attention / SSM mixers run only under Ulysses (ring and hybrid split the sequence the
@@ -75,6 +90,7 @@ def assert_cp_style_supports_model(cp_style: str, model: nn.Module) -> None:
     """
     if cp_style not in ("ulysses", "ring", "hybrid"):
         raise ValueError(f"unknown model.cp_style={cp_style!r}; choose ulysses, ring or hybrid")
+    supported = SUPPORTED_SEQUENCE_MIXERS if supported_mixers is None else supported_mixers
     routes_attention = getattr(type(model), "_can_set_attn_implementation", None)
     if not (routes_attention() if routes_attention else getattr(model, "_supports_attention_backend", False)):
         raise ValueError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
@@ -85,10 +101,11 @@ def assert_cp_style_supports_model(cp_style: str, model: nn.Module) -> None:
     if unknown:
         raise ValueError(f"{type(model).__name__} has layer types {unknown} that cptrain has no CP path for; "
                          "refusing to run them silently wrong")
-    for path, name in _sequence_mixers(model).items():
-        if name not in SUPPORTED_SEQUENCE_MIXERS:
+    for path, name in _sequence_mixers(model, supported).items():
+        if name not in supported:
             raise ValueError(f"layer {path} ({name}) is a sequence mixer cptrain has no CP path for; "
                              "it would run silently wrong under any CP style")
-        if cp_style != "ulysses":
-            raise ValueError(f"{cp_style} CP cannot run linear-attention or SSM layers ({SUPPORTED_SEQUENCE_MIXERS[name]} "
-                             f"at {path}): use model.cp_style=ulysses")
+        styles = MIXER_CP_STYLES.get(name, ("ulysses",))
+        if cp_style not in styles:
+            raise ValueError(f"{cp_style} CP cannot run linear-attention or SSM layers ({supported[name]} "
+                             f"at {path}): use model.cp_style={' or '.join(styles)}")

@@ -5,7 +5,8 @@
       2. check the attention heads against the Ulysses degree         (fail at startup, not step 900)
          and the attention traits (models.traits: RoPE, chunking, softcap vs kernel)
       3. register "cptrain_cp_<attn>" with AttentionInterface and switch the model to it
-      4. wrap every Gated DeltaNet / Mamba2 mixer in its Ulysses wrapper (one file per family)
+      4. for every registered mixer family (models.mixer_families: Gated DeltaNet, NemotronH Mamba2,
+         Bamba Mamba2), wrap each module its spec matches: spec.wrap(module, dims) (head split checked)
       5. config.use_cache = False                                    (CP is for training passes)
 
 Call it before FSDP's fully_shard. Nothing is renamed: the wrappers adopt each mixer's children and
@@ -20,8 +21,7 @@ from torch import nn
 
 import cp
 from models.attention import check_inner_kernel, inner_kernel_of, register_cp_attention
-from models.gated_deltanet import is_gated_deltanet, wrap_gated_deltanet
-from models.mamba2 import is_mamba2_mixer, wrap_mamba2_mixer
+from models.mixer_families import MIXER_FAMILIES
 from models.traits import check_attention_traits
 
 
@@ -61,8 +61,8 @@ def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None
     _check_heads(model, dims)
     check_attention_traits(model, attn)
     # The wrappers check each mixer's head split against the Ulysses degree as they are installed.
-    _replace_modules(model, is_gated_deltanet, lambda m: wrap_gated_deltanet(m, ulysses_size=dims.ulysses))
-    _replace_modules(model, is_mamba2_mixer, lambda m: wrap_mamba2_mixer(m, dims=dims))
+    for spec in MIXER_FAMILIES:
+        _replace_modules(model, spec.matches, lambda m, spec=spec: spec.wrap(m, dims))
     model.set_attn_implementation(register_cp_attention(attn))
     model.config.use_cache = False
     return model

@@ -27,7 +27,8 @@ j // (Hv / Hk); a rank receives exactly the key heads its value heads read, so w
 head is replicated to several ranks inside the all-to-all (gradients summed on the way back).
 The gated RMSNorm weight is per head dim, shared by all heads: nothing to slice.
 
-The kernel, `varlen_gated_delta_rule`, is the chunked (WY / UT-transform) form of the recurrence
+The kernel, `varlen_gated_delta_rule` (models.varlen_scans, re-exported here), is the chunked
+(WY / UT-transform) form of the recurrence
 
     S_t = exp(g_t) * (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t
 
@@ -44,19 +45,28 @@ The wrapper adopts the mixer's children and parameters under their own names, so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from cp.collectives import head_to_seq, seq_to_head
+from cp.documents import doc_ids_from_cu_seqlens
 from cp.params import CPParams
 from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
 from models.hf_mixers import adopt, cache_keyword, call_original, original_if_unchanged, take_cache
 from models.mixer_kernels import pick as pick_mixer_kernel
+from models.mixer_spec import MixerSpec
 from models.varlen_ops import ACTIVATIONS
+
+# The varlen kernel lives in models.varlen_scans (next to the varlen conv); these names stay importable here.
+from models.varlen_scans import (  # noqa: F401
+    L2NORM_EPS,
+    ChunkPlan,
+    document_chunk_plan,
+    l2_normalize,
+    varlen_gated_delta_rule,
+)
 
 # HF class name -> how its input projections are laid out.
 #   "split": in_proj_qkv [q | k | v], in_proj_z, in_proj_b, in_proj_a (Qwen3.5 family)
@@ -73,182 +83,6 @@ _LAYOUT_ATTRIBUTES = {
 _SHARED_ATTRIBUTES = ("conv1d", "A_log", "dt_bias", "norm", "out_proj")
 _CONFIG_ATTRIBUTES = ("hidden_size", "num_v_heads", "num_k_heads", "head_k_dim", "head_v_dim", "key_dim",
                       "value_dim", "conv_kernel_size", "layer_idx", "activation", "layer_type")
-L2NORM_EPS = 1e-6  # the eps of HF's / fla's l2norm for q and k
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels: exact, document-aware, differentiable (plain torch autograd)
-# ---------------------------------------------------------------------------------------------
-
-
-def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    """[B, S] document ids from cumulative lengths over the flattened rows (row b starts at b * S)."""
-    cu = torch.as_tensor(cu_seqlens).flatten().long()
-    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != batch * seq_len:
-        raise ValueError(f"cu_seqlens must run from 0 to batch * seq_len = {batch * seq_len}; got {cu.tolist()}")
-    ids = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1])
-    return ids.view(batch, seq_len)  # [B * S] -> [B, S]
-
-
-def l2_normalize(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
-    """x / sqrt(sum(x^2) + eps) over the last dim (HF's and fla's l2norm)."""
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """Where every token goes when each document is cut into its own chunks of `chunk_size`.
-
-    gather_index [N, C]: flat token (of B * S) in each chunk slot, B * S for a pad slot.
-    slot_of_token [B * S]: the flat slot (of N * C) that holds each token.
-    starts_document [N]: the chunk opens a document (its scan starts from a zero state).
-    continues_document [N]: the next chunk belongs to the same document (its end state is needed).
-    """
-
-    gather_index: torch.Tensor
-    slot_of_token: torch.Tensor
-    starts_document: list[bool]
-    continues_document: list[bool]
-
-    @property
-    def num_chunks(self) -> int:
-        return self.gather_index.shape[0]
-
-
-def document_chunk_plan(doc_ids: torch.Tensor, chunk_size: int) -> ChunkPlan:
-    """Cut every contiguous document run of doc_ids [B, S] (rows flattened) into chunks of
-    min(chunk_size, longest document) tokens; a document's last chunk is zero padded."""
-    flat = doc_ids.reshape(-1)  # [B, S] -> [B * S]
-    total, row_len = flat.numel(), doc_ids.shape[1]
-    new_run = torch.ones_like(flat, dtype=torch.bool)
-    new_run[1:] = flat[1:] != flat[:-1]
-    new_run[::row_len] = True  # a row start always opens a document
-    starts = new_run.nonzero().flatten()
-    lengths = torch.diff(starts, append=starts.new_tensor([total]))
-    chunk_size = min(chunk_size, int(lengths.max()))  # short documents only: smaller chunks, less padding
-    chunks_per_doc = (lengths + chunk_size - 1) // chunk_size
-    first_chunk = torch.cumsum(chunks_per_doc, 0) - chunks_per_doc
-
-    doc_of_chunk = torch.repeat_interleave(torch.arange(starts.numel(), device=flat.device), chunks_per_doc)
-    chunk_in_doc = torch.arange(doc_of_chunk.numel(), device=flat.device) - first_chunk[doc_of_chunk]
-    offset = chunk_in_doc[:, None] * chunk_size + torch.arange(chunk_size, device=flat.device)  # [N, C]
-    in_doc = offset < lengths[doc_of_chunk, None]
-    gather_index = torch.where(in_doc, starts[doc_of_chunk, None] + offset, total)
-
-    doc_of_token = torch.cumsum(new_run.long(), 0) - 1
-    offset_of_token = torch.arange(total, device=flat.device) - starts[doc_of_token]
-    slot_of_token = first_chunk[doc_of_token] * chunk_size + offset_of_token
-    last_chunk = chunk_in_doc + 1 == chunks_per_doc[doc_of_chunk]
-    return ChunkPlan(gather_index=gather_index, slot_of_token=slot_of_token,
-                     starts_document=(chunk_in_doc == 0).tolist(), continues_document=(~last_chunk).tolist())
-
-
-def _to_chunks(x: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
-    """[T, H, ...] tokens -> [N, H, C, ...] document chunks (pad slots are zeros)."""
-    padded = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # [T, H, ...] -> [T + 1, H, ...]
-    chunks = padded.index_select(0, plan.gather_index.reshape(-1))  # -> [N * C, H, ...]
-    chunks = chunks.view(plan.num_chunks, -1, *x.shape[1:])  # [N * C, H, ...] -> [N, C, H, ...]
-    return chunks.transpose(1, 2)  # [N, C, H, ...] -> [N, H, C, ...]
-
-
-def _from_chunks(chunks: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
-    """[N, H, C, D] document chunks -> [T, H, D] tokens (pad slots dropped)."""
-    num_heads, head_dim = chunks.shape[1], chunks.shape[3]
-    slots = chunks.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [N, H, C, D] -> [N * C, H, D]
-    return slots.index_select(0, plan.slot_of_token)  # [N * C, H, D] -> [T, H, D]
-
-
-@dataclass(frozen=True)
-class ChunkTerms:
-    """What each chunk needs that does not depend on the state entering it (leading dims [N, H])."""
-
-    writes_from_values: torch.Tensor  # [N, H, C, Dv]: the delta-rule writes if the entering state were zero
-    writes_per_state: torch.Tensor  # [N, H, C, Dk]: how the entering state changes them (minus this @ S_0)
-    intra_attention: torch.Tensor  # [N, H, C, C]: exp(G_t - G_j) (q_t . k_j), j <= t
-    q_from_start: torch.Tensor  # [N, H, C, Dk]: exp(G_t) q_t, reads the entering state
-    k_to_end: torch.Tensor  # [N, H, C, Dk]: exp(G_C - G_j) k_j, writes into the leaving state
-    chunk_decay: torch.Tensor  # [N, H]: exp(G_C), the entering state's decay across the chunk
-
-
-def _solve_unit_lower(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """(I + system)^-1 rhs for a strictly lower triangular system [..., C, C]."""
-    return torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-
-
-def _intra_chunk_terms(q, k, v, g, beta) -> ChunkTerms:
-    """q, k [N, H, C, Dk]; v [N, H, C, Dv]; g, beta [N, H, C]. With G_t = cumsum(g)_t inside the chunk,
-    S_0 the state entering it and u_t = beta_t (v_t - k_t^T S'_t) the write of token t (S'_t: the
-    decayed state just before it):
-        (I + A) u = beta v - (beta exp(G) k) S_0,    A[t, j] = beta_t (k_t . k_j) exp(G_t - G_j), j < t
-        o_t = exp(G_t) q_t^T S_0 + sum_{j <= t} exp(G_t - G_j) (q_t . k_j) u_j
-        S_C = exp(G_C) S_0 + sum_j exp(G_C - G_j) k_j u_j^T
-    """
-    size = g.shape[-1]
-    cum = g.cumsum(-1)  # [N, H, C]
-    causal = torch.ones(size, size, dtype=torch.bool, device=g.device).tril()
-    pair_decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [N, H, C, C]
-    write_system = (beta[..., None] * (k @ k.transpose(-1, -2)) * pair_decay).tril(-1)  # A [N, H, C, C]
-    return ChunkTerms(
-        writes_from_values=_solve_unit_lower(write_system, beta[..., None] * v),
-        writes_per_state=_solve_unit_lower(write_system, (beta * cum.exp())[..., None] * k),
-        intra_attention=(q @ k.transpose(-1, -2)) * pair_decay,
-        q_from_start=q * cum.exp()[..., None],
-        k_to_end=k * (cum[..., -1:] - cum).exp()[..., None],
-        chunk_decay=cum[..., -1].exp(),
-    )
-
-
-def _scan_chunks(terms: ChunkTerms, plan: ChunkPlan) -> torch.Tensor:
-    """Carry the state [H, Dk, Dv] chunk to chunk; zero it at every document start. -> [N, H, C, Dv]."""
-    outputs, state = [], None
-    for n in range(plan.num_chunks):
-        writes = terms.writes_from_values[n]  # [H, C, Dv]
-        if plan.starts_document[n]:  # zero entering state: its terms vanish
-            out = terms.intra_attention[n] @ writes
-        else:
-            writes = writes - terms.writes_per_state[n] @ state
-            out = terms.q_from_start[n] @ state + terms.intra_attention[n] @ writes
-        outputs.append(out)
-        if plan.continues_document[n]:
-            carried = terms.k_to_end[n].transpose(-1, -2) @ writes  # [H, Dk, C] @ [H, C, Dv] -> [H, Dk, Dv]
-            if not plan.starts_document[n]:
-                carried = carried + state * terms.chunk_decay[n][:, None, None]
-            state = carried
-    return torch.stack(outputs)
-
-
-def varlen_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                            doc_ids: torch.Tensor, *, use_qk_l2norm: bool = True, scale: float | None = None,
-                            chunk_size: int = 64) -> torch.Tensor:
-    """Gated delta rule over packed documents, the state reset to zero at every document start.
-
-    q, k [B, S, Hk, Dk]; v [B, S, Hv, Dv] (Hv % Hk == 0: value head j reads key head j // (Hv/Hk));
-    g (log decay, <= 0), beta [B, S, Hv]; doc_ids [B, S]. Same math as HF's
-    torch_chunk_gated_delta_rule / torch_recurrent_gated_delta_rule run on each document alone.
-    Float32 math (float64 stays float64). Returns [B, S, Hv, Dv] in v's dtype.
-    """
-    batch, seq_len, num_k, head_k = k.shape
-    num_v = v.shape[2]
-    if num_v % num_k:
-        raise ValueError(f"{num_v} value heads are not a multiple of {num_k} key heads")
-    if doc_ids.shape != (batch, seq_len):
-        raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}; q/k/v need [{batch}, {seq_len}]")
-    out_dtype = v.dtype
-    dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
-    if num_v != num_k:
-        q = q.repeat_interleave(num_v // num_k, dim=2)  # [B, S, Hk, Dk] -> [B, S, Hv, Dk]
-        k = k.repeat_interleave(num_v // num_k, dim=2)  # [B, S, Hk, Dk] -> [B, S, Hv, Dk]
-    q, k, v, g, beta = (x.to(dtype).flatten(0, 1) for x in (q, k, v, g, beta))  # [B, S, ...] -> [B * S, ...]
-    if use_qk_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
-    q = q * (head_k ** -0.5 if scale is None else scale)
-
-    plan = document_chunk_plan(doc_ids, chunk_size)
-    q, k, v = (_to_chunks(x, plan) for x in (q, k, v))  # [T, Hv, D] -> [N, Hv, C, D]
-    g, beta = (_to_chunks(x, plan) for x in (g, beta))  # [T, Hv] -> [N, Hv, C]
-    out = _scan_chunks(_intra_chunk_terms(q, k, v, g, beta), plan)  # [N, Hv, C, Dv]
-    out = _from_chunks(out, plan)  # [N, Hv, C, Dv] -> [B * S, Hv, Dv]
-    return out.view(batch, seq_len, num_v, -1).to(out_dtype)  # [B * S, Hv, Dv] -> [B, S, Hv, Dv]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,3 +300,15 @@ def wrap_gated_deltanet(module: nn.Module, *, ulysses_size: int | None = None,
     if ulysses_size is not None:
         split_heads(wrapped.num_v_heads, wrapped.num_k_heads, ulysses_size)
     return wrapped
+
+
+SPEC = MixerSpec(
+    name="gated_deltanet",
+    description="GatedDeltaNet (linear attention)",
+    class_names={"Qwen3_5GatedDeltaNet": "Qwen3.5 GatedDeltaNet (linear attention)",
+                 "Qwen3_5MoeGatedDeltaNet": "Qwen3.5-MoE GatedDeltaNet (linear attention)",
+                 "Qwen3NextGatedDeltaNet": "Qwen3-Next GatedDeltaNet (linear attention)"},
+    wrapper=UlyssesGatedDeltaNet,
+    wrap=lambda module, dims: wrap_gated_deltanet(module, ulysses_size=None if dims is None else dims.ulysses),
+    kernels=("causal_conv1d", "gated_delta_rule"),
+)

@@ -1,4 +1,5 @@
-"""NemotronH's Mamba2 mixer under Ulysses context parallelism, exact for packed documents.
+"""Mamba2 mixers (NemotronH's; Bamba's through models/bamba.py) under Ulysses context parallelism, exact for
+packed documents.
 
 Ulysses turns the sequence-sharded activations into head-sharded ones around the SSM, so every
 rank scans the FULL sequence of its own heads (a scan cannot be split along time without
@@ -27,160 +28,34 @@ document (same kernels, no collectives); with a cache (HF generation) or a paddi
 original mixer runs unchanged. The wrapper adopts the mixer's children and parameters under their own names, so
 state_dict keys, FSDP / optimizer / PEFT names are the HF names (models.hf_mixers).
 
-The kernels here are plain torch in float32 (`ssd_scan_varlen`, `models.varlen_ops.varlen_causal_conv1d`);
-autograd gives the backward. On CUDA, mamba-ssm's scan and causal-conv1d (with seq_idx) replace them
+The kernels are plain torch in float32 (`models.varlen_scans.ssd_scan_varlen`, re-exported here, and
+`models.varlen_ops.varlen_causal_conv1d`); autograd gives the backward. On CUDA, mamba-ssm's scan and causal-conv1d (with seq_idx) replace them
 when importable and checked against them (models.mixer_kernels).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
 from cp.collectives import head_to_seq, seq_to_head
 from cp.dims import ParallelDims
-from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
 from cp.params import CPParams
+from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
 from models.hf_mixers import adopt, cache_keyword, call_original, original_if_unchanged, take_cache
 from models.mixer_kernels import pick as pick_mixer_kernel
+from models.mixer_spec import MixerSpec
 
-# Plain attributes of NemotronHMamba2Mixer the wrapper reads (its children and parameters are adopted).
+# The varlen scan lives in models.varlen_scans (next to the varlen conv); these names stay importable here.
+from models.varlen_scans import discretise_dt, ssd_scan_varlen  # noqa: F401
+
+# Plain attributes of a Mamba2 mixer the wrapper reads (its children and parameters are adopted), and the
+# children / parameters it runs: NemotronHMamba2Mixer and transformers' Mamba2Mixer share this layout.
 _MIXER_ATTRIBUTES = ("num_heads", "n_groups", "head_dim", "ssm_state_size", "intermediate_size", "time_step_limit",
                      "chunk_size", "activation", "layer_idx", "hidden_size", "conv_kernel_size")
-
-# ----------------------------------------------------------------------------------------------
-# Varlen SSD scan
-# ----------------------------------------------------------------------------------------------
-
-
-def _segment_sum(log_decay: torch.Tensor) -> torch.Tensor:
-    """[..., T] -> [..., T, T]: out[i, j] = sum(log_decay[j+1 .. i]) for i >= j, -inf above the diagonal.
-
-    Built from a masked cumulative sum (not a difference of cumsums) so long chunks lose no precision.
-    """
-    length = log_decay.shape[-1]
-    strictly_lower = torch.tril(torch.ones(length, length, dtype=torch.bool, device=log_decay.device), -1)
-    expanded = log_decay.unsqueeze(-1).expand(*log_decay.shape, length)  # [..., T] -> [..., T(i), T(j)]
-    sums = torch.cumsum(expanded.masked_fill(~strictly_lower, 0), dim=-2)
-    lower = torch.tril(torch.ones(length, length, dtype=torch.bool, device=log_decay.device))
-    return sums.masked_fill(~lower, -torch.inf)
-
-
-def discretise_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, *, softplus: bool = True,
-                  limit: tuple[float, float] = (0.0, math.inf)) -> torch.Tensor:
-    """Mamba2's time step in float32: clamp(softplus(dt + dt_bias), *limit)."""
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if softplus:
-        dt = F.softplus(dt)
-    return torch.clamp(dt, min=limit[0], max=limit[1])
-
-
-def _chunked(t: torch.Tensor, chunk: int, fill=0) -> torch.Tensor:
-    """[b, S, ...] -> [b, S_pad / chunk, chunk, ...], padding the end of the sequence with `fill`."""
-    pad = (-t.shape[1]) % chunk
-    if pad:
-        t = torch.cat([t, t.new_full((t.shape[0], pad, *t.shape[2:]), fill)], dim=1)
-    return t.reshape(t.shape[0], -1, chunk, *t.shape[2:])  # [b, S_pad, ...] -> [b, c, l, ...]
-
-
-def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                    doc_ids: torch.Tensor, *, D: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
-                    dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
-                    chunk_size: int = 64) -> torch.Tensor:
-    """Mamba2 SSD scan over packed documents, the SSM state reset at every document start.
-
-    x [b, S, h, p]; dt [b, S, h] (raw, before dt_bias/softplus); A [h] (negative: -exp(A_log));
-    B, C [b, S, g, n] with h % g == 0 (head i reads group i // (h/g)); doc_ids [b, S];
-    D, dt_bias [h]. Returns y [b, S, h, p] in float32:
-
-        state_t = exp(dt_t A) * state_{t-1} * [t is not a document start] + dt_t * B_t x_t^T
-        y_t     = C_t . state_t + D * x_t
-
-    Chunked (SSD) form: within a chunk a decay-weighted, document-masked C B^T product; between
-    chunks the chunk-end states are carried only while the document continues.
-    """
-    batch, length, heads, head_dim = x.shape
-    groups = B.shape[2]
-    if heads % groups or B.shape != C.shape or B.shape[:2] != (batch, length):
-        raise ValueError(f"ssd_scan_varlen: x {tuple(x.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}: B/C must be "
-                         "[b, S, g, n] with g dividing the heads")
-    if dt.shape != (batch, length, heads) or doc_ids.shape != (batch, length):
-        raise ValueError(f"ssd_scan_varlen: dt {tuple(dt.shape)} / doc_ids {tuple(doc_ids.shape)} do not match x "
-                         f"{tuple(x.shape)}")
-    dt = discretise_dt(dt, dt_bias, softplus=dt_softplus, limit=dt_limit)  # [b, S, h]
-    x = x.float()
-    B_heads = B.float().repeat_interleave(heads // groups, dim=2)  # [b, S, g, n] -> [b, S, h, n]
-    C_heads = C.float().repeat_interleave(heads // groups, dim=2)  # [b, S, g, n] -> [b, S, h, n]
-    x_dt = x * dt.unsqueeze(-1)  # [b, S, h, p]
-    log_decay = A.float() * dt  # [b, S, h], <= 0
-
-    chunk = min(chunk_size, length)
-    x_dt_c, B_c, C_c = (_chunked(t, chunk) for t in (x_dt, B_heads, C_heads))  # [b, c, l, h, p|n]
-    doc_c = _chunked(doc_ids, chunk, fill=-1)  # [b, c, l]; the tail pad contributes nothing (x_dt = 0)
-    log_decay_c = _chunked(log_decay, chunk).permute(0, 3, 1, 2)  # [b, c, l, h] -> [b, h, c, l]
-    cum_decay = torch.cumsum(log_decay_c, dim=-1)  # [b, h, c, l]
-
-    y_diag = _intra_chunk(x_dt_c, B_c, C_c, log_decay_c, doc_c)
-    doc_end = doc_c[:, :, -1]  # [b, c]: the document a chunk-end state belongs to
-    chunk_states = _chunk_end_states(x_dt_c, B_c, cum_decay, doc_c, doc_end)
-    start_states, doc_at_start = _carry_states(chunk_states, cum_decay[..., -1], doc_end)
-    y_off = _from_start_states(C_c, start_states, cum_decay, doc_c, doc_at_start)
-
-    y = (y_diag + y_off).reshape(batch, -1, heads, head_dim)[:, :length]  # [b, c, l, h, p] -> [b, S, h, p]
-    if D is not None:
-        y = y + D.float()[:, None] * x
-    return y
-
-
-def _intra_chunk(x_dt, B, C, log_decay, doc):
-    """Contributions from the same chunk: y[l] = sum_{s <= l, same doc} (C_l . B_s) decay(s -> l) x_dt[s]."""
-    decay = torch.exp(_segment_sum(log_decay))  # [b, h, c, l, s]
-    same_doc = doc.unsqueeze(-1) == doc.unsqueeze(-2)  # [b, c, l, s]
-    scores = torch.einsum("bclhn,bcshn->bclsh", C, B)  # [b, c, l, s, h]
-    weights = scores * decay.permute(0, 2, 3, 4, 1) * same_doc.unsqueeze(-1)  # [b, h, c, l, s] -> [b, c, l, s, h]
-    return torch.einsum("bclsh,bcshp->bclhp", weights, x_dt)  # [b, c, l, h, p]
-
-
-def _chunk_end_states(x_dt, B, cum_decay, doc, doc_end):
-    """State at the end of each chunk from that chunk's positions of the chunk's last document: [b, c, h, p, n]."""
-    decay_to_end = torch.exp(cum_decay[..., -1:] - cum_decay)  # [b, h, c, l]
-    in_last_doc = doc == doc_end.unsqueeze(-1)  # [b, c, l]
-    weight = decay_to_end.permute(0, 2, 3, 1) * in_last_doc.unsqueeze(-1)  # [b, h, c, l] -> [b, c, l, h]
-    return torch.einsum("bclhn,bclh,bclhp->bchpn", B, weight, x_dt)
-
-
-def _carry_states(chunk_states, chunk_decay, doc_end):
-    """Start state of every chunk: the earlier chunk-end states of the same document, decayed.
-
-    chunk_states [b, c, h, p, n]; chunk_decay [b, h, c] (total log decay of each chunk);
-    doc_end [b, c]. Slot k of the recurrence is "end of chunk k-1" (slot 0: before the sequence,
-    a zero state). Slot j reaches slot i only while the document goes on: doc_end[j-1] == doc_end[i-1]
-    (documents are contiguous, so every chunk end in between belongs to it too).
-    Returns (start_states [b, c, h, p, n], document of each start state [b, c]).
-    """
-    slots = torch.cat([torch.zeros_like(chunk_states[:, :1]), chunk_states], dim=1)  # [b, c+1, h, p, n]
-    doc_at_slot = torch.cat([doc_end[:, :1], doc_end], dim=1)  # [b, c+1]; slot 0 holds zeros, its id is moot
-    decay = torch.exp(_segment_sum(F.pad(chunk_decay, (1, 0))))  # [b, h, c+1 (i), c+1 (j)]
-    same_doc = doc_at_slot.unsqueeze(-1) == doc_at_slot.unsqueeze(-2)  # [b, c+1, c+1]
-    decay = decay * same_doc.unsqueeze(1)  # [b, h, i, j]
-    carried = torch.einsum("bhij,bjhpn->bihpn", decay, slots)  # [b, c+1, h, p, n]
-    return carried[:, :-1], doc_at_slot[:, :-1]
-
-
-def _from_start_states(C, start_states, cum_decay, doc, doc_at_start):
-    """Contribution of each chunk's start state to positions that continue its document: [b, c, l, h, p]."""
-    decay_from_start = torch.exp(cum_decay).permute(0, 2, 3, 1)  # [b, h, c, l] -> [b, c, l, h]
-    continues = doc == doc_at_start.unsqueeze(-1)  # [b, c, l]
-    read = torch.einsum("bclhn,bchpn->bclhp", C, start_states)  # [b, c, l, h, p]
-    return read * (decay_from_start * continues.unsqueeze(-1)).unsqueeze(-1)
-
+_MIXER_PARTS = ("in_proj", "conv1d", "A_log", "D", "dt_bias", "norm", "out_proj")
 
 # ----------------------------------------------------------------------------------------------
 # Head / group sharding
@@ -207,7 +82,8 @@ def check_mamba2_cp(mixer: nn.Module, *, cp_style: str, ulysses_size: int, ring_
     scan and its causal conv need. (With ring degree 1 every style shards contiguously = Ulysses.)
     """
     if ring_size > 1:
-        raise ValueError(f"model.cp_style={cp_style} (ring degree {ring_size}) cannot run Mamba2 layers (NemotronH): "
+        raise ValueError(f"model.cp_style={cp_style} (ring degree {ring_size}) cannot run Mamba2 layers "
+                         f"({type(mixer).__name__}): "
                          "the SSM scan and its causal conv need the whole sequence of a head, which only Ulysses "
                          "gives; use model.cp_style=ulysses")
     mamba2_sharding(mixer.num_heads, mixer.n_groups, ulysses_size)
@@ -219,16 +95,18 @@ def check_mamba2_cp(mixer: nn.Module, *, cp_style: str, ulysses_size: int, ring_
 
 
 class UlyssesMamba2Mixer(nn.Module):
-    """Runs a NemotronHMamba2Mixer exactly for packed documents, under Ulysses CP when cp_params say so.
+    """Runs a Mamba2 mixer (NemotronHMamba2Mixer, Mamba2Mixer) exactly for packed documents, under Ulysses CP
+    when cp_params say so.
 
     Adopts the mixer's children and parameters under their own names (state_dict keys, FSDP and
     optimizer names are the HF names); the original module is kept, unregistered, only for HF's
     cached generation / padding path. Without cp_params, a cache or a mask, every row is one document.
     """
 
-    def __init__(self, mixer: NemotronHMamba2Mixer) -> None:
+    def __init__(self, mixer: nn.Module) -> None:
         super().__init__()
         cache_keyword(mixer)  # a calling convention the wrapper does not know fails here, at startup
+        check_mamba2_layout(mixer)
         adopt(self, mixer, _MIXER_ATTRIBUTES)
 
     def extra_repr(self) -> str:
@@ -344,15 +222,47 @@ def _local_conv_channels(heads: list[int], groups: list[int], *, head_dim: int, 
 # ----------------------------------------------------------------------------------------------
 
 
+def check_mamba2_layout(mixer: nn.Module) -> None:
+    """ValueError unless `mixer` has the Mamba2 layout the wrapper computes exactly: in_proj -> [z: I | x: I |
+    B: G*N | C: G*N | dt: H], a depthwise conv over [x | B | C], per-head A_log / D / dt_bias, a gated norm
+    over the I channels of a token, out_proj."""
+    name = type(mixer).__name__
+    missing = [a for a in _MIXER_ATTRIBUTES + _MIXER_PARTS if not hasattr(mixer, a)]
+    if missing:
+        raise ValueError(f"{name} lacks {missing}: not the Mamba2 layout cptrain's wrapper runs; use a supported "
+                         "transformers version or another model family")
+    width = 2 * mixer.intermediate_size + 2 * mixer.n_groups * mixer.ssm_state_size + mixer.num_heads
+    conv = mixer.intermediate_size + 2 * mixer.n_groups * mixer.ssm_state_size
+    if mixer.in_proj.out_features != width or mixer.conv1d.out_channels != conv or mixer.conv1d.groups != conv:
+        raise ValueError(f"{name}: in_proj gives {mixer.in_proj.out_features} features and conv1d "
+                         f"{mixer.conv1d.out_channels} channels (groups {mixer.conv1d.groups}), not the Mamba2 layout "
+                         f"[z | x | B | C | dt] = {width} and a depthwise conv over {conv}: refusing to run it wrong")
+    if mixer.num_heads * mixer.head_dim != mixer.intermediate_size:
+        raise ValueError(f"{name}: num_heads * head_dim = {mixer.num_heads * mixer.head_dim} differs from "
+                         f"intermediate_size {mixer.intermediate_size}: check the model config")
+
+
 def is_mamba2_mixer(module: nn.Module) -> bool:
-    """True for an unwrapped NemotronH Mamba2 mixer (block_type "linear_attention" in NemotronH)."""
+    """True for an unwrapped NemotronH Mamba2 mixer (block_type "mamba" in NemotronH)."""
     return isinstance(module, NemotronHMamba2Mixer)
 
 
-def wrap_mamba2_mixer(mixer: nn.Module, *, dims: ParallelDims | None = None) -> UlyssesMamba2Mixer:
-    """Wrap a NemotronHMamba2Mixer; with dims, refuse (ValueError) a CP layout it cannot run. Idempotent."""
-    if not isinstance(mixer, UlyssesMamba2Mixer) and not is_mamba2_mixer(mixer):
-        raise TypeError(f"wrap_mamba2_mixer expects a NemotronHMamba2Mixer, got {type(mixer).__name__}")
+def wrap_mamba2_mixer(mixer: nn.Module, *, dims: ParallelDims | None = None,
+                      classes: tuple[str, ...] = ("NemotronHMamba2Mixer",)) -> UlyssesMamba2Mixer:
+    """Wrap a Mamba2 mixer of one of `classes` (default NemotronH's); with dims, refuse (ValueError) a CP layout it
+    cannot run. Idempotent."""
+    if not isinstance(mixer, UlyssesMamba2Mixer) and type(mixer).__name__ not in classes:
+        raise TypeError(f"wrap_mamba2_mixer expects a {' or '.join(classes)}, got {type(mixer).__name__}")
     if dims is not None:
         check_mamba2_cp(mixer, cp_style=dims.cp_style, ulysses_size=dims.ulysses, ring_size=dims.ring)
     return mixer if isinstance(mixer, UlyssesMamba2Mixer) else UlyssesMamba2Mixer(mixer)
+
+
+SPEC = MixerSpec(
+    name="mamba2",
+    description="Mamba2 (SSM)",
+    class_names={"NemotronHMamba2Mixer": "NemotronH Mamba2 (SSM)"},
+    wrapper=UlyssesMamba2Mixer,
+    wrap=lambda module, dims: wrap_mamba2_mixer(module, dims=dims),
+    kernels=("causal_conv1d", "ssd_scan"),
+)

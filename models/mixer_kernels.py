@@ -7,15 +7,17 @@ its own varlen argument:
     op                 torch twin (exact, any device)           fused (CUDA, when importable)
     causal conv1d      varlen_ops.varlen_causal_conv1d           causal_conv1d.causal_conv1d_fn(x [B, C, S]
                        (doc_ids [B, S])                            channel-last, seq_idx [B, S] int32)
-    gated delta rule   gated_deltanet.varlen_gated_delta_rule    fla.ops.gated_delta_rule.chunk_gated_delta_rule
+    gated delta rule   varlen_scans.varlen_gated_delta_rule     fla.ops.gated_delta_rule.chunk_gated_delta_rule
                                                                    (rows flattened to THD, cu_seqlens)
-    SSD scan           mamba2.ssd_scan_varlen                    mamba_ssm ... mamba_chunk_scan_combined
+    SSD scan           varlen_scans.ssd_scan_varlen              mamba_ssm ... mamba_chunk_scan_combined
                                                                    (seq_idx [B, S] int32)
 
 `pick(op, device, dtype)` returns the fused kernel only on CUDA, only when its package imports,
 and only after it matched the twin there on a packed probe (documents of 1, 7 and many tokens,
 forward and input gradients; cp.kernel_check). Otherwise, with a warning when a check failed, the
 twin. Both take the twin's arguments and return its layout, so the mixers never branch.
+
+Imports only downward: cp (kernel_check, documents), models.varlen_ops, models.varlen_scans; never a wrapper.
 """
 
 from __future__ import annotations
@@ -27,15 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from cp import kernel_check
-from cp.params import cu_seqlens_from_doc_ids
-
-
-def seq_idx_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] document ids (contiguous runs) -> [B, S] int32 index of the document within its row."""
-    starts = torch.zeros_like(doc_ids, dtype=torch.int32)
-    starts[:, 1:] = (doc_ids[:, 1:] != doc_ids[:, :-1]).to(torch.int32)
-    return starts.cumsum(1, dtype=torch.int32)
-
+from cp.documents import cu_seqlens_from_doc_ids, seq_idx_from_doc_ids
+from models.varlen_ops import varlen_causal_conv1d
+from models.varlen_scans import ssd_scan_varlen, varlen_gated_delta_rule
 
 # -- fused adapters: the twin's signature in, the twin's layout out --------------------------------
 
@@ -128,12 +124,11 @@ class MixerOp:
     probe: Callable  # probe(fused, twin, device, dtype) -> None | failure
 
 
+MIXER_OPS = ("causal_conv1d", "gated_delta_rule", "ssd_scan")  # the ops a models.mixer_spec.MixerSpec can name
+
+
 @functools.cache
 def _twins() -> dict[str, MixerOp]:
-    from models.gated_deltanet import varlen_gated_delta_rule
-    from models.mamba2 import ssd_scan_varlen
-    from models.varlen_ops import varlen_causal_conv1d
-
     ops = [MixerOp("causal_conv1d", "causal_conv1d", fused_causal_conv1d, varlen_causal_conv1d, probe_causal_conv1d),
            MixerOp("gated_delta_rule", "fla.ops.gated_delta_rule", fused_gated_delta_rule, varlen_gated_delta_rule,
                    probe_gated_delta_rule),

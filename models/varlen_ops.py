@@ -19,19 +19,14 @@ cheaper than a per-document loop and never cross a document.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from cp.documents import doc_ids_from_seq_lens  # noqa: F401  (re-exported: tests and callers import it here)
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "swish": F.silu}
-
-
-def doc_ids_from_seq_lens(seq_lens: Sequence[Sequence[int]], *, device=None) -> torch.Tensor:
-    """[B, S] document id of each position from per-row document lengths (ids unique across rows)."""
-    flat = [int(n) for row in seq_lens for n in row]
-    ids = torch.repeat_interleave(torch.arange(len(flat), device=device), torch.tensor(flat, device=device))
-    return ids.view(len(seq_lens), -1)  # [sum of lengths] -> [B, S]
 
 
 def _resolve_activation(activation: str | Callable | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
