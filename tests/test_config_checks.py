@@ -1,7 +1,8 @@
 """Config keys that used to do nothing are wired or refused, and RL eval prompts are held out.
 
-log_every sets the W&B / progress cadence; GRPO refuses optim.grad_accum, data.source and a
-negative or too small rollout.eval_prompts at validation; the eval prompts cover every task of the
+log_every sets the W&B / progress cadence; GRPO refuses optim.grad_accum, data.limit on the built-in
+tasks and a negative or too small rollout.eval_prompts at validation (a data.source file is a prompt
+dataset: tests/test_rl_prompts.py); the eval prompts cover every task of the
 mix and never appear in the training prompt pool."""
 
 import collections
@@ -15,8 +16,8 @@ from trainer import config
 
 @pytest.mark.parametrize("overrides,match", [
     (["optim.grad_accum=2"], r"optim.grad_accum=2 is not used by GRPO.*raise rollout.prompts_per_step"),
-    (["data.source=my_data.jsonl"], r"data.source='my_data.jsonl' / data.limit=None are not used by GRPO"),
-    (["data.limit=10"], r"data.limit=10 are not used by GRPO: prompts come from rollout.task"),
+    (["data.limit=10"], r"data.limit=10 is not used with data.source=builtin .*set data.source to a prompt dataset"),
+    (["data.source=my_data.jsonl", "rollout.eval_prompts=-1"], r"rollout.eval_prompts=-1 must be >= 0"),
     (["rollout.eval_prompts=-1"], r"rollout.eval_prompts=-1 must be 0 \(no eval\) or >= 3"),
     (["rollout.task=mixed", "rollout.eval_prompts=4"], r"rollout.eval_prompts=4 must be 0 .* or >= 5"),
     (["log_every=0"], r"log_every=0 must be >= 1"),

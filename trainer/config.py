@@ -146,10 +146,17 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling threshold."""
     task: str = "arithmetic"
-    """Built-in task the prompts come from (trainer.tasks.TASKS: add, sub, mul, reverse, sort, arithmetic, mixed)."""
+    """data.source=builtin only: the built-in task the prompts come from (trainer.tasks.TASKS: add, sub, mul,
+    reverse, sort, arithmetic, mixed)."""
     eval_prompts: int = 64
-    """Held-out prompts scored greedily at the start and the end (0 disables): every task of the mix in equal
-    shares, never in the training prompt pool."""
+    """Held-out prompts scored greedily at the start and the end (0 disables). builtin: every task of the mix in
+    equal shares, never in the training prompt pool; a user dataset: its LAST eval_prompts rows (not trained on)."""
+    system_prompt: Optional[str] = None
+    """User datasets only: a system message put before each text `prompt` (null: none; `messages` rows keep theirs).
+    Built-in tasks always use trainer.tasks.SYSTEM_PROMPT."""
+    skip_zero_advantage: Optional[bool] = None
+    """Drop groups whose rewards are all equal (zero advantage: no policy gradient) before the backward.
+    null: the loss's default (true for loss.type=dapo, its dynamic sampling; false otherwise)."""
     timeout_s: int = 1800
     """How long ranks wait for the slowest one to finish generating (rollouts, eval); timeout_s guards the rest."""
 
@@ -158,13 +165,19 @@ class RolloutConfig:
 class RewardConfig:
     functions: list[str] = field(default_factory=lambda: ["correctness", "consistency", "format"])
     """Built-in rewards (correctness, similarity, restate, consistency, format; trainer/tasks.py) or importable
-    "pkg.mod:fn" callables (prompt, completion, answer) -> float."""
+    "pkg.mod:fn" callables: batched fn(prompts, completions, **columns) -> list[float] (every dataset column as a
+    keyword list), or per-sample fn(prompt, completion, answer) -> float. On a user dataset (data.source),
+    correctness and similarity read the final answer in the usual conventions (trainer.tasks.extract_final_answer);
+    on the built-in tasks only <answer>...</answer> counts."""
     weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.2])
     """Weight of each reward function in the total reward."""
 
 
 @dataclass
 class LossConfig:
+    type: str = "grpo"
+    """Policy loss (trainer/policy_losses.py): grpo | dr_grpo (no std scaling, constant normaliser) | dapo (token-level,
+    clip-higher, drops all-equal-reward groups) | gspo (sequence-level importance ratio)."""
     clip_eps_low: float = 0.2
     """Lower clip of the importance ratio: 1 - clip_eps_low."""
     clip_eps_high: float = 0.28
@@ -172,9 +185,10 @@ class LossConfig:
     kl_coef: float = 0.0
     """KL penalty to the frozen initial policy (k3 estimator); 0 builds no reference model."""
     normalization: str = "token"
-    """token: mean over all completion tokens of the step; sequence: mean over sequences of their token mean."""
+    """loss.type=grpo only: token: mean over all completion tokens of the step; sequence: mean over sequences of
+    their token mean. (dr_grpo, dapo and gspo fix their own normaliser.)"""
     scale_advantages: bool = True
-    """Divide group-centred rewards by the group's std (GRPO); false keeps only the centring (Dr. GRPO)."""
+    """Divide group-centred rewards by the group's std (GRPO); false keeps only the centring. dr_grpo never scales."""
 
 
 @dataclass
@@ -242,6 +256,21 @@ def validate_sft(cfg, world_size: int) -> None:
            f"data.seq_len={d.seq_len} is shorter than the {multiple} shards model.cp={m.cp} ({m.cp_style}) needs")
 
 
+def _validate_builtin_prompts(cfg) -> None:
+    """data.source=builtin: prompts come from rollout.task; keys only a dataset uses are refused."""
+    r = cfg.rollout
+    _check(cfg.data.limit is None, f"data.limit={cfg.data.limit} is not used with data.source=builtin (GRPO draws "
+                                   "rollout.task prompts): remove it, or set data.source to a prompt dataset")
+    _check(r.system_prompt is None, "rollout.system_prompt is only used with a user prompt dataset (data.source): "
+                                    "the built-in tasks use trainer.tasks.SYSTEM_PROMPT; remove it")
+    from trainer.tasks import TASKS, task_components
+    _check(r.task in TASKS, f"rollout.task={r.task!r}: choose one of {', '.join(TASKS)}")
+    parts = task_components(r.task)
+    _check(r.eval_prompts == 0 or r.eval_prompts >= len(parts),
+           f"rollout.eval_prompts={r.eval_prompts} must be 0 (no eval) or >= {len(parts)}, one per task of "
+           f"rollout.task={r.task} ({', '.join(parts)})")
+
+
 def validate_rl(cfg, world_size: int) -> None:
     validate_sft(cfg, world_size)
     r, l, w = cfg.rollout, cfg.loss, cfg.reward
@@ -252,6 +281,11 @@ def validate_rl(cfg, world_size: int) -> None:
     _check(r.max_new_tokens >= 1 and r.temperature > 0 and 0 < r.top_p <= 1,
            "rollout.max_new_tokens >= 1, rollout.temperature > 0 and 0 < rollout.top_p <= 1 are required")
     _check(l.normalization in ("token", "sequence"), f"loss.normalization={l.normalization!r}: token or sequence")
+    from trainer.policy_losses import POLICY_LOSSES
+    _check(l.type in POLICY_LOSSES, f"loss.type={l.type!r}: choose one of {', '.join(POLICY_LOSSES)}")
+    _check(l.type == "grpo" or l.normalization == "token",
+           f"loss.normalization={l.normalization} is only used by loss.type=grpo; loss.type={l.type} fixes its own "
+           "normaliser (trainer/policy_losses.py): remove the override")
     _check(l.clip_eps_low > 0 and l.clip_eps_high > 0 and l.kl_coef >= 0, "loss clip eps must be > 0, kl_coef >= 0")
     _check(len(w.functions) == len(w.weights) and len(w.functions) > 0,
            f"reward.functions ({len(w.functions)}) and reward.weights ({len(w.weights)}) must pair up")
@@ -259,15 +293,13 @@ def validate_rl(cfg, world_size: int) -> None:
            f"optim.grad_accum={cfg.optim.grad_accum} is not used by GRPO: a step trains on all its "
            "rollout.prompts_per_step x rollout.group_size completions (in as many micro-batches of "
            "data.micro_batch_size rows as they need); raise rollout.prompts_per_step for a larger step")
-    _check(cfg.data.source == "builtin" and cfg.data.limit is None,
-           f"data.source={cfg.data.source!r} / data.limit={cfg.data.limit} are not used by GRPO: prompts come from "
-           "rollout.task (trainer/tasks.py); remove the override")
-    from trainer.tasks import TASKS, task_components
-    _check(r.task in TASKS, f"rollout.task={r.task!r}: choose one of {', '.join(TASKS)}")
-    parts = task_components(r.task)
-    _check(r.eval_prompts == 0 or r.eval_prompts >= len(parts),
-           f"rollout.eval_prompts={r.eval_prompts} must be 0 (no eval) or >= {len(parts)}, one per task of "
-           f"rollout.task={r.task} ({', '.join(parts)})")
+    if cfg.data.source == "builtin":
+        _validate_builtin_prompts(cfg)
+    else:
+        _check(r.eval_prompts >= 0, f"rollout.eval_prompts={r.eval_prompts} must be >= 0 (0: no eval)")
+        _check(cfg.data.limit is None or cfg.data.limit > r.eval_prompts,
+               f"data.limit={cfg.data.limit} leaves no training rows after the last rollout.eval_prompts="
+               f"{r.eval_prompts} rows held out for eval: raise data.limit or lower rollout.eval_prompts")
     _check(r.timeout_s >= 10, f"rollout.timeout_s={r.timeout_s} must be >= 10")
     prompt_budget = cfg.data.seq_len - r.max_new_tokens
     _check(prompt_budget >= 16, f"data.seq_len={cfg.data.seq_len} leaves {prompt_budget} tokens for the prompt after "

@@ -22,6 +22,11 @@
     make_eval_prompts(task, n, tok)   held-out prompts: every task of the mix in equal shares (bundled eval
                                       rows first, disjoint from the SFT rows; generated when they run out)
     make_prompts(task, n, seed, tok, exclude_prompts=eval) -> [Prompt(prompt, answer, input_ids, task)]
+    load_rl_prompts(source, tok)      data.source = a user dataset (.jsonl/.json/.parquet, "builtin:<asset file>",
+                                      or an HF datasets name): a `prompt` (text or messages) or `messages`
+                                      column (trailing assistant turns dropped), the chat template applied;
+                                      every other column rides along in Prompt.columns for the rewards
+    split_eval_prompts(prompts, n)    the LAST n rows held out for eval, the rest train (disjoint by row)
     PromptSampler(prompts, batch_size, dp_rank, dp_size, seed).next_prompts()
 
 Constraints: labels are shifted inside each document (labels[t] = input_ids[t+1] when t+1 is in
@@ -37,14 +42,14 @@ import logging
 import random
 import re
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from cp.documents import IGNORE_INDEX  # the one definition (cp.documents)
 from trainer.tasks import SYSTEM_PROMPT, make_examples, task_components, task_messages
 
-IGNORE_INDEX = -100
 TINY_MODEL_PREFIX = "tiny:"  # trainer.modeling.TINY_PREFIX (not imported: data must not import the model stack)
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 BUILTIN_TOKENIZER_DIR = ASSETS_DIR / "tokenizer"
@@ -520,6 +525,12 @@ class Prompt:
     answer: str
     input_ids: list[int]
     task: str = ""
+    columns: dict | None = field(default=None, compare=False)  # a user dataset's other columns (None: builtin)
+
+    def reward_columns(self) -> dict:
+        """What rewards get as keyword columns: built-in tasks {answer, task}; a user dataset, its row's
+        columns other than prompt / messages."""
+        return {"answer": self.answer, "task": self.task} if self.columns is None else dict(self.columns)
 
 
 def encode_prompt(tokenizer, prompt: str, *, system_prompt: str | None = SYSTEM_PROMPT) -> list[int]:
@@ -574,6 +585,76 @@ def load_eval_prompts(tokenizer=None, *, tasks: Sequence[str] | None = None, lim
     rows = rows if limit is None else rows[:limit]
     return [Prompt(prompt=r["prompt"], answer=r["answer"], task=r["task"],
                    input_ids=encode_prompt(tokenizer, r["prompt"], system_prompt=system_prompt)) for r in rows]
+
+
+BUILTIN_ASSET_PREFIX = "builtin:"  # data.source=builtin:<file> reads trainer/assets/<file>
+_PROMPT_COLUMNS = ("prompt", "messages")
+
+
+def _prompt_messages(row: dict, where: str, system_prompt: str | None) -> list[dict]:
+    """A row's prompt as chat messages ending in a user turn (reference assistant turns dropped)."""
+    if "prompt" in row:
+        messages = _as_messages(row["prompt"], "user")
+        if system_prompt and isinstance(row["prompt"], str):
+            messages = [{"role": "system", "content": system_prompt}] + messages
+    elif "messages" in row:
+        messages = list(row["messages"])
+    else:
+        raise ValueError(f"{where}: an RL prompt row needs a `prompt` (text or messages) or a `messages` column; "
+                         f"it has {sorted(row)}")
+    messages = _check_messages(messages, where)
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: the prompt must end with a user message (after dropping assistant turns)")
+    return messages
+
+
+def read_rl_rows(source: str, *, split: str = "train", subset: str | None = None,
+                 limit: int | None = None) -> list[dict]:
+    """Rows of an RL prompt dataset: "builtin:<file>" (trainer/assets), a local file, or an HF dataset."""
+    if source.startswith(BUILTIN_ASSET_PREFIX):
+        rows = _read_local(str(ASSETS_DIR / source[len(BUILTIN_ASSET_PREFIX):]))
+    elif _looks_local(source):
+        rows = _read_local(source)
+    else:
+        rows = _read_hf_dataset(source, split, subset, limit)
+    return rows if limit is None else rows[:limit]
+
+
+def rows_to_prompts(rows: Sequence[dict], tokenizer, *, source: str = "data",
+                    system_prompt: str | None = None) -> list[Prompt]:
+    """Dataset rows -> Prompts: the chat template applied to the prompt messages (generation prompt at
+    the end); Prompt.prompt is the last user message, Prompt.answer the `answer` column ("" without one)."""
+    prompts = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        messages = _prompt_messages(row, where, system_prompt)
+        columns = {k: v for k, v in row.items() if k not in _PROMPT_COLUMNS}
+        answer = columns.get("answer")
+        prompts.append(Prompt(prompt=messages[-1]["content"], answer="" if answer is None else str(answer),
+                              input_ids=_template_ids(tokenizer, messages, add_generation_prompt=True),
+                              task=str(columns.get("task", "")), columns=columns))
+    return prompts
+
+
+def load_rl_prompts(source: str, tokenizer, *, limit: int | None = None, system_prompt: str | None = None,
+                    split: str = "train", subset: str | None = None) -> list[Prompt]:
+    """RL prompts from a user dataset (see read_rl_rows and rows_to_prompts)."""
+    rows = read_rl_rows(source, split=split, subset=subset, limit=limit)
+    if not rows:
+        raise ValueError(f"data.source={source!r} has no rows (data.limit={limit})")
+    return rows_to_prompts(rows, tokenizer, source=source, system_prompt=system_prompt)
+
+
+def split_eval_prompts(prompts: Sequence[Prompt], n: int) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, eval prompts): the LAST n rows are held out, the rest train (disjoint by row)."""
+    if n < 0 or n >= len(prompts):
+        raise ValueError(f"rollout.eval_prompts={n} must be >= 0 and leave training rows: the dataset has "
+                         f"{len(prompts)} (its last rollout.eval_prompts rows are the eval set); lower it")
+    return list(prompts[:len(prompts) - n]), list(prompts[len(prompts) - n:])
 
 
 class PromptSampler:

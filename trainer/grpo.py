@@ -5,7 +5,8 @@
       ─ pack_rollouts ─> rows [B, S]: input_ids, labels (completion tokens only, shifted),
                           old_logp, advantages, weights (token: 1, sequence: 1 / completion length)
       ─ cp.setup_cp_params + cp.shard ─> this rank's shard
-      ─ grpo_token_loss(logp from the local logits, ...) ─> sum(w * loss) / N_global
+      ─ trainer.policy_losses (loss.type) on logp from the local logits ─> sum(w * loss) / N_global
+    seq_ids / seq_lengths: which completion each label belongs to, for sequence-level losses (GSPO)
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from cp.documents import IGNORE_INDEX  # the one definition (cp.documents)
+from trainer.policy_losses import POLICY_LOSSES, LossSettings, TokenBatch
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -30,18 +32,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
 
 def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *, clip_low: float,
                     clip_high: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0):
-    """Per-token clipped surrogate (+ k3 KL to the reference). Returns (loss, clipped mask, kl)."""
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
-    was_clipped = (clipped < unclipped).detach()
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None and kl_coef:
-        log_ratio = ref_logp - logp
-        kl = torch.exp(log_ratio) - log_ratio - 1  # k3: unbiased, >= 0
-        loss = loss + kl_coef * kl
-    return loss, was_clipped, kl.detach()
+    """Per-token clipped surrogate (+ k3 KL to the reference). Returns (loss, clipped mask, kl).
+    The `grpo` entry of trainer.policy_losses, kept as a function for callers of the old API."""
+    settings = LossSettings(clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef)
+    batch = TokenBatch(logp, old_logp, advantages, torch.ones_like(logp), ref_logp=ref_logp)
+    loss, stats = POLICY_LOSSES["grpo"].token_loss(batch, settings)
+    return loss, stats["clipped"], stats["kl"]
 
 
 @dataclass
@@ -65,33 +61,38 @@ class RolloutRows:
     advantages: torch.Tensor  # [B, S]
     weights: torch.Tensor  # [B, S] loss weight per label position (0 where no label)
     seq_lens: list[list[int]]
+    seq_ids: torch.Tensor | None = None  # [B, S] long: the completion's index in the micro-batch, -1 elsewhere
+    seq_lengths: torch.Tensor | None = None  # [completions in the micro-batch]: tokens of each
 
 
-def _row_tensors(docs: list[Rollout], seq_len: int, pad_id: int, sequence_norm: bool):
-    ids, labels, old, adv, weight, lens = [], [], [], [], [], []
-    for r in docs:
+def _row_tensors(docs: list[Rollout], seq_len: int, pad_id: int, sequence_norm: bool, first_id: int = 0):
+    ids, labels, old, adv, weight, lens, seq_ids = [], [], [], [], [], [], []
+    for k, r in enumerate(docs):
         doc = r.prompt_ids + r.completion_ids
         n, p = len(doc), len(r.prompt_ids)
         row_labels = [IGNORE_INDEX] * n
-        row_old, row_adv, row_w = [0.0] * n, [0.0] * n, [0.0] * n
+        row_old, row_adv, row_w, row_ids = [0.0] * n, [0.0] * n, [0.0] * n, [-1] * n
         for i, token in enumerate(r.completion_ids):  # position p-1+i predicts completion token i
             row_labels[p - 1 + i] = token
             row_old[p - 1 + i] = r.old_logp[i]
             row_adv[p - 1 + i] = r.advantage
             row_w[p - 1 + i] = 1.0 / len(r.completion_ids) if sequence_norm else 1.0
+            row_ids[p - 1 + i] = first_id + k
         ids += doc
         labels += row_labels
         old += row_old
         adv += row_adv
         weight += row_w
+        seq_ids += row_ids
         lens.append(n)
     pad = seq_len - len(ids)
     if pad:
         ids += [pad_id] * pad
         labels += [IGNORE_INDEX] * pad
         old, adv, weight = old + [0.0] * pad, adv + [0.0] * pad, weight + [0.0] * pad
+        seq_ids += [-1] * pad
         lens.append(pad)
-    return ids, labels, old, adv, weight, lens
+    return ids, labels, old, adv, weight, lens, seq_ids
 
 
 def pack_rollouts(rollouts: list[Rollout], *, seq_len: int, rows_per_batch: int, pad_id: int,
@@ -111,10 +112,13 @@ def pack_rollouts(rollouts: list[Rollout], *, seq_len: int, rows_per_batch: int,
         rows.append(current)
     batches = []
     for start in range(0, len(rows), rows_per_batch):
-        packed = [_row_tensors(docs, seq_len, pad_id, sequence_norm) for docs in rows[start:start + rows_per_batch]]
-        ids, labels, old, adv, weight, lens = zip(*packed)
+        chunk = rows[start:start + rows_per_batch]
+        firsts = [sum(len(docs) for docs in chunk[:j]) for j in range(len(chunk))]  # completion ids per row
+        packed = [_row_tensors(docs, seq_len, pad_id, sequence_norm, first) for docs, first in zip(chunk, firsts)]
+        ids, labels, old, adv, weight, lens, seq_ids = zip(*packed)
+        lengths = torch.tensor([len(r.completion_ids) for docs in chunk for r in docs])
         batches.append(RolloutRows(torch.tensor(ids), torch.tensor(labels), torch.tensor(old), torch.tensor(adv),
-                                   torch.tensor(weight), list(lens)))
+                                   torch.tensor(weight), list(lens), torch.tensor(seq_ids), lengths))
     return batches
 
 
@@ -122,4 +126,4 @@ def empty_rows(seq_len: int, rows: int, pad_id: int) -> RolloutRows:
     """A micro-batch that trains nothing (all pad): keeps ranks in lock-step when they have fewer rows."""
     zeros = torch.zeros(rows, seq_len)
     return RolloutRows(torch.full((rows, seq_len), pad_id), torch.full((rows, seq_len), IGNORE_INDEX), zeros, zeros,
-                       zeros, [[seq_len]] * rows)
+                       zeros, [[seq_len]] * rows, torch.full((rows, seq_len), -1), torch.zeros(0, dtype=torch.long))

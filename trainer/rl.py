@@ -4,14 +4,17 @@
 
     per step:
       1. engine.sync(policy)                       full weights -> a plain copy on every rank
-      2. each rank: prompts_per_step / world prompts, group_size samples each (trainer/rollout.py)
-         rewards (prompt, completion, answer) -> weighted sum; group advantages (complete groups, local)
+      2. each rank: prompts_per_step / world prompts, group_size samples each (trainer/rollout.py); prompts
+         from rollout.task (data.source=builtin) or a user dataset (trainer/data.py load_rl_prompts)
+         rewards fn(prompts, completions, **columns) -> weighted sum; group advantages (complete groups,
+         local); rollout.skip_zero_advantage drops all-equal-reward groups from training
          then every rank waits for the slowest generator (rollout.timeout_s, a gloo group of its own)
       3. all_gather_object inside the cp group     every cp rank holds its dp group's rollouts
       4. pack prompt+completion documents into rows; ranks pad to the same number of micro-batches
       5. per micro-batch: cp.setup_cp_params + cp.shard(old log-probs, advantages, weights)
-         logits on the local shard only -> log-probs at temperature T -> clipped surrogate (+ KL)
-         loss_r = sum(w * loss) / N_global  (N = tokens, or sequences for sequence normalisation)
+         logits on the local shard only -> log-probs at temperature T -> loss.type policy loss
+         (trainer/policy_losses.py: grpo, dr_grpo, dapo, gspo)
+         loss_r = sum(w * loss) / N_global  (N = tokens, sequences, or dr_grpo's constant)
       6. clip, AdamW; metrics.jsonl + W&B (reward, advantages, clip fraction, KL, entropy, lengths);
          sample completions as a table
 """
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import cp
-from trainer import checkpoint, config, data, grpo, modeling, runtime, tasks
+from trainer import checkpoint, config, data, grpo, modeling, policy_losses, runtime, tasks
 from trainer.metrics import MetricsLogger
 from trainer.rollout import RolloutEngine
 from trainer.sft import CONFIG_DIR, Trainer, build_trainer, check_finite, global_sum, maybe_resume, optimizer_step, save
@@ -50,35 +53,69 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return logp, entropy
 
 
+def _columns(prompts: list) -> dict:
+    """Per-completion reward columns: {name: [value per completion]} (None where a row lacks the column)."""
+    rows = [p.reward_columns() for p in prompts]
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: [row.get(k) for row in rows] for k in names}
+
+
 def generate_rollouts(cfg, trainer: Trainer, engine: RolloutEngine, prompts, rewards) -> tuple[list, dict]:
-    """This rank's rollouts with rewards and group advantages, and reward sums for logging."""
+    """This rank's rollouts with rewards and group advantages, and reward sums for logging. rewards: batched
+    fn(prompts, completions, **columns) or per-sample fn(prompt, completion, answer) (adapted)."""
     r, rank = cfg.rollout, dist.get_rank()
-    rollouts, sums, samples = [], {"reward": 0.0, "reward_sq": 0.0, "n": 0.0, "length": 0.0, "max_length": 0.0,
-                                   **{f"reward_{name}": 0.0 for name in cfg.reward.functions}}, []
+    rewards = [tasks.as_batched(fn) for fn in rewards]
+    sampled = []  # (prompt, completion ids, old log-probs), group by group
     for i, prompt in enumerate(prompts):
         seed = cfg.seed * 1_000_003 + trainer.step * 10_007 + rank * 101 + i
         group = engine.sample(prompt.input_ids, r.group_size, max_new_tokens=r.max_new_tokens,
                               temperature=r.temperature, top_p=r.top_p, seed=seed)
-        start = len(rollouts)
-        for completion_ids, logp in group:
-            text = engine.decode(completion_ids)
-            parts = [fn(prompt.prompt, text, prompt.answer) for fn in rewards]
-            total = sum(w * p for w, p in zip(cfg.reward.weights, parts))
-            rollouts.append(grpo.Rollout(prompt.input_ids, completion_ids, logp, total))
-            for name, p in zip(cfg.reward.functions, parts):
-                sums[f"reward_{name}"] += p
-            sums["reward"] += total
-            sums["reward_sq"] += total * total
-            sums["n"] += 1
-            sums["length"] += len(completion_ids)
-            sums["max_length"] = max(sums["max_length"], len(completion_ids))
-            if len(samples) < 4:
-                samples.append([prompt.prompt, text, prompt.answer, total])
-        advantages = grpo.group_advantages(torch.tensor([x.reward for x in rollouts[start:]]), r.group_size,
-                                           scale=cfg.loss.scale_advantages)
-        for rollout, adv in zip(rollouts[start:], advantages.tolist()):
-            rollout.advantage = adv
+        sampled += [(prompt, completion_ids, logp) for completion_ids, logp in group]
+    texts = [engine.decode(ids) for _, ids, _ in sampled]
+    owners = [prompt for prompt, _, _ in sampled]
+    scores = tasks.score(rewards, [p.prompt for p in owners], texts, _columns(owners))  # [reward][completion]
+    rollouts, sums, samples = [], {"reward": 0.0, "reward_sq": 0.0, "n": 0.0, "length": 0.0, "max_length": 0.0,
+                                   **{f"reward_{name}": 0.0 for name in cfg.reward.functions}}, []
+    for j, ((prompt, completion_ids, logp), text) in enumerate(zip(sampled, texts)):
+        parts = [values[j] for values in scores]
+        total = sum(w * p for w, p in zip(cfg.reward.weights, parts))
+        rollouts.append(grpo.Rollout(prompt.input_ids, completion_ids, logp, total))
+        for name, p in zip(cfg.reward.functions, parts):
+            sums[f"reward_{name}"] += p
+        sums["reward"] += total
+        sums["reward_sq"] += total * total
+        sums["n"] += 1
+        sums["length"] += len(completion_ids)
+        sums["max_length"] = max(sums["max_length"], len(completion_ids))
+        if len(samples) < 4:
+            samples.append([prompt.prompt, text, prompt.answer, total])
+    assign_advantages(cfg, rollouts)
     return rollouts, {**sums, "samples": samples}
+
+
+def assign_advantages(cfg, rollouts: list) -> None:
+    """Group advantages, in place (groups of rollout.group_size consecutive rollouts)."""
+    g = cfg.rollout.group_size
+    for start in range(0, len(rollouts), g):
+        group = rollouts[start:start + g]
+        advantages = grpo.group_advantages(torch.tensor([x.reward for x in group]), g,
+                                           scale=policy_losses.scale_advantages(cfg))
+        for rollout, adv in zip(group, advantages.tolist()):
+            rollout.advantage = adv
+
+
+def drop_zero_advantage_groups(cfg, rollouts: list) -> tuple[list, int, int]:
+    """(rollouts to train on, groups, groups dropped): under rollout.skip_zero_advantage (DAPO's dynamic
+    sampling) the groups whose rewards are all equal carry no policy gradient and are dropped."""
+    if not policy_losses.skip_zero_advantage(cfg):
+        return rollouts, 0, 0
+    g, kept, groups = cfg.rollout.group_size, [], 0
+    for start in range(0, len(rollouts), g):
+        group = rollouts[start:start + g]
+        groups += 1
+        if max(x.reward for x in group) != min(x.reward for x in group):
+            kept += group
+    return kept, groups, groups - len(kept) // g
 
 
 def gather_cp_group(rollouts: list, trainer: Trainer) -> list:
@@ -91,26 +128,32 @@ def gather_cp_group(rollouts: list, trainer: Trainer) -> list:
 
 
 def micro_batches(cfg, trainer: Trainer, rollouts: list, pad_id: int) -> list[grpo.RolloutRows]:
+    sequence_norm = policy_losses.get_policy_loss(cfg.loss.type).uses_sequence_weights(cfg)
     batches = grpo.pack_rollouts(rollouts, seq_len=cfg.data.seq_len, rows_per_batch=cfg.data.micro_batch_size,
-                                 pad_id=pad_id, sequence_norm=cfg.loss.normalization == "sequence")
-    count = torch.tensor(len(batches))
+                                 pad_id=pad_id, sequence_norm=sequence_norm)
+    count = torch.tensor(max(len(batches), 1))  # >= 1: every group skipped still runs one (empty) pass
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=trainer.dims.dp_cp_group)  # FSDP needs lock-step passes
     return batches + [grpo.empty_rows(cfg.data.seq_len, cfg.data.micro_batch_size, pad_id)
                       for _ in range(int(count) - len(batches))]
 
 
 def grpo_backward(cfg, trainer: Trainer, batches: list[grpo.RolloutRows], ref_model=None) -> dict:
-    """Forward + backward of every micro-batch under CP; returns globally reduced statistics."""
+    """Forward + backward of every micro-batch under CP with the loss.type policy loss; returns globally
+    reduced statistics."""
     device, T = trainer.device, cfg.rollout.temperature
+    policy_loss = policy_losses.get_policy_loss(cfg.loss.type)
+    settings = policy_losses.LossSettings(clip_low=cfg.loss.clip_eps_low, clip_high=cfg.loss.clip_eps_high,
+                                          kl_coef=cfg.loss.kl_coef)
     shards = []
     for rows in batches:
         batch = cp.setup_cp_params(rows.input_ids.to(device), trainer.dims, labels=rows.labels.to(device),
                                    seq_lens=rows.seq_lens)
         extra = [cp.shard(t.to(device), batch.params) for t in (rows.old_logp, rows.advantages, rows.weights)]
-        shards.append((batch, *extra))
-    norm = global_sum(sum(float(w.sum()) for *_, w in shards), trainer)
+        seq_ids = cp.shard(rows.seq_ids.to(device), batch.params, pad_value=-1)
+        shards.append((batch, seq_ids, rows.seq_lengths.to(device), *extra))
+    norm = policy_loss.normalizer(global_sum(sum(float(w.sum()) for *_, w in shards), trainer), cfg)
     stats = dict.fromkeys(("loss", "clipped", "kl", "entropy", "tokens"), 0.0)
-    for i, (batch, old_logp, adv, weight) in enumerate(shards):
+    for i, (batch, seq_ids, seq_lengths, old_logp, adv, weight) in enumerate(shards):
         trainer.model.set_requires_gradient_sync(i == len(shards) - 1)
         kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, cp_params=batch.params)
         logp, entropy = token_logprobs(trainer.model(**kwargs).logits, batch.labels, T)
@@ -119,14 +162,14 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[grpo.RolloutRows], ref_mo
             with torch.no_grad():
                 ref_logp, _ = token_logprobs(ref_model(**kwargs).logits, batch.labels, T)
         mask = (batch.labels != grpo.IGNORE_INDEX).float()
-        loss_tok, clipped, kl = grpo.grpo_token_loss(logp, old_logp, adv, clip_low=cfg.loss.clip_eps_low,
-                                                     clip_high=cfg.loss.clip_eps_high, ref_logp=ref_logp,
-                                                     kl_coef=cfg.loss.kl_coef)
-        loss = (loss_tok * weight * mask).sum() / max(norm, 1e-9)
+        tokens = policy_losses.TokenBatch(logp, old_logp, adv, mask, ref_logp=ref_logp, seq_ids=seq_ids,
+                                          seq_lengths=seq_lengths, cp_group=trainer.dims.cp_group)
+        loss_tok, loss_stats = policy_loss.token_loss(tokens, settings)
+        loss = policy_losses.rank_loss(loss_tok, weight, mask, norm)
         loss.backward()
         stats["loss"] += loss.item()
-        stats["clipped"] += float((clipped * mask).sum())
-        stats["kl"] += float((kl * mask).sum())
+        stats["clipped"] += float((loss_stats["clipped"] * mask).sum())
+        stats["kl"] += float((loss_stats["kl"] * mask).sum())
         stats["entropy"] += float((entropy * mask).sum())
         stats["tokens"] += float(mask.sum())
     reduced = {k: global_sum(v, trainer) for k, v in stats.items()}
@@ -161,10 +204,12 @@ def wait_for_generation(wait_group) -> None:
 
 
 def evaluate(cfg, engine: RolloutEngine, prompts, wait_group=None) -> float:
-    """Greedy accuracy on held-out prompts, split over all ranks."""
+    """Greedy accuracy on held-out prompts, split over all ranks (built-in tasks: the <answer> tag; a user
+    dataset: extract_final_answer)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    correct = sum(tasks.correctness_reward(p.prompt, engine.greedy(p.input_ids, max_new_tokens=cfg.rollout.max_new_tokens),
-                                           p.answer) for p in prompts[rank::world])
+    grade = tasks.correctness_reward if cfg.data.source == "builtin" else tasks.open_correctness_reward
+    correct = sum(grade(p.prompt, engine.greedy(p.input_ids, max_new_tokens=cfg.rollout.max_new_tokens), p.answer)
+                  for p in prompts[rank::world])
     wait_for_generation(wait_group)
     t = torch.tensor([correct, len(prompts[rank::world])], dtype=torch.float64)
     dist.all_reduce(t)
@@ -179,7 +224,10 @@ def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards, ref_
     wait_for_generation(wait_group)
     generate_s = time.perf_counter() - start
     metrics = reward_metrics(sums, trainer, rollouts, cfg)
-    batches = micro_batches(cfg, trainer, gather_cp_group(rollouts, trainer), pad_id)
+    train, groups, dropped = drop_zero_advantage_groups(cfg, rollouts)
+    if policy_losses.skip_zero_advantage(cfg):
+        metrics["groups_skipped_frac"] = global_sum(dropped, trainer) / max(global_sum(groups, trainer), 1.0)
+    batches = micro_batches(cfg, trainer, gather_cp_group(train, trainer), pad_id)
     lr = trainer.scheduler.get_last_lr()[0]
     metrics.update(grpo_backward(cfg, trainer, batches, ref_model))
     check_finite(metrics["loss"], trainer.step + 1)
@@ -204,9 +252,25 @@ def build_reference(cfg, trainer: Trainer):
 PROMPT_POOL = 4096  # training prompts drawn per run (the task spaces are small: repeats are fine)
 
 
+def check_prompt_lengths(cfg, prompts) -> None:
+    """Every prompt + rollout.max_new_tokens must fit one packed row (data.seq_len)."""
+    budget = cfg.data.seq_len - cfg.rollout.max_new_tokens
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+    n = len(prompts[longest].input_ids)
+    if n > budget:
+        raise ValueError(f"{cfg.data.source} row {longest} is {n} prompt tokens; data.seq_len={cfg.data.seq_len} - "
+                         f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves {budget}: raise data.seq_len")
+
+
 def build_prompt_sets(cfg, tokenizer) -> tuple[list, list]:
-    """(training prompt pool, held-out eval prompts): the eval prompts cover every task of rollout.task in
-    equal shares and are excluded from the pool (rollout.eval_prompts=0: no eval, the whole pool)."""
+    """(training prompt pool, held-out eval prompts). data.source=builtin: the eval prompts cover every task of
+    rollout.task in equal shares and are excluded from the pool (rollout.eval_prompts=0: no eval, the whole
+    pool). A user dataset: its rows (data.limit: the first N), the last rollout.eval_prompts of them held out."""
+    if cfg.data.source != "builtin":
+        prompts = data.load_rl_prompts(cfg.data.source, tokenizer, limit=cfg.data.limit,
+                                       system_prompt=cfg.rollout.system_prompt)
+        check_prompt_lengths(cfg, prompts)
+        return data.split_eval_prompts(prompts, cfg.rollout.eval_prompts)
     eval_prompts = data.make_eval_prompts(cfg.rollout.task, cfg.rollout.eval_prompts, tokenizer)
     pool = data.make_prompts(cfg.rollout.task, PROMPT_POOL, cfg.seed, tokenizer,
                              exclude_prompts={p.prompt for p in eval_prompts})
@@ -219,7 +283,8 @@ def run_rl(cfg: DictConfig) -> list[dict]:
     with runtime.fail_loudly(dist.get_rank()):
         rank, world = dist.get_rank(), dist.get_world_size()
         ref_model = build_reference(cfg, trainer)
-        rewards = [tasks.resolve_reward(f) for f in cfg.reward.functions]
+        rewards = [tasks.resolve_batched_reward(f, open_answers=cfg.data.source != "builtin")
+                   for f in cfg.reward.functions]
         wait_group = runtime.patient_group(cfg.rollout.timeout_s)
         prompts, eval_prompts = build_prompt_sets(cfg, trainer.tokenizer)
         sampler = data.PromptSampler(prompts, batch_size=cfg.rollout.prompts_per_step // world, dp_rank=rank,

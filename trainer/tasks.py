@@ -12,6 +12,13 @@
                                    correctness_reward: extract_answer(completion) == answer
                                    format_reward:      one well-formed <answer>...</answer> at the end
 
+    trainer/rl.py calls every reward batched: fn(prompts, completions, **columns) -> list[float]
+      resolve_batched_reward(spec, open_answers)   a reward with **columns is batched already; a
+                                   per-sample (prompt, completion, answer) one is adapted (columns["answer"])
+      open_answers (data.source is a user dataset): correctness / similarity read extract_final_answer:
+                                   <answer>..</answer>, \\boxed{..}, "The answer is N", else the last number;
+                                   built-in tasks keep the strict <answer> tag (what their SFT data teaches)
+
 The model must answer in ANSWER_FORMAT ("<answer>81</answer>"); a short working line before the
 tag is allowed. Rewards are plain functions; `resolve_reward` turns a config string (a built-in
 name or an importable "pkg.mod:fn") into one.
@@ -20,12 +27,14 @@ name or an importable "pkg.mod:fn") into one.
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
 import re
 import string
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 Reward = Callable[[str, str, str], float]  # (prompt, completion, answer) -> reward
+BatchedReward = Callable[..., list]  # (prompts, completions, **columns) -> [reward per completion]
 TaskFn = Callable[[random.Random], dict]  # rng -> {"prompt", "answer", "completion"}
 
 SYSTEM_PROMPT = "Solve the task. Give the final answer as <answer>...</answer>."
@@ -256,6 +265,88 @@ REWARDS: dict[str, Reward] = {"correctness": correctness_reward, "similarity": s
                               "restate": restate_reward, "consistency": consistency_reward, "format": format_reward}
 
 
+# ---------------------------------------------------------------- open-format answers (user datasets)
+
+_BOXED = "\\boxed{"
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (nested braces balanced); None if there is none."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, i = 1, start + len(_BOXED)
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+def extract_final_answer(completion: str) -> str | None:
+    """The final answer in the usual conventions, first that applies: the last <answer>...</answer>,
+    the last \\boxed{...}, the last "The answer is N" / "answer: N", else the last number; None if none."""
+    for found in (extract_answer(completion), _last_boxed(completion)):
+        if found:
+            return found
+    stated = _ANSWER_IS.findall(completion)
+    if stated:
+        return stated[-1]
+    numbers = _NUMBER.findall(completion)
+    return numbers[-1] if numbers else None
+
+
+def _as_number(text: str) -> float | None:
+    cleaned = text.strip().strip("$").rstrip(".").replace(",", "").strip()
+    try:
+        return float(cleaned)
+    except ValueError:
+        return None
+
+
+def reference_answer(answer: str) -> str:
+    """A dataset's answer field -> the answer itself: GSM8K-style "...#### 72" keeps what follows ####."""
+    return answer.rsplit("####", 1)[-1].strip() if "####" in answer else answer.strip()
+
+
+def answers_match(extracted: str | None, answer: str) -> bool:
+    """Equal as numbers (1,234 == 1234.0; a number inside a tagged or boxed answer counts), else as
+    case-insensitive text."""
+    if extracted is None:
+        return False
+    target = reference_answer(answer)
+    target_number = _as_number(target)
+    if target_number is not None:
+        numbers = _NUMBER.findall(extracted)
+        value = _as_number(extracted) if _as_number(extracted) is not None else \
+            (_as_number(numbers[-1]) if numbers else None)
+        return value is not None and abs(value - target_number) <= 1e-9 * max(1.0, abs(target_number))
+    return extracted.strip().lower() == target.lower()
+
+
+def open_correctness_reward(prompt: str, completion: str, answer: str) -> float:
+    """`correctness` on user datasets: 1.0 if extract_final_answer(completion) matches `answer`, else 0.0."""
+    return 1.0 if answers_match(extract_final_answer(completion), answer) else 0.0
+
+
+def open_similarity_reward(prompt: str, completion: str, answer: str) -> float:
+    """`similarity` on user datasets: edit-distance credit on extract_final_answer (1.0 when it matches)."""
+    extracted = extract_final_answer(completion)
+    if extracted is None:
+        return 0.0
+    if answers_match(extracted, answer):
+        return 1.0
+    target = reference_answer(answer)
+    return 1.0 - _edit_distance(extracted, target) / max(len(extracted), len(target), 1)
+
+
+# what `correctness` and `similarity` mean when the prompts come from a user dataset (data.source)
+OPEN_ANSWER_REWARDS: dict[str, Reward] = {"correctness": open_correctness_reward,
+                                          "similarity": open_similarity_reward}
+
+
 def _import_object(path: str):
     """"pkg.mod:attr.sub" or "pkg.mod.attr" -> the object."""
     if ":" in path:
@@ -291,3 +382,72 @@ def resolve_reward(spec: str | Reward) -> Reward:
     if not callable(reward):
         raise ValueError(f"reward {spec!r} resolved to a non-callable {type(reward).__name__}")
     return reward
+
+
+# ---------------------------------------------------------------- batched rewards
+
+
+def is_batched(fn) -> bool:
+    """A batched reward takes **columns: fn(prompts, completions, **columns) -> list[float]."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _is_per_sample(fn) -> bool:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    try:
+        signature.bind("prompt", "completion", "answer")
+        return True
+    except TypeError:
+        return False
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def as_batched(fn: Reward | BatchedReward) -> BatchedReward:
+    """A reward as fn(prompts, completions, **columns) -> list[float]: batched ones (with **columns) as they
+    are; per-sample (prompt, completion, answer) -> float ones adapted, reading columns["answer"]."""
+    if is_batched(fn):
+        return fn
+    if not _is_per_sample(fn):
+        raise ValueError(f"reward {_name(fn)} takes neither (prompts, completions, **columns) (batched: every "
+                         "dataset column as a keyword list) nor (prompt, completion, answer) (per sample): "
+                         "change its signature to one of them")
+
+    def batched(prompts, completions, **columns):
+        if "answer" not in columns:
+            raise ValueError(f"reward {_name(fn)} is per-sample (prompt, completion, answer) but the prompts have "
+                             f"no `answer` column (columns: {', '.join(sorted(columns)) or 'none'}): add one to the "
+                             "dataset, or make the reward batched: fn(prompts, completions, **columns)")
+        return [float(fn(p, c, a)) for p, c, a in zip(prompts, completions, columns["answer"])]
+
+    batched.__qualname__ = f"batched({_name(fn)})"
+    return batched
+
+
+def resolve_batched_reward(spec: str | Reward | BatchedReward, *, open_answers: bool = False) -> BatchedReward:
+    """resolve_reward, then as_batched. open_answers (prompts from a user dataset): the built-in
+    `correctness` and `similarity` read extract_final_answer instead of the <answer> tag only."""
+    if open_answers and isinstance(spec, str) and spec in OPEN_ANSWER_REWARDS:
+        return as_batched(OPEN_ANSWER_REWARDS[spec])
+    return as_batched(resolve_reward(spec))
+
+
+def score(rewards: Sequence[BatchedReward], prompts: list[str], completions: list[str], columns: dict) -> list[list[float]]:
+    """[reward][completion] scores; each reward must return one float per completion."""
+    out = []
+    for fn in rewards:
+        values = list(fn(prompts, completions, **columns))
+        if len(values) != len(completions):
+            raise ValueError(f"reward {_name(fn)} returned {len(values)} scores for {len(completions)} completions: "
+                             "return one float per completion")
+        out.append([float(v) for v in values])
+    return out
