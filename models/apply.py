@@ -17,6 +17,9 @@ target_modules are those of the untouched transformers model. Then call the mode
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
 import cp
@@ -66,3 +69,21 @@ def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None
     model.set_attn_implementation(register_cp_attention(attn))
     model.config.use_cache = False
     return model
+
+
+# Inner kernels that are transformers implementation names too; cptrain's own ("math", "lse") map to sdpa.
+_HF_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """A plain transformers model of `model`'s config without CP (random init, fp32; load the weights with
+    load_state_dict: apply_cp renames nothing): attention as before apply_cp (sdpa for cptrain-only inner
+    kernels), use_cache on. What the GRPO rollout copy and the HF export are built from."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    inner = inner_kernel_of(str(config._attn_implementation))
+    if inner is not None:
+        config._attn_implementation = inner if inner in _HF_IMPLEMENTATIONS else "sdpa"
+    config.use_cache = True
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -124,3 +124,18 @@ def test_prepared_models_keep_transformers_names(family):
     assert list(prepared.state_dict()) == list(plain.state_dict())
     assert [n for n, _ in prepared.named_parameters()] == [n for n, _ in plain.named_parameters()]
     prepared.load_state_dict(plain.state_dict(), strict=True)  # an HF checkpoint loads as it is
+
+
+@pytest.mark.parametrize("attn,expected", [("sdpa", "sdpa"), ("eager", "eager"), ("math", "sdpa")])
+def test_plain_model_is_the_untouched_transformers_model(attn, expected):
+    """The GRPO rollout copy and the HF export are built from models.apply.plain_model: same config, no CP
+    attention, cache on; the prepared model's weights load into it by name."""
+    from models.apply import plain_model
+    prepared = models.apply_cp(tiny_model("qwen3_5"), cp.ParallelDims(world_size=1, cp=1), attn=attn)
+    plain = plain_model(prepared)
+    assert plain.config._attn_implementation == expected and plain.config.use_cache
+    plain.load_state_dict(prepared.state_dict(), strict=True)
+    ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tiny_model("qwen3_5", attn=expected)(input_ids=ids, use_cache=False).logits
+        assert torch.allclose(plain(input_ids=ids).logits, want, atol=1e-5)

@@ -28,7 +28,6 @@ step_N.tmp that no reader follows; a checkpoint is never rewritten in place.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import shutil
@@ -41,7 +40,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from models.attention import CP_ATTENTION_PREFIX
+from models.apply import plain_model
 from trainer.runtime import fsync_dir, write_atomic
 
 COMPLETE = "complete.json"
@@ -246,17 +245,12 @@ def export_hf(output_dir: str, model, tokenizer, dtype: torch.dtype | None = Non
     leaves the previous export whole). The other ranks wait for it on `group`, a gloo group with its
     own timeout (runtime.patient_group(checkpoint.timeout_s); None: the default group): writing a large
     model can take longer than the collective timeout, which keeps guarding every other collective."""
-    from transformers import AutoModelForCausalLM
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = Path(output_dir) / "hf"
     staging = path.with_name("hf.tmp")
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        config = copy.deepcopy(model.config)
-        if str(config._attn_implementation).startswith(CP_ATTENTION_PREFIX):
-            config._attn_implementation = "sdpa"
-        config.use_cache = True
-        plain = AutoModelForCausalLM.from_config(config)
+        plain = plain_model(model)
         plain.load_state_dict(full, strict=True)
         if dtype is not None:  # precision: master weights are fp32; export what the user asked for
             plain.to(dtype)

@@ -19,13 +19,12 @@ to a bf16 policy would be a different policy (old/new log-probs apart by ~1e-3 b
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from models.attention import CP_ATTENTION_PREFIX
+from models.apply import plain_model
 from trainer.modeling import cast_parameters
 
 
@@ -33,13 +32,8 @@ class RolloutEngine:
     def __init__(self, policy: torch.nn.Module, tokenizer, device: torch.device, *,
                  dtype: torch.dtype = torch.float32):
         """dtype: the training compute dtype (trainer.modeling.compute_dtype(cfg.model))."""
-        from transformers import AutoModelForCausalLM
-        config = copy.deepcopy(policy.config)
-        if str(config._attn_implementation).startswith(CP_ATTENTION_PREFIX):
-            config._attn_implementation = "sdpa"
-        config.use_cache = True
         self.dtype = dtype
-        self.model = cast_parameters(AutoModelForCausalLM.from_config(config, dtype=torch.float32), dtype)
+        self.model = cast_parameters(plain_model(policy), dtype)
         self.model = self.model.to(device).eval()
         self.tokenizer, self.device = tokenizer, device
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() \
