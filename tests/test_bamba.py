@@ -29,7 +29,7 @@ from models.mixer_spec import MixerSpec
 from models.tiny import tiny_model
 from tests.dist import run_distributed
 from tests.reference import random_doc_lens
-from tests.test_mamba2 import assert_close, crosses_a_shard, per_document_logits, summed_over_cp
+from tests.test_mamba2 import check_packed_model, crosses_a_shard
 
 
 def _bamba(seed: int = 0):
@@ -81,23 +81,10 @@ def _world2_worker(rank, world):
     seq_lens = [[9, 1, 30, 13], random_doc_lens(length, rng)]
     input_ids = torch.randint(0, 256, (rows, length), generator=torch.Generator().manual_seed(6))
     proj = torch.randn(rows, length, 256, generator=torch.Generator().manual_seed(7))
-    batch = cp.setup_cp_params(input_ids, dims, seq_lens=seq_lens)
-    params = batch.params
-    assert crosses_a_shard(seq_lens, params.padded_len, dims.cp), f"no document crosses a shard: {seq_lens}"
-
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, cp_params=params,
-                   use_cache=False).logits
-    (logits * cp.shard(proj, params)).sum().backward()
-    grads = summed_over_cp({n: p.grad for n, p in model.named_parameters()}, params.cp_group)  # HF names
-    want = per_document_logits(reference, input_ids, seq_lens)
-    (want * proj).sum().backward()
-
-    assert_close(cp.unshard(logits.detach(), params), want.detach(), "bamba logits cp=2")
-    ref_grads = {name: p.grad for name, p in reference.named_parameters()}
-    assert grads.keys() == ref_grads.keys()
+    padded_len = cp.setup_cp_params(input_ids, dims, seq_lens=seq_lens).params.padded_len
+    assert crosses_a_shard(seq_lens, padded_len, dims.cp), f"no document crosses a shard: {seq_lens}"
+    ref_grads = check_packed_model(model, reference, dims, input_ids, seq_lens, proj, "bamba")
     assert any(".mamba." in name for name in ref_grads)
-    for name, ref_grad in ref_grads.items():
-        assert_close(grads[name], ref_grad, f"bamba grad {name} cp=2")
 
 
 def test_packed_documents_crossing_shards_match_each_document_alone_world2():

@@ -370,17 +370,12 @@ def check_mixer_case(dims, *, heads, groups, S, rows, seed) -> None:
                                   f"cp={dims.cp} H={heads} G={groups} S={S} docs={seq_lens}")
 
 
-def check_model_case(dims, seed) -> None:
-    reference = make_model(seed)
-    model = copy.deepcopy(reference)
-    install_wrappers(model, dims)
-    S, rows = 45, 2
-    seq_lens = packed_lens(S, rows, random.Random(seed))
-    input_ids = torch.randint(0, 50, (rows, S), generator=torch.Generator().manual_seed(seed))
-    proj = torch.randn(rows, S, 50, generator=torch.Generator().manual_seed(seed + 1))
+def check_packed_model(model, reference, dims, input_ids, seq_lens, proj, what: str) -> dict:
+    """The CP-prepared `model` on packed rows (this rank's shard) vs `reference` run on each document alone:
+    logits and every parameter gradient (summed over the cp group), under the HF parameter names.
+    Returns the reference gradients by name."""
     batch = cp.setup_cp_params(input_ids, dims, seq_lens=seq_lens)
     params = batch.params
-
     model.zero_grad(set_to_none=True)
     logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, cp_params=params,
                    use_cache=False).logits
@@ -389,11 +384,23 @@ def check_model_case(dims, seed) -> None:
     want = per_document_logits(reference, input_ids, seq_lens)
     (want * proj).sum().backward()
 
-    assert_close(cp.unshard(logits.detach(), params), want.detach(), f"model logits cp={dims.cp}")
+    assert_close(cp.unshard(logits.detach(), params), want.detach(), f"{what} logits cp={dims.cp}")
     ref_grads = {name: p.grad for name, p in reference.named_parameters()}
     assert grads.keys() == ref_grads.keys()
     for name, ref_grad in ref_grads.items():
-        assert_close(grads[name], ref_grad, f"model grad {name} cp={dims.cp}")
+        assert_close(grads[name], ref_grad, f"{what} grad {name} cp={dims.cp}")
+    return ref_grads
+
+
+def check_model_case(dims, seed) -> None:
+    reference = make_model(seed)
+    model = copy.deepcopy(reference)
+    install_wrappers(model, dims)
+    S, rows = 45, 2
+    seq_lens = packed_lens(S, rows, random.Random(seed))
+    input_ids = torch.randint(0, 50, (rows, S), generator=torch.Generator().manual_seed(seed))
+    proj = torch.randn(rows, S, 50, generator=torch.Generator().manual_seed(seed + 1))
+    check_packed_model(model, reference, dims, input_ids, seq_lens, proj, "model")
 
 
 def check_forward_refusal(dims) -> None:

@@ -1,7 +1,8 @@
 """Checkpoints with torch.distributed.checkpoint, the resume point, and the HF export.
 
     output_dir/checkpoints/step_000040/      DCP shards: model + optimizer (sharded by FSDP)
-                                 extra_rank{r}.pt   step, scheduler, data position, RNG (per rank)
+                                 extra_rank{r}.pt   step, data position, RNG (per rank; the lr schedule
+                                                    is rebuilt from the config on resume)
                                  config.json        the resolved config of the run that wrote it (+ world_size)
                                  complete.json      written last: the directory is a COMPLETE checkpoint
     output_dir/checkpoints/latest            the last complete checkpoint's directory name (atomic)
@@ -224,7 +225,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, extra: dict, *
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Load model + optimizer in place; return this rank's extra state (step, scheduler, data, RNG)."""
+    """Load model + optimizer in place; return this rank's extra state (step, data position, RNG)."""
     extra = path / f"extra_rank{dist.get_rank()}.pt"
     if not extra.exists():
         raise ValueError(f"{path} was written by a run with a different world size (no {extra.name}): resume with "

@@ -101,8 +101,7 @@ def save(trainer: Trainer, loader) -> None:
         return
     cfg = trainer.cfg
     checkpoint.save_checkpoint(cfg.output_dir, trainer.step, trainer.model, trainer.optimizer,
-                               {"scheduler": trainer.scheduler.state_dict(), "loader": loader.state_dict(),
-                                "rng": runtime.rng_state()},
+                               {"loader": loader.state_dict(), "rng": runtime.rng_state()},
                                config=checkpoint.run_config(cfg, dist.get_world_size()),
                                keep_last=cfg.checkpoint.keep_last, group=trainer.io_group)
     trainer.checkpointed_step = trainer.step
