@@ -6,23 +6,28 @@
     ring_attention(q, k, v, params)       K/V ring with online-softmax merge (zigzag balanced)
     hybrid_attention(q, k, v, params)     Ulysses inside cp_ulysses groups x ring across cp_ring
     shard / unshard                       full tensor <-> this rank's shard (layouts registry)
+    CP_STYLES                             the style registry (cp.styles): levels, layout, attention function,
+                                          kernel kind, whether recurrent mixers may run; read by all the above
 
 Everything takes its groups and per-batch metadata explicitly (CPParams); nothing is global.
 """
 
+from cp.block_kernels import BLOCK_KERNELS, merge_attention
 from cp.collectives import RingExchange, gather_seq, head_to_seq, seq_to_head
-from cp.dims import CP_STYLES, ParallelDims
+from cp.dims import ParallelDims
 from cp.hybrid import hybrid_attention
-from cp.kernels import BLOCK_KERNELS, KERNELS, AttnMask, hf_kernel, merge_attention, resolve_kernel
+from cp.kernels import KERNELS, hf_kernel, resolve_kernel
 from cp.layouts import LAYOUTS, get_layout, shard_indices
+from cp.masks import AttnMask
 from cp.params import CPBatch, CPParams, setup_cp_params, shard, unshard
 from cp.ring import ring_attention
+from cp.styles import CP_STYLES, CPConfigError, CPStyle, get_style, register_cp_style
 from cp.ulysses import ulysses_attention
 from cp.validation import assert_cp_style_supports_model
 
 __all__ = [
-    "AttnMask", "BLOCK_KERNELS", "CPBatch", "CPParams", "CP_STYLES", "KERNELS", "LAYOUTS", "ParallelDims",
-    "RingExchange", "assert_cp_style_supports_model", "gather_seq", "get_layout", "head_to_seq", "hf_kernel",
-    "hybrid_attention", "merge_attention", "resolve_kernel", "ring_attention", "seq_to_head",
-    "setup_cp_params", "shard", "shard_indices", "ulysses_attention", "unshard",
+    "AttnMask", "BLOCK_KERNELS", "CPBatch", "CPConfigError", "CPParams", "CPStyle", "CP_STYLES", "KERNELS", "LAYOUTS",
+    "ParallelDims", "RingExchange", "assert_cp_style_supports_model", "gather_seq", "get_layout", "get_style",
+    "head_to_seq", "hf_kernel", "hybrid_attention", "merge_attention", "register_cp_style", "resolve_kernel",
+    "ring_attention", "seq_to_head", "setup_cp_params", "shard", "shard_indices", "ulysses_attention", "unshard",
 ]

@@ -14,7 +14,7 @@
             anything else (a window cuts it) additive bias [B, H, Sq, Sk] from the piece's mask
         LSE comes back [B, H, ceil(Sq/32)*32]: sliced to Sq, padded again for the backward.
 
-    Ulysses local kernel                     "flash_varlen" (model.attn=flash_attention_2 / _3)
+    Ulysses local kernel                     "flash_varlen" (attn=flash_attention_2 / _3)
         flash-attn's flash_attn_varlen_func over the whole gathered packed sequence as THD
         [B*S, h, D] with cu_seqlens of its documents: one call, no mask, no per-document loop;
         causal, window_size=(window-1, 0) (non-causal: (window-1, window-1)), native GQA.
@@ -36,8 +36,10 @@ from dataclasses import dataclass
 import torch
 
 from cp import kernel_check
-from cp.kernels import AttnMask, BlockMask, MathBlockKernel, _check_gqa, _default_scale, acc_dtype
+from cp.block_kernels import MathBlockKernel, attention_with_lse
 from cp.documents import cu_seqlens_from_doc_ids
+from cp.masks import AttnMask, BlockMask, acc_dtype, check_gqa, default_scale
+from cp.styles import CPConfigError
 
 LSE_ALIGN = 32  # memory-efficient attention pads the LSE's query dim to a multiple of this
 BIAS_ALIGN = 16  # ... and wants the bias' key dim stride aligned to this
@@ -73,7 +75,7 @@ class EfficientBlockKernel:
     name: str = "cuda_efficient"
 
     def forward(self, q, k, v, allowed, scale: float):
-        groups, mask = _check_gqa(q, k), BlockMask.of(allowed)
+        groups, mask = check_gqa(q, k), BlockMask.of(allowed)
         mask_type, bias = _mask_mode(mask, q)
         out, lse, *_ = torch.ops.aten._efficient_attention_forward(  # by name: bound to the op's schema
             query=q, key=_expand_kv_bshd(k, groups), value=_expand_kv_bshd(v, groups), bias=bias, cu_seqlens_q=None,
@@ -87,7 +89,7 @@ class EfficientBlockKernel:
         return out, lse
 
     def backward(self, q, k, v, out, dout, lse, delta, allowed, scale: float):
-        groups = _check_gqa(q, k)
+        groups = check_gqa(q, k)
         B, Sq, H, _ = q.shape
         mask_type, bias = _mask_mode(BlockMask.of(allowed), q)
         lse_padded = torch.zeros(B, H, math.ceil(Sq / LSE_ALIGN) * LSE_ALIGN, dtype=torch.float32, device=q.device)
@@ -128,7 +130,7 @@ def probe_block_kernel(kernel, device, dtype) -> str | None:
         "earlier keys, window (queries with no key)": (late, early, AttnMask(pos[late], pos[early], one_doc[:, late],
                                                                            one_doc[:, early], window=17).dense()),
     }
-    exact, scale = MathBlockKernel(), _default_scale(q_all, None)
+    exact, scale = MathBlockKernel(), default_scale(q_all, None)
     for what, (qs, ks, allowed) in pieces.items():
         q, k, v, dout = q_all[:, qs], k_all[:, ks], v_all[:, ks], dout_all[:, qs]
         out, lse = kernel.forward(q, k, v, allowed, scale)
@@ -259,7 +261,7 @@ class FlashVarlenKernel:
         cu_seqlens, max_len = _document_cu_seqlens(mask.q_doc)
         out = self.module.flash_attn_varlen_func(
             q.reshape(B * S, H, D), k.reshape(B * S, k.shape[2], D), v.reshape(B * S, v.shape[2], v.shape[3]),
-            cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=_default_scale(q, scale), causal=mask.causal,
+            cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=default_scale(q, scale), causal=mask.causal,
             window_size=_window_size(mask.causal, mask.window))  # [B, S, h, D] -> THD [B * S, h, D]
         out = out[0] if isinstance(out, tuple) else out  # flash_attn_interface (FA3) may return (out, lse)
         return out.reshape(B, S, H, -1)  # THD [B * S, H, D] -> [B, S, H, D]
@@ -267,23 +269,21 @@ class FlashVarlenKernel:
 
 def probe_local_kernel(kernel, device, dtype, *, causal: bool = True, window: int | None = 17) -> str | None:
     """Compare a Ulysses local kernel with the exact math kernel on a packed case, out and dq/dk/dv."""
-    from cp.kernels import math_attention
-
     q, k, v, _, pos, docs = _probe_inputs(device, dtype)
     mask = AttnMask(pos, pos, docs, docs, causal, window)
-    return kernel_check.probe_function(lambda *qkv: kernel(*qkv, mask), lambda *qkv: math_attention(*qkv, mask),
+    return kernel_check.probe_function(lambda *qkv: kernel(*qkv, mask), lambda *qkv: attention_with_lse(*qkv, mask)[0],
                                        [q, k, v], dtype, names=["out", "dq", "dk", "dv"])
 
 
 def flash_varlen_kernel(attn: str, device: torch.device, dtype: torch.dtype) -> FlashVarlenKernel:
-    """model.attn=flash_attention_2/3 under Ulysses: the flash-attn package's varlen kernel, checked."""
+    """attn=flash_attention_2/3 under Ulysses: the flash-attn package's varlen kernel, checked."""
     if torch.device(device).type != "cuda":
-        raise ValueError(f"model.attn={attn} needs CUDA; on {device} use model.attn=sdpa")
+        raise CPConfigError(f"attn={attn} needs CUDA; on {device} use attn=sdpa", "attn")
     try:
         importlib.import_module(FLASH_MODULES[attn])
     except ImportError as exc:
-        raise ValueError(f"model.attn={attn} needs the {FLASH_MODULES[attn]} package (pip install "
-                         "'cptrain[gpu]'); or use model.attn=sdpa") from exc
+        raise CPConfigError(f"attn={attn} needs the {FLASH_MODULES[attn]} package (pip install 'cptrain[gpu]'); or "
+                            "use attn=sdpa", "attn") from exc
     kernel = FlashVarlenKernel(attn)
     kernel_check.require(f"{attn}_varlen", device, dtype, lambda: probe_local_kernel(kernel, device, dtype))
     return kernel

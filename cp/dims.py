@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-CP_STYLES = ("ulysses", "ring", "hybrid")
+from cp.styles import CPConfigError, CPStyle, get_style
 
 
 @dataclass
@@ -37,23 +37,21 @@ class ParallelDims:
     cp_ulysses: int | None = None  # hybrid only: the Ulysses degree inside each ring step
     mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
     _flat: dict[str, DeviceMesh] = field(default_factory=dict, init=False, repr=False)
+    _ring: int = field(default=1, init=False, repr=False)  # (ring, Ulysses) degrees from the style's levels
+    _ulysses: int = field(default=1, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.cp_style not in CP_STYLES:
-            raise ValueError(f"unknown model.cp_style={self.cp_style!r}; choose one of {', '.join(CP_STYLES)}")
-        if self.world_size < 1 or self.cp < 1:
-            raise ValueError(f"world_size ({self.world_size}) and model.cp ({self.cp}) must be >= 1")
+        if self.world_size < 1:
+            raise CPConfigError(f"world_size={self.world_size} must be >= 1", "world_size")
+        self._ring, self._ulysses = get_style(self.cp_style).degrees(self.cp, self.cp_ulysses)  # validates
         if self.world_size % self.cp:
-            raise ValueError(f"model.cp={self.cp} does not divide the world size {self.world_size}: "
-                             f"launch a multiple of {self.cp} ranks or change model.cp")
-        if self.cp_style == "hybrid":
-            if self.cp_ulysses is None:
-                raise ValueError("model.cp_style=hybrid needs model.cp_ulysses (the Ulysses degree; ring = cp / cp_ulysses)")
-            if self.cp_ulysses < 1 or self.cp % self.cp_ulysses:
-                raise ValueError(f"model.cp_ulysses={self.cp_ulysses} must divide model.cp={self.cp}")
-        elif self.cp_ulysses not in (None, self.ulysses):
-            raise ValueError(f"model.cp_ulysses is only used with model.cp_style=hybrid (got {self.cp_ulysses} "
-                             f"with cp_style={self.cp_style})")
+            raise CPConfigError(f"cp={self.cp} does not divide the world size {self.world_size}: launch a multiple "
+                                f"of {self.cp} ranks or change cp", "cp")
+
+    @property
+    def style(self) -> CPStyle:
+        """The registry entry of cp_style (cp.styles)."""
+        return get_style(self.cp_style)
 
     @property
     def dp(self) -> int:
@@ -61,13 +59,11 @@ class ParallelDims:
 
     @property
     def ulysses(self) -> int:
-        if self.cp_style == "hybrid":
-            return self.cp_ulysses
-        return self.cp if self.cp_style == "ulysses" else 1
+        return self._ulysses
 
     @property
     def ring(self) -> int:
-        return self.cp // self.ulysses
+        return self._ring
 
     def rank_groups(self, axis: str) -> list[list[int]]:
         """Global ranks of every group along `axis` (dp, cp_ring, cp_ulysses, cp, dp_cp), from the degrees
@@ -89,8 +85,8 @@ class ParallelDims:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
         if local and self.ulysses > 1 and (self.ulysses > local or local % self.ulysses):
             warnings.warn(f"the Ulysses degree {self.ulysses} does not fit the {local} ranks per node: its all-to-alls "
-                          "cross nodes; use model.cp_style=hybrid with model.cp_ulysses dividing the ranks per node "
-                          "(ring across nodes)", stacklevel=3)
+                          "cross nodes; use cp_style=hybrid with cp_ulysses dividing the ranks per node (ring across "
+                          "nodes)", stacklevel=3)
 
     def build(self, device_type: str = "cpu") -> DeviceMesh:
         """Make the DeviceMesh (needs the default process group, of size world_size)."""

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from cp.collectives import head_to_seq, seq_to_head
 from cp.params import CPParams
 from cp.ring import ring_core
+from cp.styles import CPStyle, register_cp_style
 from cp.ulysses import match_local_gqa, ulysses_head_index
 from cp.validation import check_qkv
 
@@ -30,7 +31,7 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: 
     """Exact attention of this rank's shards q [B, S/cp, H, D], k/v [B, S/cp, Hkv, D]; returns [B, S/cp, H, D].
 
     params come from setup_cp_params with a hybrid ParallelDims (any style's params work: a missing
-    level has size 1). kernel: the ring's block kernel (cp.kernels.BLOCK_KERNELS).
+    level has size 1). kernel: the ring's block kernel (cp.block_kernels.BLOCK_KERNELS).
     """
     check_qkv(q, k, v, params, window, sinks)
     group, size = params.ulysses_group, params.ulysses_size
@@ -46,3 +47,8 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: 
     out = ring_core(q_blk, k_blk, v_blk, params, causal=causal, scale=scale, window=window, sinks=local_sinks,
                     kernel=kernel)  # [B, S/ring, h_u, D]
     return head_to_seq(out, group, q_index, num_heads)  # [B, S/ring, h_u, D] -> [B, S/cp, H, D]
+
+
+STYLE = register_cp_style(CPStyle(
+    name="hybrid", levels=("ring", "ulysses"), default_layout="zigzag", attention=hybrid_attention, kernel_kind="block",
+    recurrent_mixers=False, description="Ulysses inside cp_ulysses groups x ring across them (USP)"))

@@ -14,7 +14,7 @@ rule out. So none runs unchecked:
                  gradients compared at the dtype's tolerance
         verdict cached per (K, device, dtype): None (trusted) or the reason it failed
 
-    explicit choice (model.attn=flash_attention_2, kernel="cuda_flash"): a failed check raises
+    explicit choice (attn=flash_attention_2, kernel="cuda_flash"): a failed check raises
     automatic choice ("auto", mixer kernels when importable): a failed check warns once and the
     exact torch path runs instead
 
@@ -89,7 +89,7 @@ def require(name: str, device, dtype: torch.dtype, probe: Callable[[], str | Non
     failure = verdict(name, device, dtype, probe)
     if failure is not None:
         raise RuntimeError(f"kernel {name!r} failed cptrain's exactness check on {device} / {dtype}: {failure}. "
-                           "Choose the exact torch path instead (e.g. model.attn=sdpa).")
+                           "Choose an exact torch kernel instead (sdpa or math).")
 
 
 def prefer(name: str, device, dtype: torch.dtype, probe: Callable[[], str | None]) -> bool:

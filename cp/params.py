@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from cp.collectives import gather_seq, group_size
-from cp.dims import CP_STYLES, ParallelDims
+from cp.dims import ParallelDims
 from cp.documents import (  # noqa: F401  (IGNORE_INDEX, cu_seqlens_from_doc_ids re-exported: callers import them here)
     IGNORE_INDEX,
     cu_seqlens_from_doc_ids,
@@ -43,16 +43,15 @@ from cp.documents import (  # noqa: F401  (IGNORE_INDEX, cu_seqlens_from_doc_ids
     seq_lens_from_cu_seqlens,
     seq_lens_from_position_ids,
 )
-from cp.layouts import ShardLevel, pad_multiple, shard_indices
-
-DEFAULT_LAYOUT = {"ulysses": "contiguous", "ring": "zigzag", "hybrid": "zigzag"}
+from cp.layouts import pad_multiple, shard_indices
+from cp.styles import CP_STYLES, CPConfigError, get_style
 
 
 @dataclass(frozen=True, eq=False)
 class CPParams:
     """Everything a CP attention path needs about the current batch and the groups."""
 
-    style: str  # ulysses | ring | hybrid
+    style: str  # a name in cp.styles.CP_STYLES (ulysses | ring | hybrid)
     layout: str  # contiguous | zigzag: the ring-level layout (Ulysses ranks always split contiguously)
     cp_size: int
     cp_rank: int
@@ -134,14 +133,6 @@ class CPBatch:
     params: CPParams
 
 
-def _shard_levels(style: str, layout: str, ring: int, ulysses: int) -> list[ShardLevel]:
-    if style == "ulysses":
-        return [("contiguous", ulysses)]
-    if style == "ring":
-        return [(layout, ring)]
-    return [(layout, ring), ("contiguous", ulysses)]
-
-
 def _normalise_seq_lens(seq_lens, cu_seqlens, position_ids, batch: int, length: int) -> list[list[int]]:
     if seq_lens is not None and cu_seqlens is not None:
         raise ValueError("give seq_lens or cu_seqlens, not both")
@@ -211,21 +202,22 @@ def setup_cp_params(input_ids: torch.Tensor, dims: ParallelDims | None = None, *
         cp_group, ring_group, ulysses_group = dims.cp_group, dims.ring_group, dims.ulysses_group
     else:
         style = style or "ulysses"
-        if style not in ("ulysses", "ring"):
-            raise ValueError(f"style={style!r} without dims: pass a built ParallelDims for {style!r}; "
-                             f"explicit groups support ulysses and ring (styles: {', '.join(CP_STYLES)})")
-        size = group_size(group)
-        ring, ulysses = (1, size) if style == "ulysses" else (size, 1)
+        if get_style(style).two_level:
+            one_level = [name for name, s in CP_STYLES.items() if not s.two_level]
+            raise CPConfigError(f"cp_style={style!r} without dims: pass a built ParallelDims for its two levels; "
+                                f"an explicit group takes a one-level style ({', '.join(one_level)})", "cp_style")
+        ring, ulysses = get_style(style).degrees(group_size(group))
         cp_group = group
-        ring_group, ulysses_group = (None, group) if style == "ulysses" else (group, None)
-    layout = layout or DEFAULT_LAYOUT[style]
+        ring_group, ulysses_group = (None, group) if get_style(style).levels == ("ulysses",) else (group, None)
+    spec = get_style(style)
+    layout = layout or spec.default_layout
     cp_size = ring * ulysses
     cp_rank = dist.get_rank(cp_group) if cp_size > 1 else 0
 
     if check_ranks and cp_size > 1:
         _check_same_on_all_ranks(cp_group, input_ids, lens, position_ids, labels)
 
-    levels = _shard_levels(style, layout, ring, ulysses)
+    levels = spec.shard_levels(layout, ring, ulysses)
     multiple = pad_multiple(levels)
     padded = -(-length // multiple) * multiple
     pad = padded - length

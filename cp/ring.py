@@ -32,10 +32,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cp.block_kernels import LseAttention, merge_attention
 from cp.collectives import RingExchange, group_size
-from cp.kernels import (AttnMask, BlockMask, LseAttention, _default_scale, acc_dtype, merge_attention,
-                        resolve_block_kernel)
+from cp.kernels import resolve_block_kernel
+from cp.masks import AttnMask, BlockMask, acc_dtype, default_scale
 from cp.params import CPParams
+from cp.styles import CPStyle, register_cp_style
 from cp.validation import check_qkv
 
 Piece = tuple[slice, slice, slice, BlockMask]  # (rows, query run, key run, which pairs are visible)
@@ -214,7 +216,7 @@ def ring_core(q, k, v, params: CPParams, *, causal: bool, scale: float | None, w
               sinks: torch.Tensor | None, kernel=None) -> torch.Tensor:
     """The ring over params.ring_group on blocks laid out as params.ring_block_index describes."""
     plan = RingPlan.cached(params, causal, window)
-    kernel, scale = resolve_block_kernel(kernel, q.device, q.dtype), _default_scale(q, scale)
+    kernel, scale = resolve_block_kernel(kernel, q.device, q.dtype), default_scale(q, scale)
     return LseAttention.apply(q, k, v, sinks, lambda *qkv: ring_forward(*qkv, plan, scale, kernel),
                               lambda *args: ring_backward(*args, plan, scale, kernel))
 
@@ -225,7 +227,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CP
     """Exact attention of this rank's shards q [B, L, H, D], k/v [B, L, Hkv, D] over the ring.
 
     params come from setup_cp_params with style "ring" (zigzag layout by default; "contiguous"
-    also works). kernel: a block kernel name in cp.kernels.BLOCK_KERNELS or an object with the
+    also works). kernel: a block kernel name in cp.block_kernels.BLOCK_KERNELS or an object with the
     same forward/backward (test override). Returns [B, L, H, D].
     """
     check_qkv(q, k, v, params, window, sinks)
@@ -234,3 +236,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CP
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
     return ring_core(q, k, v, params, causal=causal, scale=scale, window=window, sinks=sinks, kernel=kernel)
+
+
+STYLE = register_cp_style(CPStyle(
+    name="ring", levels=("ring",), default_layout="zigzag", attention=ring_attention, kernel_kind="block",
+    recurrent_mixers=False, description="K/V ring with online-softmax merge; any head count"))

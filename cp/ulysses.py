@@ -21,14 +21,17 @@ H % Hkv == 0.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from cp.collectives import head_to_seq, seq_to_head, start_all_to_all
-from cp.kernels import AttnMask, Kernel, per_document, resolve_kernel
+from cp.kernels import Kernel, per_document, resolve_kernel
+from cp.masks import AttnMask
 from cp.params import CPParams
+from cp.styles import CPConfigError, CPStyle, register_cp_style
 from cp.validation import check_qkv
 
 
@@ -69,9 +72,9 @@ def align_groups_to_heads(a: torch.Tensor, b: torch.Tensor, group_of_head: list[
 def ulysses_head_index(num_heads: int, num_kv_heads: int, size: int) -> tuple[list[list[int]], list[list[int]]]:
     """Which query heads and which KV heads each of `size` ranks receives."""
     if num_heads < size:
-        raise ValueError(f"Ulysses CP over {size} ranks needs at least {size} query heads, the model has "
-                         f"{num_heads}: lower model.cp or use model.cp_style=ring (or hybrid with "
-                         f"model.cp_ulysses <= {num_heads})")
+        raise CPConfigError(f"Ulysses CP over {size} ranks needs at least {size} query heads, the model has "
+                            f"{num_heads}: lower cp or use cp_style=ring (or hybrid with cp_ulysses <= {num_heads})",
+                            "cp", "cp_style", "cp_ulysses")
     split = grouped_head_split(num_heads, num_kv_heads, size)
     return split.head_index, split.group_index
 
@@ -84,22 +87,22 @@ def match_local_gqa(k: torch.Tensor, v: torch.Tensor, q_heads: list[int], kv_hea
 def _head_chunks(num_heads: int, num_kv: int, chunks: int) -> list[tuple[list[int], list[int]]]:
     """Split heads into `chunks` groups that keep every query head with its KV head."""
     if chunks < 1 or chunks > num_kv:
-        raise ValueError(f"chunks={chunks}: Ulysses head chunks must be between 1 and the number of KV heads "
-                         f"({num_kv}) so every chunk keeps its query heads with their KV heads")
+        raise CPConfigError(f"chunks={chunks} must be between 1 and the number of KV heads ({num_kv}), so every "
+                            "head group keeps its query heads with their KV heads", "chunks")
     groups = num_heads // num_kv
     kv_chunks = [c.tolist() for c in torch.arange(num_kv).tensor_split(chunks)]
     return [(list(range(kv[0] * groups, (kv[-1] + 1) * groups)), kv) for kv in kv_chunks]
 
 
 def _local_attention(q_full, k_full, v_full, params: CPParams, q_heads, kv_heads, groups, *, causal, scale, window,
-                     sinks, attn_fn):
+                     sinks, kernel):
     """The kernel on the gathered full sequence of this rank's heads: [B, S, h_r, D]."""
     k_full, v_full = match_local_gqa(k_full, v_full, q_heads, kv_heads, groups)
     pos = params.ulysses_gathered_index().to(q_full.device)  # global position of each gathered token
     doc = params.doc_ids[:, pos]  # [B, S]
     mask = AttnMask(q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, causal=causal, window=window)
     local_sinks = None if sinks is None else sinks[q_heads]
-    kernel = resolve_kernel(attn_fn)
+    kernel = resolve_kernel(kernel)
     if params.document_spans is None:
         return kernel(q_full, k_full, v_full, mask, scale=scale, sinks=local_sinks)
     return per_document(kernel, q_full, k_full, v_full, mask, params.document_spans, scale=scale, sinks=local_sinks)
@@ -107,27 +110,39 @@ def _local_attention(q_full, k_full, v_full, params: CPParams, q_heads, kv_heads
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParams, *,
                       causal: bool = True, scale: float | None = None, window: int | None = None,
-                      sinks: torch.Tensor | None = None, attn_fn: str | Kernel | None = None,
-                      chunks: int = 1) -> torch.Tensor:
+                      sinks: torch.Tensor | None = None, kernel: str | Kernel | None = None,
+                      chunks: int = 1, attn_fn: str | Kernel | None = None) -> torch.Tensor:
     """Exact attention of this rank's sequence shards q [B, S/P, H, D], k/v [B, S/P, Hkv, D].
 
-    attn_fn: the local kernel on the full sequence: a name in cp.kernels.KERNELS, a callable with
+    kernel: the local kernel on the full sequence: a name in cp.kernels.KERNELS, a callable with
     the kernel signature, or an HF attention function wrapped by cp.kernels.hf_kernel.
     chunks: > 1 pipelines the all-to-alls by head groups (KV heads split in `chunks`, query heads
     follow): the all-to-all of group i+1 runs while group i attends. Same numbers as chunks=1.
+    attn_fn: the old name of `kernel` (deprecated).
     Returns [B, S/P, H, D].
     """
+    if attn_fn is not None:
+        if kernel is not None:
+            raise TypeError("ulysses_attention: give kernel= (attn_fn= is its deprecated name), not both")
+        warnings.warn("ulysses_attention(attn_fn=) is deprecated: pass kernel= (the same keyword as ring_attention "
+                      "and hybrid_attention)", DeprecationWarning, stacklevel=2)
+        kernel = attn_fn
     check_qkv(q, k, v, params, window, sinks)
     num_heads, num_kv = q.shape[2], k.shape[2]
-    ulysses_head_index(num_heads, num_kv, params.ulysses_size)  # validates before any collective
-    kw = dict(causal=causal, scale=scale, window=window, attn_fn=attn_fn)
-    plan = _head_chunks(num_heads, num_kv, chunks)
+    check_ulysses_heads(num_heads, num_kv, params.ulysses_size, chunks)  # before any collective
+    kw = dict(causal=causal, scale=scale, window=window, kernel=kernel)
     if chunks == 1 or params.ulysses_size == 1:
         return _ulysses_single_shot(q, k, v, params, sinks=sinks, **kw)
-    if min(len(q_heads) for q_heads, _ in plan) < params.ulysses_size:
-        raise ValueError(f"chunks={chunks} leaves fewer query heads in a chunk than the {params.ulysses_size} "
-                         "Ulysses ranks: use fewer chunks")
-    return _ulysses_pipelined(q, k, v, params, plan, sinks=sinks, **kw)
+    return _ulysses_pipelined(q, k, v, params, _head_chunks(num_heads, num_kv, chunks), sinks=sinks, **kw)
+
+
+def check_ulysses_heads(num_heads: int, num_kv: int, size: int, chunks: int = 1) -> None:
+    """Raise (CPConfigError) unless `size` Ulysses ranks can split these heads into `chunks` pipelined groups."""
+    ulysses_head_index(num_heads, num_kv, size)
+    plan = _head_chunks(num_heads, num_kv, chunks)
+    if chunks > 1 and size > 1 and min(len(q_heads) for q_heads, _ in plan) < size:
+        raise CPConfigError(f"chunks={chunks} leaves fewer query heads in a head group ({num_heads} heads, {num_kv} "
+                            f"KV heads) than the {size} Ulysses ranks: lower chunks", "chunks")
 
 
 def _ulysses_single_shot(q, k, v, params: CPParams, *, sinks, **kw) -> torch.Tensor:
@@ -168,3 +183,9 @@ def _ulysses_pipelined(q, k, v, params: CPParams, plan, *, sinks, **kw) -> torch
                                sinks=chunk_sinks, **kw)  # [B, S, h_r, D]
         outputs.append(start_all_to_all(out, "head_to_seq", group, q_index, len(q_heads)))  # -> [B, S/P, H_i, D]
     return torch.cat([wait() for wait in outputs], dim=2)  # chunks in head order -> [B, S/P, H, D]
+
+
+STYLE = register_cp_style(CPStyle(
+    name="ulysses", levels=("ulysses",), default_layout="contiguous", attention=ulysses_attention, kernel_kind="local",
+    recurrent_mixers=True, options=("chunks",),
+    description="all-to-all seq <-> heads around a local kernel; cp <= query heads"))

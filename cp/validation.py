@@ -4,7 +4,8 @@
     models/ (at import) ── register_sequence_mixer(class, description, cp_styles=)
                               └─> SUPPORTED_SEQUENCE_MIXERS, MIXER_CP_STYLES
     assert_cp_style_supports_model(style, model)   attention routed, layer types known,
-                                                   every sequence mixer registered, mixers -> Ulysses only
+                                                   every sequence mixer registered, mixers only under
+                                                   styles that allow them (cp.styles: recurrent_mixers)
 
 cp never imports models/: the mixer families it accepts are the ones models/ registered (or the
 `supported_mixers` a caller passes).
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from cp.params import CPParams
+from cp.styles import CP_STYLES, CPConfigError, get_style
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParams, window, sinks) -> None:
@@ -44,13 +46,23 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParam
 # models/ registers every mixer family it has a Ulysses wrapper for (models.mixer_families, at import, through
 # register_sequence_mixer); any other mixer family is refused rather than run wrong.
 SUPPORTED_SEQUENCE_MIXERS: dict[str, str] = {}
-MIXER_CP_STYLES: dict[str, tuple[str, ...]] = {}  # class name -> the CP styles it runs under (default: ulysses)
+MIXER_CP_STYLES: dict[str, tuple[str, ...] | None] = {}  # class name -> its CP styles (None: every style that
+# allows recurrent mixers, CPStyle.recurrent_mixers)
 
 
-def register_sequence_mixer(class_name: str, description: str, *, cp_styles=("ulysses",)) -> None:
-    """Declare `class_name` a sequence mixer cptrain runs under `cp_styles` (called by models/ for each family)."""
+def register_sequence_mixer(class_name: str, description: str, *, cp_styles=None) -> None:
+    """Declare `class_name` a sequence mixer cptrain runs under `cp_styles` (None: every style whose registry
+    entry allows recurrent mixers). Called by models/ for each family."""
     SUPPORTED_SEQUENCE_MIXERS[class_name] = description
-    MIXER_CP_STYLES[class_name] = tuple(cp_styles)
+    MIXER_CP_STYLES[class_name] = None if cp_styles is None else tuple(cp_styles)
+
+
+def mixer_styles(class_name: str) -> list[str]:
+    """The CP styles a registered sequence mixer runs under: its own list, within the styles that allow
+    recurrent mixers."""
+    allowed = [name for name, style in CP_STYLES.items() if style.recurrent_mixers]
+    own = MIXER_CP_STYLES.get(class_name)
+    return allowed if own is None else [name for name in allowed if name in own]
 
 
 # Class-name words that mark a recurrent / linear-attention / SSM / long-conv sequence mixer. Matched
@@ -84,12 +96,11 @@ def assert_cp_style_supports_model(cp_style: str, model: nn.Module, *, supported
     registered, SUPPORTED_SEQUENCE_MIXERS).
 
     - attention must go through transformers' AttentionInterface (that is how CP attention is routed);
-    - linear-attention / SSM mixers run only under Ulysses (ring and hybrid split the sequence the
-      mixers' recurrences run along);
+    - linear-attention / SSM mixers run only under styles whose registry entry allows them
+      (CPStyle.recurrent_mixers: Ulysses; ring and hybrid split the sequence their recurrences run along);
     - a mixer family cptrain has no CP path for is refused under every style.
     """
-    if cp_style not in ("ulysses", "ring", "hybrid"):
-        raise ValueError(f"unknown model.cp_style={cp_style!r}; choose ulysses, ring or hybrid")
+    get_style(cp_style)  # an unknown style fails here
     supported = SUPPORTED_SEQUENCE_MIXERS if supported_mixers is None else supported_mixers
     routes_attention = getattr(type(model), "_can_set_attn_implementation", None)
     if not (routes_attention() if routes_attention else getattr(model, "_supports_attention_backend", False)):
@@ -105,7 +116,8 @@ def assert_cp_style_supports_model(cp_style: str, model: nn.Module, *, supported
         if name not in supported:
             raise ValueError(f"layer {path} ({name}) is a sequence mixer cptrain has no CP path for; "
                              "it would run silently wrong under any CP style")
-        styles = MIXER_CP_STYLES.get(name, ("ulysses",))
+        styles = mixer_styles(name)
         if cp_style not in styles:
-            raise ValueError(f"{cp_style} CP cannot run linear-attention or SSM layers ({supported[name]} "
-                             f"at {path}): use model.cp_style={' or '.join(styles)}")
+            raise CPConfigError(f"{cp_style} CP cannot run linear-attention or SSM layers ({supported[name]} at {path}): "
+                                f"their recurrences need every token of a head on one rank; use cp_style="
+                                f"{' or '.join(styles)}", "cp_style")

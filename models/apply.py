@@ -2,9 +2,10 @@
 
     apply_cp(model, dims, attn=None)
       1. cp.assert_cp_style_supports_model(dims.cp_style, model)   refuse what would run wrong
-      2. check the attention heads against the Ulysses degree         (fail at startup, not step 900)
+      2. check the attention heads against the Ulysses degree and chunks (fail at startup, not step 900)
          and the attention traits (models.traits: RoPE, chunking, softcap vs kernel)
-      3. register "cptrain_cp_<attn>" with AttentionInterface and switch the model to it
+      3. register "cptrain_cp_<attn>" with AttentionInterface and switch the model to it (style
+         options such as Ulysses' chunks go with the registration: "cptrain_cp_<attn>_chunks2")
       4. for every registered mixer family (models.mixer_families: Gated DeltaNet, NemotronH Mamba2,
          Bamba Mamba2), wrap each module its spec matches: spec.wrap(module, dims) (head split checked)
       5. config.use_cache = False                                    (CP is for training passes)
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 import cp
+from cp.ulysses import check_ulysses_heads
 from models.attention import check_inner_kernel, inner_kernel_of, register_cp_attention
 from models.mixer_families import MIXER_FAMILIES
 from models.traits import check_attention_traits
@@ -33,17 +35,26 @@ def _configured_attn(model: nn.Module) -> str:
     return inner_kernel_of(attn) or attn  # apply_cp ran before: keep its inner kernel
 
 
-def _check_heads(model: nn.Module, dims: cp.ParallelDims) -> None:
+def _check_heads(model: nn.Module, dims: cp.ParallelDims, chunks: int) -> None:
+    """The attention heads against the Ulysses degree and the head chunks (cp.CPConfigError naming the fix)."""
     config = getattr(model.config, "text_config", None) or model.config
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads is None:
         return
-    if heads < dims.ulysses:
-        raise ValueError(f"{type(model).__name__} has {heads} attention heads, fewer than the Ulysses degree "
-                         f"{dims.ulysses}: lower model.cp, or use model.cp_style=ring / hybrid with cp_ulysses <= {heads}")
     if heads % kv_heads:
         raise ValueError(f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
+    check_ulysses_heads(heads, kv_heads, dims.ulysses, chunks)
+
+
+def _style_options(dims: cp.ParallelDims, chunks: int) -> dict:
+    """The style options apply_cp was given, refused for a style that does not take them."""
+    if chunks != 1 and "chunks" not in dims.style.options:
+        takes = [name for name, style in cp.CP_STYLES.items() if "chunks" in style.options]
+        raise cp.CPConfigError(f"chunks={chunks} pipelines Ulysses' all-to-alls by head groups; cp_style="
+                               f"{dims.cp_style} does not take it: use chunks=1 or cp_style={' or '.join(takes)}",
+                               "chunks", "cp_style")
+    return {"chunks": chunks}
 
 
 def _replace_modules(model: nn.Module, predicate, wrap) -> int:
@@ -55,18 +66,20 @@ def _replace_modules(model: nn.Module, predicate, wrap) -> int:
     return len(targets)
 
 
-def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None) -> nn.Module:
+def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None, chunks: int = 1) -> nn.Module:
     """Install CP on `model` in place (and return it). attn: the inner attention kernel (model.attn;
-    default: what the model was configured with, e.g. "sdpa")."""
+    default: what the model was configured with, e.g. "sdpa"). chunks: Ulysses' head-chunked pipelined
+    all-to-alls (model.ulysses_chunks; cp.ulysses_attention(chunks=)), 1 = one all-to-all per tensor."""
     cp.assert_cp_style_supports_model(dims.cp_style, model)
     attn = attn or _configured_attn(model)
     check_inner_kernel(attn, dims.cp_style)
-    _check_heads(model, dims)
+    options = _style_options(dims, chunks)
+    _check_heads(model, dims, chunks)
     check_attention_traits(model, attn)
     # The wrappers check each mixer's head split against the Ulysses degree as they are installed.
     for spec in MIXER_FAMILIES:
         _replace_modules(model, spec.matches, lambda m, spec=spec: spec.wrap(m, dims))
-    model.set_attn_implementation(register_cp_attention(attn))
+    model.set_attn_implementation(register_cp_attention(attn, options))
     model.config.use_cache = False
     return model
 

@@ -37,6 +37,7 @@ its own flash-attn path (padding-free kwargs, installation checks), which the CP
 from __future__ import annotations
 
 import importlib
+import re
 
 import torch
 from transformers import AttentionInterface
@@ -65,7 +66,8 @@ DENIED_KERNELS = {
 }
 # no "flash" in the name (see above); hub kernels ("<org>/<repo>") are added as registered (models.hub_kernels)
 _REGISTERED_SUFFIX = {"flash_attention_2": "fa2", "flash_attention_3": "fa3"}
-_STYLE_FUNCTIONS = {"ulysses": cp.ulysses_attention, "ring": cp.ring_attention, "hybrid": cp.hybrid_attention}
+STYLE_OPTION_DEFAULTS = {"chunks": 1}  # CPStyle.options cptrain exposes (model.ulysses_chunks), at their defaults
+_OPTION_TAIL = re.compile("(?:" + "|".join(f"_{key}\\d+" for key in STYLE_OPTION_DEFAULTS) + ")+$")
 
 
 def check_inner_kernel(attn: str, cp_style: str) -> None:
@@ -89,25 +91,28 @@ def check_inner_kernel(attn: str, cp_style: str) -> None:
     if attn not in AttentionInterface._global_mapping:
         raise ValueError(f"model.attn={attn!r} is neither a cptrain kernel ({sorted(INNER_KERNELS)}) nor registered "
                          "with transformers' AttentionInterface")
-    if cp_style != "ulysses":
+    if cp.get_style(cp_style).kernel_kind != "local":
+        local = [name for name, style in cp.CP_STYLES.items() if style.kernel_kind == "local"]
         raise ValueError(f"model.attn={attn!r} is a plain attention function without log-sum-exp; {cp_style} CP merges "
-                         f"blocks by LSE: use model.attn=sdpa (or math), or model.cp_style=ulysses")
+                         f"blocks by LSE: use model.attn=sdpa (or math), or model.cp_style={' or '.join(local)}")
 
 
-def _kernels_for(attn: str, module: torch.nn.Module, q: torch.Tensor, sinks: torch.Tensor | None, style: str):
-    """(Ulysses local kernel, ring block kernel) for inner kernel `attn` on q's device and dtype."""
+def _kernels_for(attn: str, module: torch.nn.Module, q: torch.Tensor, sinks: torch.Tensor | None, style: cp.CPStyle):
+    """(local kernel, block kernel) for inner kernel `attn` on q's device and dtype."""
     if attn in INNER_KERNELS:
         return INNER_KERNELS[attn]
     if attn in FLASH_MODULES:  # ring / hybrid and sink layers (they need the LSE): the fused block kernel
-        varlen = style == "ulysses" and sinks is None
+        varlen = style.kernel_kind == "local" and sinks is None
         return (flash_varlen_kernel(attn, q.device, q.dtype) if varlen else "lse"), "cuda_flash"
     if is_hub_kernel(attn):  # Ulysses only (checked at startup); sink layers need the LSE: the "lse" kernel
         return ("lse" if sinks is not None else hub_local_kernel(attn, module, q)), None
     return cp.hf_kernel(AttentionInterface._global_mapping[attn], module), None  # Ulysses only (checked at startup)
 
 
-def make_cp_attention(attn: str):
-    """The AttentionInterface function for inner kernel `attn` (BHSD in, BSHD out, like HF's)."""
+def make_cp_attention(attn: str, options: dict | None = None):
+    """The AttentionInterface function for inner kernel `attn` (BHSD in, BSHD out, like HF's). options: the
+    style's extra keywords (CPStyle.options, e.g. Ulysses' chunks), passed to the styles that take them."""
+    options = dict(options or {})
 
     def cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
@@ -122,31 +127,35 @@ def make_cp_attention(attn: str):
         if dropout and module.training:
             raise ValueError("attention dropout is not supported under CP (set the config's attention_dropout=0)")
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S_local, D] -> [B, S_local, H, D]
+        style = cp.get_style(cp_params.style)
         softcap = layer_softcap(module, kwargs.get("softcap"))
         if softcap is None:
-            ulysses_kernel, block_kernel = _kernels_for(attn, module, q, s_aux, cp_params.style)
+            local_kernel, block_kernel = _kernels_for(attn, module, q, s_aux, style)
         elif attn in SOFTCAP_KERNELS:
-            ulysses_kernel, block_kernel = softcap_kernels(softcap)
+            local_kernel, block_kernel = softcap_kernels(softcap)
         else:  # refused at startup by models.traits; kept for functions called outside apply_cp
             raise ValueError(f"{type(module).__name__} caps attention logits (softcap={softcap}), which "
                              f"model.attn={attn} cannot do under CP: use model.attn=eager")
         if v.shape[-1] != q.shape[-1] and softcap is None:  # MLA-style value head dim: fused block kernels
             block_kernel = "math"  # want one head dim; the math block kernel takes any value head dim
-        kernel_kw = {"attn_fn": ulysses_kernel} if cp_params.style == "ulysses" else {"kernel": block_kernel}
-        out = _STYLE_FUNCTIONS[cp_params.style](q, k, v, cp_params, causal=getattr(module, "is_causal", True),
-                                                scale=scaling, window=layer_window(module, sliding_window),
-                                                sinks=s_aux, **kernel_kw)
+        kernel = local_kernel if style.kernel_kind == "local" else block_kernel
+        style_options = {key: value for key, value in options.items() if key in style.options}
+        out = style.attention(q, k, v, cp_params, causal=getattr(module, "is_causal", True), scale=scaling,
+                              window=layer_window(module, sliding_window), sinks=s_aux, kernel=kernel, **style_options)
         return out, None  # [B, S_local, H, D], no attention weights
 
     return cp_attention_forward
 
 
-def register_cp_attention(attn: str) -> str:
-    """Register the CP attention function for inner kernel `attn`; returns the implementation name."""
+def register_cp_attention(attn: str, options: dict | None = None) -> str:
+    """Register the CP attention function for inner kernel `attn` with the style options (e.g. {"chunks": 2});
+    returns the implementation name (the options are part of it when not the defaults)."""
     if is_hub_kernel(attn):
         _REGISTERED_SUFFIX[attn] = registered_suffix(attn)
-    name = f"{CP_ATTENTION_PREFIX}_{_REGISTERED_SUFFIX.get(attn, attn)}"
-    AttentionInterface.register(name, make_cp_attention(attn))
+    chosen = {key: value for key, value in (options or {}).items() if value != STYLE_OPTION_DEFAULTS[key]}
+    tail = "".join(f"_{key}{value}" for key, value in sorted(chosen.items()))  # e.g. "cptrain_cp_sdpa_chunks2"
+    name = f"{CP_ATTENTION_PREFIX}_{_REGISTERED_SUFFIX.get(attn, attn)}{tail}"
+    AttentionInterface.register(name, make_cp_attention(attn, chosen))
     return name
 
 
@@ -154,5 +163,5 @@ def inner_kernel_of(name: str) -> str | None:
     """The inner kernel of a registered CP attention name (None when `name` is not one)."""
     if not name.startswith(CP_ATTENTION_PREFIX + "_"):
         return None
-    suffix = name[len(CP_ATTENTION_PREFIX) + 1:]
+    suffix = _OPTION_TAIL.sub("", name[len(CP_ATTENTION_PREFIX) + 1:])
     return {v: k for k, v in _REGISTERED_SUFFIX.items()}.get(suffix, suffix)

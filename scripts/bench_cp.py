@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rounds with bytes and comm waits measured (default 2; quick 1)")
     p.add_argument("--peers", nargs="*", choices=["deepspeed", "torch_cp"], default=["deepspeed", "torch_cp"])
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    p.add_argument("--ulysses-chunks", type=int, nargs="*", default=[],
+                   help="model workload: also run Ulysses with these head chunks (model.ulysses_chunks)")
+    p.add_argument("--model-kv-heads", type=int, default=None,
+                   help="KV heads of the model workload (default 2; chunks need at least as many KV heads)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     p.add_argument("--mem-budget-mib", type=float, default=None,
                    help="memory budget per rank for the max-sequence-length plot (default: 256 CPU, 65536 CUDA)")
@@ -73,7 +77,9 @@ def options(args) -> Options:
         workloads=args.workloads, cps=args.cps, warmup=args.warmup, peers=list(args.peers), threads=args.threads,
         seq_lens={"attention": args.attention_seq_lens or lens["attention"],
                   "model": args.model_seq_lens or lens["model"]},
-        repeats=args.repeats or (2 if args.quick else 5), instrumented=args.instrumented or (1 if args.quick else 2))
+        repeats=args.repeats or (2 if args.quick else 5), instrumented=args.instrumented or (1 if args.quick else 2),
+        ulysses_chunks=list(args.ulysses_chunks),
+        model={} if args.model_kv_heads is None else {"kv_heads": args.model_kv_heads})
 
 
 def command_line() -> str:

@@ -86,9 +86,8 @@ def check_case(case: Case, dims: cp.ParallelDims, attention=cp.ulysses_attention
     p = batch.params
     ql, kl, vl = (cp.shard(t, p).requires_grad_() for t in (q, k, v))
     sl = None if sinks is None else sinks.clone().requires_grad_()
-    kernel_kwarg = "attn_fn" if attention is cp.ulysses_attention else "kernel"  # ring/hybrid: block kernels
-    out = attention(ql, kl, vl, p, causal=case.causal, window=window, sinks=sl,
-                    **({kernel_kwarg: _kernel(case.kernel)} if case.kernel else {}), **case.extra)
+    out = attention(ql, kl, vl, p, causal=case.causal, window=window, sinks=sl,  # kernel: local (Ulysses) or block
+                    **({"kernel": _kernel(case.kernel)} if case.kernel else {}), **case.extra)
     full = cp.unshard(out, p)
     (full * proj).sum().backward()
 

@@ -64,7 +64,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def _block_mask(q, k, causal: bool):
-    from cp.kernels import BlockMask
+    from cp.masks import BlockMask
 
     B, sq, sk = q.shape[0], q.shape[1], k.shape[1]
     assert not causal or sq == sk, "the stand-in covers square causal blocks (what cptrain sends)"
@@ -74,7 +74,7 @@ def _block_mask(q, k, causal: bool):
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """BSHD, native GQA; with return_attn_probs: (out, softmax_lse [B, H, Sq] fp32, S_dmask)."""
-    from cp.kernels import MathBlockKernel
+    from cp.block_kernels import MathBlockKernel
 
     assert window_size == (-1, -1) and dropout_p == 0.0
     out, lse = MathBlockKernel().forward(q, k, v, _block_mask(q, k, causal), softmax_scale)
@@ -85,7 +85,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 def _flash_attn_backward_v27(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
                              window_size_left, window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
     """flash-attn >= 2.7's block backward: fills dq, dk, dv from the given out and LSE."""
-    from cp.kernels import MathBlockKernel
+    from cp.block_kernels import MathBlockKernel
 
     assert (window_size_left, window_size_right) == (-1, -1) and softcap == 0.0 and dropout_p == 0.0
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # [B, S, H] -> [B, H, S]

@@ -14,9 +14,15 @@ import torch
 
 import cp
 from cp import kernel_check
-from cp.cuda_kernels import (EfficientBlockKernel, FlashBlockKernel, FlashVarlenKernel, probe_block_kernel,
-                             probe_local_kernel)
-from cp.kernels import AttnMask, CpuFlashBlockKernel, MathBlockKernel
+from cp.block_kernels import CpuFlashBlockKernel, MathBlockKernel
+from cp.cuda_kernels import (
+    EfficientBlockKernel,
+    FlashBlockKernel,
+    FlashVarlenKernel,
+    probe_block_kernel,
+    probe_local_kernel,
+)
+from cp.masks import AttnMask
 from models import mixer_kernels
 from models.gated_deltanet import varlen_gated_delta_rule
 from models.mamba2 import ssd_scan_varlen
@@ -151,7 +157,7 @@ def _ulysses_flash_worker(rank, world):
     with fake_gpu_packages.installed():
         for attn_fn in (FlashVarlenKernel("flash_attention_2"), "math"):
             ql, kl, vl = (cp.shard(t, p).requires_grad_() for t in (q, k, v))
-            out = cp.ulysses_attention(ql, kl, vl, p, window=7, attn_fn=attn_fn)
+            out = cp.ulysses_attention(ql, kl, vl, p, window=7, kernel=attn_fn)
             out.pow(2).sum().backward()
             results.append([out, ql.grad, kl.grad, vl.grad])
     for a, b in zip(*results):

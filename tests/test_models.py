@@ -74,7 +74,7 @@ def test_models_on_four_ranks(family):
 @pytest.mark.parametrize("style", ["ring", "hybrid"])
 def test_ring_and_hybrid_are_rejected_for_linear_attention_and_ssm_layers(family, style):
     model = tiny_model(family)
-    with pytest.raises(ValueError, match="use model.cp_style=ulysses"):
+    with pytest.raises(cp.CPConfigError, match="use cp_style=ulysses"):  # cp's terms (the trainer: model.cp_style)
         cp.assert_cp_style_supports_model(style, model)
 
 

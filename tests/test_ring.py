@@ -143,7 +143,7 @@ def test_ring_and_hybrid_reject_bad_inputs():
 def test_piece_masks_classified_from_ranges_equal_the_dense_mask():
     """Every piece kind the plan derives from position ranges alone (causal diagonal, full, window-cut
     dense, skipped) is exactly the dense mask of global positions, for causal and non-causal, any window."""
-    from cp.kernels import AttnMask
+    from cp.masks import AttnMask
     from cp.ring import _piece_mask
 
     runs = [(0, 8), (8, 16), (3, 5), (20, 27)]

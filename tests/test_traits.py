@@ -9,7 +9,9 @@ import torch
 
 import cp
 import models
-from cp.kernels import AttnMask, MathBlockKernel, attention_with_lse, softcap_kernels
+from cp.block_kernels import MathBlockKernel, attention_with_lse
+from cp.kernels import softcap_kernels
+from cp.masks import AttnMask
 from models.family_configs import tiny_family_model
 from models.traits import NOT_PASSED, layer_softcap, layer_window
 from tests.dist import run_distributed

@@ -101,7 +101,7 @@ def _chunked_worker(rank, world):
     results = []
     for chunks in (1, 2):
         ql, kl, vl = (cp.shard(t, p).requires_grad_() for t in (q, k, v))
-        out = cp.ulysses_attention(ql, kl, vl, p, window=33, chunks=chunks, attn_fn="math")
+        out = cp.ulysses_attention(ql, kl, vl, p, window=33, chunks=chunks, kernel="math")
         out.pow(2).sum().backward()
         results.append([out.detach(), ql.grad, kl.grad, vl.grad])
     for what, a, b in zip(("out", "dq", "dk", "dv"), *results):
@@ -144,7 +144,7 @@ def _per_document_worker(rank, world):
         grads = []
         for fn in (spy, packed):
             ql, kl, vl = (cp.shard(t, p).requires_grad_() for t in (q, k, v))
-            out = cp.ulysses_attention(ql, kl, vl, p, window=window, attn_fn=fn)
+            out = cp.ulysses_attention(ql, kl, vl, p, window=window, kernel=fn)
             out.pow(2).sum().backward()
             grads.append([out.detach(), ql.grad, kl.grad, vl.grad])
         for a, b in zip(*grads):
@@ -161,7 +161,7 @@ def test_ulysses_runs_the_kernel_per_document(world):
 def test_mask_fast_paths_only_where_they_are_exact():
     """is_plain_causal / is_unmasked (the kernels' mask-free paths) agree with the dense mask, also for
     blocks whose queries and keys are far apart under a window."""
-    from cp.kernels import AttnMask, BlockMask
+    from cp.masks import AttnMask, BlockMask
     for q_lo, k_lo in ((0, 0), (100, 0), (0, 100)):
         q_pos, k_pos = torch.arange(q_lo, q_lo + 10), torch.arange(k_lo, k_lo + 10)
         for causal in (True, False):

@@ -8,10 +8,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+
+import cp
+from cp.layouts import pad_multiple
 
 DTYPES = ("float32", "bfloat16")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -27,9 +32,14 @@ class ModelConfig:
     cp: int = 2
     """Context-parallel degree: ranks that share one sequence. Must divide the world size."""
     cp_style: str = "ulysses"
-    """ring | ulysses | hybrid."""
+    """ring | ulysses | hybrid (the registry in cp/styles.py)."""
     cp_ulysses: Optional[int] = None
     """hybrid only: the Ulysses degree (ring degree = cp / cp_ulysses)."""
+    ulysses_chunks: int = 1
+    """Ulysses only: split the heads into this many groups and pipeline the all-to-alls (group i+1's
+    all-to-all runs while group i attends). Same numbers as 1; must be <= the KV heads and leave every
+    group at least cp query heads. Helps where the network and the kernel can overlap (GPUs); see the
+    benchmark in docs/benchmarks before raising it."""
     attn: str = "sdpa"
     """Inner attention kernel under CP: sdpa | eager | math | lse | flash_attention_2 | flash_attention_3 (CUDA),
     or a registered AttentionInterface name (Ulysses only). See models/attention.py."""
@@ -204,6 +214,37 @@ def register_configs() -> None:
     cs.store(name="rl_schema", node=RLConfig)
 
 
+# cp's argument names -> this trainer's config keys
+CP_ARGUMENT_KEYS = {"cp": "model.cp", "cp_style": "model.cp_style", "cp_ulysses": "model.cp_ulysses",
+                    "chunks": "model.ulysses_chunks", "attn": "model.attn"}
+
+
+def in_config_terms(message: str, names=tuple(CP_ARGUMENT_KEYS)) -> str:
+    """A cp message with the arguments `names` (whole words: `cp_style=ring`, "lower cp") as config keys."""
+    names = [name for name in names if name in CP_ARGUMENT_KEYS]
+    if not names:
+        return message
+    pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")(?!\w)")
+    return pattern.sub(lambda match: CP_ARGUMENT_KEYS[match.group(1)], message)
+
+
+@contextlib.contextmanager
+def cp_errors_in_config_terms():
+    """Re-raise a cp.CPConfigError (cp's terms: "cp=3 ... change cp") as a ValueError in this trainer's config
+    keys ("model.cp=3 ... change model.cp"): the arguments the error names are translated."""
+    try:
+        yield
+    except cp.CPConfigError as exc:
+        raise ValueError(in_config_terms(str(exc), exc.names)) from exc
+
+
+def cp_pad_multiple(m) -> int:
+    """The smallest sequence length every rank of model.cp / cp_style gets an equal shard of."""
+    style = cp.get_style(m.cp_style)
+    ring, ulysses = style.degrees(m.cp, m.cp_ulysses)
+    return pad_multiple(style.shard_levels(style.default_layout, ring, ulysses))
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
@@ -213,15 +254,9 @@ def validate_common(cfg, world_size: int) -> None:
     """Checks shared by SFT and RL; raise ValueError naming the key and the fix, before any collective."""
     m, o = cfg.model, cfg.optim
     _check(cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be >= 1")
-    _check(m.cp >= 1 and world_size % m.cp == 0,
-           f"model.cp={m.cp} does not divide the world size {world_size} (torchrun --nproc-per-node): "
-           f"launch a multiple of {m.cp} ranks or change model.cp")
-    _check(m.cp_style in ("ring", "ulysses", "hybrid"), f"model.cp_style={m.cp_style!r}: choose ring, ulysses or hybrid")
-    if m.cp_style == "hybrid":
-        _check(m.cp_ulysses is not None and m.cp_ulysses >= 1 and m.cp % m.cp_ulysses == 0,
-               f"model.cp_style=hybrid needs model.cp_ulysses dividing model.cp={m.cp} (got {m.cp_ulysses})")
-    else:
-        _check(m.cp_ulysses is None, f"model.cp_ulysses={m.cp_ulysses} is only used with model.cp_style=hybrid")
+    with cp_errors_in_config_terms():  # the degrees, checked by the style's registry entry (cp.styles)
+        cp.ParallelDims(world_size=world_size, cp=m.cp, cp_style=m.cp_style, cp_ulysses=m.cp_ulysses)
+    _check(m.ulysses_chunks >= 1, f"model.ulysses_chunks={m.ulysses_chunks} must be >= 1 (1: no pipelining)")
     _check(m.dtype != "float16", "model.dtype=float16 is not supported: fp16 gradients underflow or overflow "
                                  "without loss scaling, which cptrain does not do. Use model.dtype=bfloat16 "
                                  "(same memory and speed, fp32's exponent range); checkpoint.export_dtype=float16 "
@@ -251,7 +286,7 @@ def validate_sft(cfg, world_size: int) -> None:
     validate_common(cfg, world_size)
     d, m = cfg.data, cfg.model
     _check(d.micro_batch_size >= 1, f"data.micro_batch_size={d.micro_batch_size} must be >= 1")
-    multiple = 2 * m.cp if m.cp_style in ("ring", "hybrid") else m.cp
+    multiple = cp_pad_multiple(m)
     _check(d.seq_len >= multiple,
            f"data.seq_len={d.seq_len} is shorter than the {multiple} shards model.cp={m.cp} ({m.cp_style}) needs")
 

@@ -78,7 +78,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def parallelize(model: nn.Module, dims: cp.ParallelDims, mcfg, device: torch.device) -> nn.Module:
-    models.apply_cp(model, dims, attn=mcfg.attn)
+    models.apply_cp(model, dims, attn=mcfg.attn, chunks=mcfg.ulysses_chunks)
     if mcfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)

@@ -5,7 +5,7 @@ on the goals). Shapes follow the attention workload (H=8, Hkv=2, D=64, fp32).
                the workload's packed documents) fwd+bwd, two ways: one call over the dense [S, S]
                document mask (what cptrain did before per-document calls), and cp.kernels.per_document
                (one fused causal call per document, what Ulysses does now): time and peak bytes.
-    block      cp.kernels.CpuFlashBlockKernel fwd+bwd on the ring's S/4 x S/4 pieces at cp=2 (a
+    block      cp.block_kernels.CpuFlashBlockKernel fwd+bwd on the ring's S/4 x S/4 pieces at cp=2 (a
                diagonal piece of one document and a fully visible one) against the raw fused op
                with is_causal=True / no mask: the block kernel's own overhead.
     index      cp.collectives.seq_to_head at group size 1 with every head (cptrain's cp=1 path for
@@ -21,8 +21,10 @@ import torch
 
 from bench.measure import PeakMemory
 from bench.workloads import packed_doc_lens
+from cp.block_kernels import CpuFlashBlockKernel
 from cp.collectives import seq_to_head
-from cp.kernels import AttnMask, BlockMask, CpuFlashBlockKernel, per_document, sdpa_attention
+from cp.kernels import per_document, sdpa_attention
+from cp.masks import AttnMask, BlockMask
 
 CPU = torch.device("cpu")
 

@@ -44,19 +44,23 @@ class Options:
     threads: int = 1
     attention_shape: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
+    ulysses_chunks: list[int] = field(default_factory=list)  # model workload: Ulysses with chunks=n too
 
 
 REFERENCE = {"attention": "cp1 sdpa", "model": "cp1 hf"}  # "cp=1" of the ratios: what runs without CP
 
 
-def plan_configs(world: int, workload: str, opts: Options, heads: int) -> list[Config]:
-    """cp=1 baselines, then each style at each cp degree, then peers (model workload, cp = world)."""
+def plan_configs(world: int, workload: str, opts: Options, heads: int, kv_heads: int) -> list[Config]:
+    """cp=1 baselines, then each style at each cp degree (model workload: Ulysses also at each of
+    opts.ulysses_chunks its heads allow), then peers (model workload, cp = world)."""
     configs = [Config("cp1 hf", "ulysses", 1, peer="hf", baseline="cp1 hf")] if workload == "model" else []
     configs += [Config("cp1 sdpa", "ulysses", 1), Config("cp1 block", "ring", 1, baseline="cp1 block")]
     cps = opts.cps or [c for c in range(2, world + 1) if world % c == 0]
     for c in cps:
         if c <= heads:
             configs.append(Config(f"ulysses cp{c}", "ulysses", c))
+            configs += [Config(f"ulysses cp{c} chunks{n}", "ulysses", c, chunks=n) for n in opts.ulysses_chunks
+                        if workload == "model" and 1 < n <= kv_heads and heads // n >= c]
         configs.append(Config(f"ring cp{c}", "ring", c, baseline="cp1 block"))
         for u in range(2, c):
             if c % u == 0 and u <= heads:
@@ -217,7 +221,7 @@ def _cell(config: Config, world: int, workload: str, seq_len: int, per_rank: lis
     mins = [r["min_bytes"] for r in per_rank]
     return {
         "world": world, "workload": workload, "seq_len": seq_len, "config": config.name, "style": config.style,
-        "cp": config.cp, "ulysses": config.ulysses_degree, "ring": config.ring, "peer": config.peer,
+        "cp": config.cp, "ulysses": config.ulysses_degree, "ring": config.ring, "chunks": config.chunks, "peer": config.peer,
         "baseline": config.baseline, "tokens_per_step": world * seq_len, "step_s": step,
         "median_s": statistics.median(step), "ratio": ratio(base), "ratio_same_kernel": ratio(same_kernel),
         "ratio_range": None if base is None else [min(a / b for a, b in zip(base_step, step)),
@@ -245,7 +249,7 @@ def run_rank(rank: int, world: int, opts: Options) -> list[dict] | None:
         shape_src = AttentionShape(**opts.attention_shape) if workload == "attention" else model_config(**opts.model)
         shape = ((shape_src.heads, shape_src.kv_heads, shape_src.head_dim) if workload == "attention" else
                  (shape_src.num_attention_heads, shape_src.num_key_value_heads, shape_src.head_dim))
-        configs = plan_configs(world, workload, opts, heads=shape[0])
+        configs = plan_configs(world, workload, opts, heads=shape[0], kv_heads=shape[1])
         runners, skipped, _ = _make_runners(workload, configs, dims, opts, device, dtype)
         order = [c.name for c in configs if c.name in runners]
         by_name = {c.name: c for c in configs}

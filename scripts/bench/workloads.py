@@ -24,9 +24,6 @@ import cp
 import models
 from models.tiny import tiny_config
 
-ATTENTION = {"ulysses": cp.ulysses_attention, "ring": cp.ring_attention, "hybrid": cp.hybrid_attention}
-
-
 @dataclass(frozen=True)
 class Config:
     """One column of the sweep: a CP style at a degree, or a peer."""
@@ -37,16 +34,15 @@ class Config:
     ulysses: int | None = None  # hybrid: the Ulysses degree (ring = cp / ulysses)
     peer: str | None = None  # None (cptrain) | "hf" (plain transformers, no CP) | "deepspeed" | "torch_cp"
     baseline: str = "cp1 sdpa"  # the cp=1 config with the same local kernel
+    chunks: int = 1  # Ulysses' head-chunked pipelined all-to-alls (model.ulysses_chunks)
 
     @property
     def ring(self) -> int:
-        if self.style == "hybrid":
-            return self.cp // self.ulysses
-        return self.cp if self.style == "ring" else 1
+        return cp.get_style(self.style).degrees(self.cp, self.ulysses)[0]
 
     @property
     def ulysses_degree(self) -> int:
-        return self.ulysses if self.style == "hybrid" else (self.cp if self.style == "ulysses" else 1)
+        return cp.get_style(self.style).degrees(self.cp, self.ulysses)[1]
 
 
 @dataclass(frozen=True)
@@ -81,7 +77,7 @@ class AttentionRunner:
 
     def __init__(self, config: Config, dims: cp.ParallelDims, shape: AttentionShape, device, dtype):
         self.config, self.dims, self.shape, self.device, self.dtype = config, dims, shape, device, dtype
-        self.fn = ATTENTION[config.style]
+        self.fn = cp.get_style(config.style).attention
         self.micro: list[_Micro] = []
 
     def prepare(self, seq_len: int) -> None:
@@ -168,7 +164,8 @@ class ModelRunner:
             self.model = build_model(model_cfg, register_hf_sdpa(), device, dtype)
             self.model.config.use_cache = False
         else:
-            self.model = models.apply_cp(build_model(model_cfg, "sdpa", device, dtype), dims, attn="sdpa")
+            self.model = models.apply_cp(build_model(model_cfg, "sdpa", device, dtype), dims, attn="sdpa",
+                                         chunks=config.chunks)
         self.vocab = model_cfg.vocab_size
         self.micro: list[_Micro] = []
 
