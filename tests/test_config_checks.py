@@ -53,10 +53,11 @@ def test_log_every_sets_the_wandb_cadence_and_metrics_jsonl_keeps_every_step(tmp
 
 @pytest.mark.parametrize("task,n", [("mixed", 10), ("arithmetic", 64), ("mul", 64)])
 def test_eval_prompts_cover_every_task_and_are_disjoint_from_the_training_pool(task, n):
-    from trainer import data, tasks
+    from trainer import tasks
     from trainer.rl import build_prompt_sets
+    from trainer.tokenizer import load_tokenizer
     cfg = compose_rl(RL_FAST + [f"rollout.task={task}", f"rollout.eval_prompts={n}"])
-    pool, held_out = build_prompt_sets(cfg, data.load_tokenizer("builtin"))
+    pool, held_out = build_prompt_sets(cfg, load_tokenizer("builtin"))
     assert len(held_out) == n
     counts = collections.Counter(p.task for p in held_out)
     parts = tasks.task_components(task)

@@ -1,5 +1,5 @@
-"""trainer.data: bundled tokenizer and data, chat masks, packing (shifted labels, seq_lens, dp
-split, resume) and the RL prompt side."""
+"""The data modules (trainer/tokenizer.py, records.py, chat.py, packing.py, prompts.py): bundled tokenizer
+and data, chat masks, packing (shifted labels, seq_lens, dp split, resume) and the RL prompt side."""
 
 import importlib.util
 import json
@@ -11,9 +11,12 @@ import pytest
 import torch
 
 import cp
-from trainer.data import (BUILTIN_TOKENIZER_DIR, IGNORE_INDEX, PackedLoader, PromptSampler,
-                          TokenizedDoc, load_eval_prompts, load_sft_records, load_tokenizer, make_prompts,
-                          pad_token_id, shifted_labels, to_chat_record, tokenize_chat, tokenize_sft_records)
+from cp.documents import IGNORE_INDEX
+from trainer.chat import TokenizedDoc, shifted_labels, tokenize_chat, tokenize_sft_records
+from trainer.packing import PackedLoader
+from trainer.prompts import PromptSampler, load_eval_prompts, make_prompts
+from trainer.records import load_sft_records, to_chat_record
+from trainer.tokenizer import BUILTIN_TOKENIZER_DIR, load_tokenizer, pad_token_id
 from trainer.tasks import ANSWER_FORMAT, SYSTEM_PROMPT, make_examples, task_messages
 
 CHAT = [{"role": "system", "content": "Be brief."},

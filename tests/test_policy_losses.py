@@ -104,8 +104,8 @@ def test_config_refuses_unknown_losses_and_unused_normalisation(overrides, match
 def _loss_grad_worker(rank, world, overrides):
     import torch.distributed as dist
 
+    from trainer.engine import build_trainer
     from trainer.rl import build_reference, grpo_backward, micro_batches
-    from trainer.sft import build_trainer
     cfg = compose_rl(RL_FAST + overrides)
     trainer = build_trainer(cfg, validate=config.validate_rl)
     vocab = len(trainer.tokenizer)

@@ -28,9 +28,11 @@ def _train_one(overrides, steps):
     """`steps` SFT steps; returns losses, the fraction of parameter elements that changed (all, and
     norm weights only), and the dtypes of parameters, reduced gradients and AdamW moments."""
     import cp
-    from trainer.sft import backward_on_shards, build_sft_loader, build_trainer, optimizer_step, sft_step
+    from trainer import config
+    from trainer.engine import build_trainer, optimizer_step
+    from trainer.sft import backward_on_shards, build_sft_loader, sft_step
     cfg = compose_cfg(PRECISION_FAST + overrides)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, validate=config.validate_sft)
     loader = build_sft_loader(cfg, trainer)
     before = {n: _full(p) for n, p in trainer.model.named_parameters()}
     losses = [sft_step(trainer, loader)["loss"] for _ in range(steps)]
@@ -159,14 +161,16 @@ def _rollout_mismatch_worker(rank, world, engine_dtypes):
     should be 1 up to rounding), and the dtypes of the copy's parameters and buffers."""
     import torch.distributed as dist
     import cp
-    from trainer import config, data, modeling, tasks
+    from trainer import config, modeling, tasks
+    from trainer.engine import build_trainer
+    from trainer.prompts import make_prompts
     from trainer.rl import gather_cp_group, generate_rollouts, micro_batches, token_logprobs
     from trainer.rollout import RolloutEngine
-    from trainer.sft import build_trainer
+    from trainer.tokenizer import pad_token_id
     cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", "model.dtype=bfloat16",
                                 "rollout.max_new_tokens=24"])
     trainer = build_trainer(cfg, validate=config.validate_rl)
-    prompts = data.make_prompts("add", 2, seed=rank, tokenizer=trainer.tokenizer)[:1]
+    prompts = make_prompts("add", 2, seed=rank, tokenizer=trainer.tokenizer)[:1]
     rewards = [tasks.resolve_reward(f) for f in cfg.reward.functions]
     results = []
     for engine_dtype in engine_dtypes:
@@ -175,7 +179,7 @@ def _rollout_mismatch_worker(rank, world, engine_dtypes):
         engine.sync(trainer.model)
         rollouts, _ = generate_rollouts(cfg, trainer, engine, prompts, rewards)
         diffs = []
-        pad = data.pad_token_id(trainer.tokenizer)
+        pad = pad_token_id(trainer.tokenizer)
         for rows in micro_batches(cfg, trainer, gather_cp_group(rollouts, trainer), pad):
             batch = cp.setup_cp_params(rows.input_ids, trainer.dims, labels=rows.labels, seq_lens=rows.seq_lens)
             old = cp.shard(rows.old_logp, batch.params)

@@ -74,8 +74,8 @@ def fixed_rollouts(vocab: int, seed: int = 0) -> list:
 
 
 def _loss_grad_worker(rank, world, overrides):
+    from trainer.engine import build_trainer
     from trainer.rl import grpo_backward, micro_batches
-    from trainer.sft import build_trainer
     from trainer import config
     cfg = compose_rl(RL_FAST + overrides)
     trainer = build_trainer(cfg, validate=config.validate_rl)
@@ -128,8 +128,8 @@ def test_missing_sft_checkpoint_is_named():
 def _direction_worker(rank, world):
     """One GRPO step raises the log-likelihood of positive-advantage completions and lowers the others."""
     from trainer import config
+    from trainer.engine import build_trainer, optimizer_step
     from trainer.rl import grpo_backward, micro_batches, token_logprobs
-    from trainer.sft import build_trainer, optimizer_step
     import cp
     import torch.distributed as dist
     cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", "optim.lr=1e-3", "optim.warmup_steps=0",

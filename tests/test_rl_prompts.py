@@ -9,8 +9,12 @@ import pytest
 
 from tests.dist import run_distributed
 from tests.test_rl import RL_FAST, compose_rl
-from trainer import config, data, tasks
+from trainer import config, tasks
+from trainer.chat import template_ids
+from trainer.prompts import load_rl_prompts, make_prompts, split_eval_prompts
+from trainer.records import ASSETS_DIR
 from trainer.tasks import answers_match, as_batched, extract_final_answer, resolve_batched_reward
+from trainer.tokenizer import load_tokenizer
 
 SEEN_COLUMNS = []
 
@@ -95,37 +99,37 @@ def write_jsonl(path, rows):
 
 
 def test_prompt_rows_keep_every_other_column_and_apply_the_chat_template(tmp_path):
-    tok = data.load_tokenizer("builtin")
+    tok = load_tokenizer("builtin")
     source = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "What is 62 + 71?", "answer": 133, "level": "easy"},
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
                       {"role": "assistant", "content": "4"}], "answer": "4"},
     ])
-    first, second = data.load_rl_prompts(source, tok, system_prompt="Think.")
+    first, second = load_rl_prompts(source, tok, system_prompt="Think.")
     assert (first.prompt, first.answer, first.columns) == ("What is 62 + 71?", "133", {"answer": 133, "level": "easy"})
     assert first.reward_columns() == {"answer": 133, "level": "easy"}
-    assert first.input_ids == data._template_ids(tok, [{"role": "system", "content": "Think."},
-                                                       {"role": "user", "content": "What is 62 + 71?"}], True)
+    assert first.input_ids == template_ids(tok, [{"role": "system", "content": "Think."},
+                                                 {"role": "user", "content": "What is 62 + 71?"}], True)
     # messages rows keep their own system turn; the reference assistant turn is dropped
     assert second.prompt == "2 + 2?"
-    assert second.input_ids == data._template_ids(tok, [{"role": "system", "content": "Be brief."},
-                                                        {"role": "user", "content": "2 + 2?"}], True)
-    builtin = data.make_prompts("add", 1, 0, tok)[0]
+    assert second.input_ids == template_ids(tok, [{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": "2 + 2?"}], True)
+    builtin = make_prompts("add", 1, 0, tok)[0]
     assert builtin.reward_columns() == {"answer": builtin.answer, "task": "add"}
 
 
 def test_eval_rows_are_the_last_ones_and_errors_name_the_fix(tmp_path):
-    tok = data.load_tokenizer("builtin")
+    tok = load_tokenizer("builtin")
     rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(10)]
-    train, held_out = data.split_eval_prompts(data.load_rl_prompts(write_jsonl(tmp_path / "p.jsonl", rows), tok), 3)
+    train, held_out = split_eval_prompts(load_rl_prompts(write_jsonl(tmp_path / "p.jsonl", rows), tok), 3)
     assert [p.prompt for p in train] == [f"q{i}" for i in range(7)]
     assert [p.prompt for p in held_out] == ["q7", "q8", "q9"]
     with pytest.raises(ValueError, match="rollout.eval_prompts=10 must .* the dataset has 10"):
-        data.split_eval_prompts(train + held_out, 10)
+        split_eval_prompts(train + held_out, 10)
     with pytest.raises(ValueError, match=r"needs a `prompt` .* or a `messages` column; it has \['question'\]"):
-        data.load_rl_prompts(write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}]), tok)
+        load_rl_prompts(write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}]), tok)
     with pytest.raises(ValueError, match="must end with a user message"):
-        data.load_rl_prompts(write_jsonl(tmp_path / "bad2.jsonl", [{"messages": [
+        load_rl_prompts(write_jsonl(tmp_path / "bad2.jsonl", [{"messages": [
             {"role": "assistant", "content": "hi"}]}]), tok)
 
 
@@ -141,12 +145,12 @@ def test_config_accepts_prompt_datasets_and_refuses_keys_only_a_dataset_uses():
 def test_math_prompts_example_holds_out_its_last_rows():
     from trainer.rl import build_prompt_sets
     cfg = compose_rl(RL_FAST + ["data=math_prompts", "rollout.eval_prompts=8"])
-    pool, held_out = build_prompt_sets(cfg, data.load_tokenizer("builtin"))
+    pool, held_out = build_prompt_sets(cfg, load_tokenizer("builtin"))
     assert len(pool) + len(held_out) == 48 and len(held_out) == 8
     assert not {p.prompt for p in pool} & {p.prompt for p in held_out}
     assert all(answers_match(p.answer, p.answer) and p.columns["id"].startswith("mwp-") for p in pool)
     with pytest.raises(ValueError, match=r"row \d+ is \d+ prompt tokens; data.seq_len=32 .* raise data.seq_len"):
-        build_prompt_sets(compose_rl(RL_FAST + ["data=math_prompts", "data.seq_len=32"]), data.load_tokenizer("builtin"))
+        build_prompt_sets(compose_rl(RL_FAST + ["data=math_prompts", "data.seq_len=32"]), load_tokenizer("builtin"))
 
 
 def _run_worker(rank, world, overrides):
@@ -166,6 +170,6 @@ def test_two_grpo_steps_on_the_math_prompts_at_cp2(tmp_path):
     assert seen and all(columns == ["answer", "id"] for columns in seen)
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["reward_correctness"]) for h in history)
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    rows = (data.ASSETS_DIR / "math_word_problems.jsonl").read_text().splitlines()
+    rows = (ASSETS_DIR / "math_word_problems.jsonl").read_text().splitlines()
     prompts = {json.loads(line)["prompt"] for line in rows}
     assert samples and all(s["prompt"] in prompts for s in samples)

@@ -103,7 +103,7 @@ def _config_error_worker(rank, world, overrides, match, output_dir):
 
 @pytest.mark.parametrize("overrides,match", [
     (["model.cp=3"], "does not divide the world size 2"),
-    (["model.cp_style=stripes"], "choose ring, ulysses or hybrid"),
+    (["model.cp_style=stripes"], "unknown model.cp_style=.stripes.; choose one of"),
     (["model.cp_style=hybrid"], "needs model.cp_ulysses"),
     (["model.cp_style=ring"], "use model.cp_style=ulysses"),  # default model is a Qwen3.5-style hybrid
     (["model.attn=flex_attention"], "BlockMask"),

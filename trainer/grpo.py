@@ -4,6 +4,7 @@
       ─ group_advantages ─> A_i = (r_i - mean_group) [/ std_group]
       ─ pack_rollouts ─> rows [B, S]: input_ids, labels (completion tokens only, shifted),
                           old_logp, advantages, weights (token: 1, sequence: 1 / completion length)
+                          (trainer/packing.py next_fit_rows + assemble_row: the SFT loader's packing)
       ─ cp.setup_cp_params + cp.shard ─> this rank's shard
       ─ trainer.policy_losses (loss.type) on logp from the local logits ─> sum(w * loss) / N_global
     seq_ids / seq_lengths: which completion each label belongs to, for sequence-level losses (GSPO)
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from cp.documents import IGNORE_INDEX  # the one definition (cp.documents)
+from trainer.packing import assemble_row, next_fit_rows
 from trainer.policy_losses import POLICY_LOSSES, LossSettings, TokenBatch
 
 
@@ -65,60 +67,38 @@ class RolloutRows:
     seq_lengths: torch.Tensor | None = None  # [completions in the micro-batch]: tokens of each
 
 
-def _row_tensors(docs: list[Rollout], seq_len: int, pad_id: int, sequence_norm: bool, first_id: int = 0):
-    ids, labels, old, adv, weight, lens, seq_ids = [], [], [], [], [], [], []
-    for k, r in enumerate(docs):
-        doc = r.prompt_ids + r.completion_ids
-        n, p = len(doc), len(r.prompt_ids)
-        row_labels = [IGNORE_INDEX] * n
-        row_old, row_adv, row_w, row_ids = [0.0] * n, [0.0] * n, [0.0] * n, [-1] * n
-        for i, token in enumerate(r.completion_ids):  # position p-1+i predicts completion token i
-            row_labels[p - 1 + i] = token
-            row_old[p - 1 + i] = r.old_logp[i]
-            row_adv[p - 1 + i] = r.advantage
-            row_w[p - 1 + i] = 1.0 / len(r.completion_ids) if sequence_norm else 1.0
-            row_ids[p - 1 + i] = first_id + k
-        ids += doc
-        labels += row_labels
-        old += row_old
-        adv += row_adv
-        weight += row_w
-        seq_ids += row_ids
-        lens.append(n)
-    pad = seq_len - len(ids)
-    if pad:
-        ids += [pad_id] * pad
-        labels += [IGNORE_INDEX] * pad
-        old, adv, weight = old + [0.0] * pad, adv + [0.0] * pad, weight + [0.0] * pad
-        seq_ids += [-1] * pad
-        lens.append(pad)
-    return ids, labels, old, adv, weight, lens, seq_ids
+def _rollout_columns(r: Rollout, seq_id: int, sequence_norm: bool) -> dict[str, list]:
+    """One prompt+completion document as assemble_row columns: labels, old log-probs, advantages, weights
+    and seq_ids only at the positions that predict a completion token."""
+    n, p = len(r.prompt_ids) + len(r.completion_ids), len(r.prompt_ids)
+    labels, old, adv, weight, seq_ids = [IGNORE_INDEX] * n, [0.0] * n, [0.0] * n, [0.0] * n, [-1] * n
+    for i, token in enumerate(r.completion_ids):  # position p-1+i predicts completion token i
+        labels[p - 1 + i] = token
+        old[p - 1 + i] = r.old_logp[i]
+        adv[p - 1 + i] = r.advantage
+        weight[p - 1 + i] = 1.0 / len(r.completion_ids) if sequence_norm else 1.0
+        seq_ids[p - 1 + i] = seq_id
+    return {"input_ids": r.prompt_ids + r.completion_ids, "labels": labels, "old_logp": old, "advantages": adv,
+            "weights": weight, "seq_ids": seq_ids}
 
 
 def pack_rollouts(rollouts: list[Rollout], *, seq_len: int, rows_per_batch: int, pad_id: int,
                   sequence_norm: bool) -> list[RolloutRows]:
-    """Greedy packing of prompt+completion documents into rows, grouped into micro-batches."""
-    rows, current, used = [], [], 0
-    for r in rollouts:
-        n = len(r.prompt_ids) + len(r.completion_ids)
-        if n > seq_len:
-            raise ValueError(f"a rollout of {n} tokens does not fit data.seq_len={seq_len}")
-        if used + n > seq_len:
-            rows.append(current)
-            current, used = [], 0
-        current.append(r)
-        used += n
-    if current:
-        rows.append(current)
+    """Prompt+completion documents packed into rows (trainer.packing: next_fit_rows, assemble_row, as SFT),
+    grouped into micro-batches."""
+    lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+    rows = [[rollouts[i] for i in row] for row in next_fit_rows(lengths, seq_len)]
+    pad = {"input_ids": pad_id, "labels": IGNORE_INDEX, "old_logp": 0.0, "advantages": 0.0, "weights": 0.0,
+           "seq_ids": -1}
     batches = []
     for start in range(0, len(rows), rows_per_batch):
         chunk = rows[start:start + rows_per_batch]
         firsts = [sum(len(docs) for docs in chunk[:j]) for j in range(len(chunk))]  # completion ids per row
-        packed = [_row_tensors(docs, seq_len, pad_id, sequence_norm, first) for docs, first in zip(chunk, firsts)]
-        ids, labels, old, adv, weight, lens, seq_ids = zip(*packed)
-        lengths = torch.tensor([len(r.completion_ids) for docs in chunk for r in docs])
-        batches.append(RolloutRows(torch.tensor(ids), torch.tensor(labels), torch.tensor(old), torch.tensor(adv),
-                                   torch.tensor(weight), list(lens), torch.tensor(seq_ids), lengths))
+        packed = [assemble_row([_rollout_columns(r, first + k, sequence_norm) for k, r in enumerate(docs)],
+                               seq_len, pad) for docs, first in zip(chunk, firsts)]
+        columns = {name: torch.tensor([row[name] for row, _ in packed]) for name in pad}  # RolloutRows fields
+        batches.append(RolloutRows(**columns, seq_lens=[seq_lens for _, seq_lens in packed],
+                                   seq_lengths=torch.tensor([len(r.completion_ids) for docs in chunk for r in docs])))
     return batches
 
 

@@ -3,9 +3,9 @@
     torchrun --nproc-per-node N -m trainer.rl model.cp=2 model.cp_style=ulysses ...
 
     per step:
-      1. engine.sync(policy)                       full weights -> a plain copy on every rank
+      1. RolloutEngine.sync(policy)                full weights -> a plain copy on every rank
       2. each rank: prompts_per_step / world prompts, group_size samples each (trainer/rollout.py); prompts
-         from rollout.task (data.source=builtin) or a user dataset (trainer/data.py load_rl_prompts)
+         from rollout.task (data.source=builtin) or a user dataset (trainer/prompts.py load_rl_prompts)
          rewards fn(prompts, completions, **columns) -> weighted sum; group advantages (complete groups,
          local); rollout.skip_zero_advantage drops all-equal-reward groups from training
          then every rank waits for the slowest generator (rollout.timeout_s, a gloo group of its own)
@@ -17,6 +17,8 @@
          loss_r = sum(w * loss) / N_global  (N = tokens, sequences, or dr_grpo's constant)
       6. clip, AdamW; metrics.jsonl + W&B (reward, advantages, clip fraction, KL, entropy, lengths);
          sample completions as a table
+    around the steps: trainer/engine.py (build, resume, checkpoints, the HF export); greedy eval accuracy on
+    held-out prompts before the first step and after the last
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import cp
-from trainer import checkpoint, config, data, grpo, modeling, policy_losses, runtime, tasks
-from trainer.metrics import MetricsLogger
+from trainer import config, grpo, modeling, policy_losses, runtime, tasks
+from trainer.engine import (CONFIG_DIR, Trainer, check_finite, finish, global_sum, maybe_resume, metrics_logger,
+                            optimizer_step, summary_line, training_run, training_steps)
+from trainer.prompts import PromptSampler, load_rl_prompts, make_eval_prompts, make_prompts, split_eval_prompts
 from trainer.rollout import RolloutEngine
-from trainer.sft import CONFIG_DIR, Trainer, build_trainer, check_finite, global_sum, maybe_resume, optimizer_step, save
+from trainer.tokenizer import pad_token_id
 
 
 def check_init_model(cfg: DictConfig) -> None:
@@ -267,64 +271,54 @@ def build_prompt_sets(cfg, tokenizer) -> tuple[list, list]:
     rollout.task in equal shares and are excluded from the pool (rollout.eval_prompts=0: no eval, the whole
     pool). A user dataset: its rows (data.limit: the first N), the last rollout.eval_prompts of them held out."""
     if cfg.data.source != "builtin":
-        prompts = data.load_rl_prompts(cfg.data.source, tokenizer, limit=cfg.data.limit,
-                                       system_prompt=cfg.rollout.system_prompt)
+        prompts = load_rl_prompts(cfg.data.source, tokenizer, limit=cfg.data.limit,
+                                  system_prompt=cfg.rollout.system_prompt)
         check_prompt_lengths(cfg, prompts)
-        return data.split_eval_prompts(prompts, cfg.rollout.eval_prompts)
-    eval_prompts = data.make_eval_prompts(cfg.rollout.task, cfg.rollout.eval_prompts, tokenizer)
-    pool = data.make_prompts(cfg.rollout.task, PROMPT_POOL, cfg.seed, tokenizer,
-                             exclude_prompts={p.prompt for p in eval_prompts})
+        return split_eval_prompts(prompts, cfg.rollout.eval_prompts)
+    eval_prompts = make_eval_prompts(cfg.rollout.task, cfg.rollout.eval_prompts, tokenizer)
+    pool = make_prompts(cfg.rollout.task, PROMPT_POOL, cfg.seed, tokenizer,
+                        exclude_prompts={p.prompt for p in eval_prompts})
     return pool, eval_prompts
 
 
 def run_rl(cfg: DictConfig) -> list[dict]:
     check_init_model(cfg)
-    trainer = build_trainer(cfg, validate=config.validate_rl)
-    with runtime.fail_loudly(dist.get_rank()):
+    with training_run(cfg, validate=config.validate_rl) as trainer:
         rank, world = dist.get_rank(), dist.get_world_size()
         ref_model = build_reference(cfg, trainer)
         rewards = [tasks.resolve_batched_reward(f, open_answers=cfg.data.source != "builtin")
                    for f in cfg.reward.functions]
         wait_group = runtime.patient_group(cfg.rollout.timeout_s)
         prompts, eval_prompts = build_prompt_sets(cfg, trainer.tokenizer)
-        sampler = data.PromptSampler(prompts, batch_size=cfg.rollout.prompts_per_step // world, dp_rank=rank,
-                                     dp_size=world, seed=cfg.seed)
+        sampler = PromptSampler(prompts, batch_size=cfg.rollout.prompts_per_step // world, dp_rank=rank,
+                                dp_size=world, seed=cfg.seed)
         maybe_resume(trainer, sampler)
         engine, pad_id = RolloutEngine(trainer.model, trainer.tokenizer, trainer.device,
-                                       dtype=modeling.compute_dtype(cfg.model)), data.pad_token_id(trainer.tokenizer)
-        logger = MetricsLogger(cfg, rank=rank, total_steps=cfg.max_steps, start_step=trainer.step, job="rl")
+                                       dtype=modeling.compute_dtype(cfg.model)), pad_token_id(trainer.tokenizer)
+        logger = metrics_logger(trainer, "rl")
         eval_start = None
         if eval_prompts:
             engine.sync(trainer.model)
             eval_start = evaluate(cfg, engine, eval_prompts, wait_group)
-        while trainer.step < cfg.max_steps:
+        for _ in training_steps(trainer, sampler):
             metrics, samples = rl_step(cfg, trainer, engine, sampler, rewards, ref_model, pad_id, wait_group)
             logger.log(trainer.step, metrics)
             logger.log_table("samples", ["prompt", "completion", "answer", "reward"], samples, trainer.step)
-            if cfg.checkpoint.every and trainer.step % cfg.checkpoint.every == 0 and trainer.step < cfg.max_steps:
-                save(trainer, sampler)
-        save(trainer, sampler)
-        summary = rl_summary(cfg, logger.history)
+        summary = summary_line("rl", cfg, logger.history, reward_progress)
         if eval_prompts:
             engine.sync(trainer.model)
             eval_end = evaluate(cfg, engine, eval_prompts, wait_group)
             summary += f"; greedy eval accuracy {eval_start:.3f} -> {eval_end:.3f}"
-        if cfg.checkpoint.export_hf:
-            checkpoint.export_hf(cfg.output_dir, trainer.model, trainer.tokenizer, dtype=modeling.export_dtype(cfg),
-                                 group=trainer.io_group)
-        logger.close(summary)
-    dist.destroy_process_group()
+        finish(trainer, logger, summary)
     return logger.history
 
 
-def rl_summary(cfg, history: list[dict]) -> str:
-    if not history:
-        return f"rl: no steps run (already at max_steps={cfg.max_steps})"
+def reward_progress(history: list[dict]) -> str:
+    """The summary's middle: mean reward of the first and the last quarter of the steps."""
     k = max(1, len(history) // 4)
     head = sum(h["reward_mean"] for h in history[:k]) / k
     tail = sum(h["reward_mean"] for h in history[-k:]) / k
-    return (f"rl done: steps {history[0]['step']}-{history[-1]['step']}, reward_mean {head:.3f} (first {k}) -> "
-            f"{tail:.3f} (last {k}), cp={cfg.model.cp} {cfg.model.cp_style}, output in {cfg.output_dir}")
+    return f"reward_mean {head:.3f} (first {k}) -> {tail:.3f} (last {k})"
 
 
 config.register_configs()

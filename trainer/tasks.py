@@ -5,8 +5,8 @@
     make_examples(task, n, seed)    n examples, deterministic by seed (train and eval use other seeds)
       │
       ├─> scripts/make_assets.py     the bundled SFT rows (system + user + assistant = completion)
-      ├─> trainer.data.make_prompts  RL prompts (system + user, generation prompt) and their answers
-      └─> trainer.data.make_eval_prompts   held-out RL eval prompts: every task_components(task) in equal shares
+      ├─> trainer.prompts.make_prompts  RL prompts (system + user, generation prompt) and their answers
+      └─> trainer.prompts.make_eval_prompts   held-out RL eval prompts: every task_components(task) in equal shares
 
     completion from the policy ─> Reward(prompt, completion, answer) -> float
                                    correctness_reward: extract_answer(completion) == answer

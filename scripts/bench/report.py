@@ -355,11 +355,12 @@ def write(out: Path, meta: dict, cells: list[dict], hot: dict | None = None) -> 
                   "times and comm waits, not CPU times, bytes or memory."]
     if meta.get("note"):
         lines += ["", meta["note"]]
+    kv_heads = meta["options"].get("model", {}).get("kv_heads", 2)  # bench_cp.py --model-kv-heads
     lines += ["",
               "Workloads: **attention** = one cptrain attention call fwd+bwd on random q/k/v of packed documents "
               "(random lengths in [S/16, S/2], causal), H=8, Hkv=2, D=64; **model** = a Qwen3-style decoder "
-              "(models.tiny's qwen3 widened: hidden 256, 8 heads x 64, 2 KV heads, MLP 512, 2 layers, all full "
-              "attention, vocab 256), one document per row, forward + loss + backward.",
+              f"(models.tiny's qwen3 widened: hidden 256, 8 heads x 64, {kv_heads} KV heads, MLP 512, 2 layers, all "
+              "full attention, vocab 256), one document per row, forward + loss + backward.",
               "", "## Goals (2 ranks, longest S of each workload)", "", "| goal | measured | met | where |",
               "|---|---|---|---|"]
     lines += [f"| {g} | {v} | {ok} | {w} |" for g, v, ok, w in goals(cells)]
