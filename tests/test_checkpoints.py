@@ -26,7 +26,6 @@ from tests.dist import free_port, run_distributed
 from tests.test_rl import RL_FAST, compose_rl
 from tests.test_sft import FAST, compose_cfg
 
-
 # ---------------------------------------------------------------- non-finite gradients
 
 
@@ -45,13 +44,14 @@ class _NanGradient(torch.autograd.Function):
 def _nan_gradient_worker(rank, world, output_dir):
     from trainer import loss
     from trainer.sft import run_sft
-    original, calls = loss.token_loss_sum, []
+    original, calls = loss.shard_loss_sum, []
 
-    def poisoned_at_step_2(logits, labels):
+    def poisoned_at_step_2(model, shard, **kwargs):
         calls.append(1)
-        return original(_NanGradient.apply(logits) if len(calls) == 2 else logits, labels)
+        value = original(model, shard, **kwargs)
+        return _NanGradient.apply(value) if len(calls) == 2 else value
 
-    loss.token_loss_sum = poisoned_at_step_2
+    loss.shard_loss_sum = poisoned_at_step_2
     with pytest.raises(FloatingPointError, match=r"non-finite gradient norm nan at step 2: stopped before the "
                                                  r"optimizer step, nothing saved after step 1"):
         run_sft(compose_cfg(FAST + ["max_steps=3", "checkpoint.every=1", f"output_dir={output_dir}"]))
@@ -137,6 +137,7 @@ def _phase(obs: dict, name: str, fn):
 
 def _lifecycle_worker(rank, world, output_dir):
     import torch.distributed as dist
+
     from trainer.sft import run_sft
     out = Path(output_dir)
     destroy = dist.destroy_process_group
@@ -255,6 +256,7 @@ SLOW_S = 14  # longer than timeout_s=10 (the smallest allowed), far below the pa
 
 def _slow_export_rank(rank, output_dir):
     from transformers import PreTrainedModel
+
     from trainer.sft import run_sft
     if rank == 0:
         original = PreTrainedModel.save_pretrained

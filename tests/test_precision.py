@@ -164,7 +164,8 @@ def _rollout_mismatch_worker(rank, world, engine_dtypes):
     from trainer import config, modeling, tasks
     from trainer.engine import build_trainer
     from trainer.prompts import make_prompts
-    from trainer.rl import gather_cp_group, generate_rollouts, micro_batches, token_logprobs
+    from trainer.loss import token_logprobs
+    from trainer.rl import gather_cp_group, generate_rollouts, micro_batches
     from trainer.rollout import RolloutEngine
     from trainer.tokenizer import pad_token_id
     cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", "model.dtype=bfloat16",

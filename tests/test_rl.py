@@ -129,7 +129,8 @@ def _direction_worker(rank, world):
     """One GRPO step raises the log-likelihood of positive-advantage completions and lowers the others."""
     from trainer import config
     from trainer.engine import build_trainer, optimizer_step
-    from trainer.rl import grpo_backward, micro_batches, token_logprobs
+    from trainer.loss import token_logprobs
+    from trainer.rl import grpo_backward, micro_batches
     import cp
     import torch.distributed as dist
     cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", "optim.lr=1e-3", "optim.warmup_steps=0",

@@ -61,6 +61,40 @@ def test_cp_loss_curve_equals_cp1(tmp_path, model, style, world, extra):
     assert_same_curve(got, ref, f"{model} {style} cp={world}")
 
 
+LONG_CONTEXT = ["model.tiled_mlp=true", "model.mlp_tile_tokens=24", "model.activation_checkpointing=true",
+                "model.activation_offload=true", "model.head_chunk_tokens=37"]
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen3_5", "tiny_qwen3"])
+def test_long_context_techniques_keep_the_loss_curve(tmp_path, model):
+    """Full logits, plain MLPs, no checkpointing == chunked LM head + tiled MLP + checkpointing with offload
+    (small chunks and tiles: many of each per micro-batch) at cp=2, a hybrid and a softmax family."""
+    base = FAST + [f"model={model}", "model.cp=2", "model.cp_style=ulysses"]
+    plain = losses(2, base + ["model.chunked_head=false", f"output_dir={tmp_path}/plain"])
+    techniques = losses(2, base + LONG_CONTEXT + [f"output_dir={tmp_path}/techniques"])
+    assert_same_curve(techniques, plain, f"{model} long-context techniques")
+
+
+def _installed_worker(rank, world, overrides):
+    from models.activation_offload import OffloadedCheckpoint
+    from models.chunked_head import has_chunked_head
+    from models.tiled_mlp import TiledForward
+    from trainer import config
+    from trainer.engine import build_trainer
+    trainer = build_trainer(compose_cfg(overrides), validate=config.validate_sft)
+    layers = trainer.model.model.layers
+    return {"chunked_head": has_chunked_head(trainer.model),
+            "tiled": all(isinstance(layer.mlp.forward.__func__, TiledForward) for layer in layers),
+            "offload": all(isinstance(getattr(layer, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
+                           for layer in layers)}
+
+
+def test_the_default_run_uses_the_chunked_head_and_the_keys_install_each_technique():
+    assert run_distributed(_installed_worker, 2, FAST)[0] == {"chunked_head": True, "tiled": False, "offload": False}
+    assert run_distributed(_installed_worker, 2, FAST + LONG_CONTEXT)[0] == dict.fromkeys(
+        ("chunked_head", "tiled", "offload"), True)
+
+
 def test_data_parallel_times_cp_equals_data_parallel(tmp_path):
     """dp=2 x cp=2 on 4 ranks == dp=2 x cp=1 on 2 ranks (same global batch)."""
     base = FAST + ["model=tiny_qwen3_5", "data.micro_batch_size=1"]
@@ -109,6 +143,9 @@ def _config_error_worker(rank, world, overrides, match, output_dir):
     (["model.attn=flex_attention"], "BlockMask"),
     (["data.seq_len=2", "model=tiny_qwen3", "model.cp_style=ring"], "shorter than the 4 shards"),
     (["model.dtype=float16"], "model.dtype=bfloat16"),
+    (["model.head_chunk_tokens=0"], "model.head_chunk_tokens=0 must be >= 1"),
+    (["model.mlp_tile_tokens=-4"], "model.mlp_tile_tokens=-4 must be >= 1"),
+    (["model.activation_offload=true"], "set model.activation_checkpointing=true too"),
 ])
 def test_bad_configs_fail_before_training_with_the_key_named(tmp_path, overrides, match):
     assert run_distributed(_config_error_worker, 2, overrides, match, tmp_path, timeout=300) == ["raised", "raised"]

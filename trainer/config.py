@@ -47,7 +47,24 @@ class ModelConfig:
     """Compute dtype of forward/backward: float32 | bfloat16. Master weights, gradient reduction and AdamW
     state are fp32 either way (FSDP2 MixedPrecisionPolicy). float16 is refused (no loss scaling): use bfloat16."""
     activation_checkpointing: bool = False
-    """Recompute each decoder layer in backward (HF gradient checkpointing, non-reentrant)."""
+    """Recompute each decoder layer in backward (HF gradient checkpointing, non-reentrant): a layer keeps
+    only its input hidden states [S/cp, hidden] until backward."""
+    activation_offload: bool = False
+    """With activation_checkpointing: keep those checkpointed layer inputs in host memory (pinned; copied on
+    a side stream on CUDA, overlapping compute) until the layer's recompute (models/activation_offload.py)."""
+    chunked_head: bool = True
+    """LM-head loss, log-probs and entropy in chunks of tokens, recomputed in backward: the [S/cp, vocab]
+    logits never exist in full (models/chunked_head.py; exact). A family whose head does more than a linear
+    layer + final logit softcap (Cohere's logit_scale) keeps full logits, with a warning at startup."""
+    head_chunk_tokens: Optional[int] = None
+    """Tokens per LM-head chunk; null: automatic (one chunk's fp32 logits, probabilities and gradient in about
+    256 MiB: 640 tokens at a 32k vocabulary, 128 at 152k)."""
+    tiled_mlp: bool = False
+    """Run each decoder layer's MLP (dense or MoE) over token tiles, recomputed tile by tile in backward: its
+    intermediate activations are O(tile) instead of O(S/cp) (models/tiled_mlp.py; exact). Costs one more
+    MLP forward per layer: turn it on when the MLP's [S/cp, intermediate] activations limit the length."""
+    mlp_tile_tokens: Optional[int] = None
+    """Tokens per MLP tile; null: automatic (ceil(S/cp / ceil(intermediate / hidden)), at least 256)."""
     tiny_hidden_size: int = 128
     """tiny:* models only: hidden size."""
     tiny_layers: int = 4
@@ -257,6 +274,12 @@ def validate_common(cfg, world_size: int) -> None:
     with cp_errors_in_config_terms():  # the degrees, checked by the style's registry entry (cp.styles)
         cp.ParallelDims(world_size=world_size, cp=m.cp, cp_style=m.cp_style, cp_ulysses=m.cp_ulysses)
     _check(m.ulysses_chunks >= 1, f"model.ulysses_chunks={m.ulysses_chunks} must be >= 1 (1: no pipelining)")
+    for key in ("head_chunk_tokens", "mlp_tile_tokens"):
+        value = m[key]
+        _check(value is None or value >= 1, f"model.{key}={value} must be >= 1 (tokens), or null for automatic")
+    _check(not m.activation_offload or m.activation_checkpointing,
+           "model.activation_offload=true offloads the inputs of checkpointed layers: set "
+           "model.activation_checkpointing=true too")
     _check(m.dtype != "float16", "model.dtype=float16 is not supported: fp16 gradients underflow or overflow "
                                  "without loss scaling, which cptrain does not do. Use model.dtype=bfloat16 "
                                  "(same memory and speed, fp32's exponent range); checkpoint.export_dtype=float16 "

@@ -3,8 +3,9 @@
     build_model(cfg.model, vocab_size)      tiny:<family> from a config, or from_pretrained (hub id / path);
                                             parameters in fp32 (the master weights) whatever model.dtype is
     validate_model_for_cp(model, dims, ...) cp.assert_cp_style_supports_model + head checks (startup)
-    parallelize(model, dims, cfg.model)     models.apply_cp -> activation checkpointing -> FSDP2
-                                            (fully_shard per decoder layer, then the root, over dp_cp)
+    parallelize(model, dims, cfg.model)     models.apply_cp -> install_long_context (tiled MLP, activation
+                                            checkpointing + offload, chunked LM head) -> FSDP2 (fully_shard
+                                            per decoder layer, then the root, over dp_cp)
 
 FSDP2 shards parameters over the flattened dp_cp mesh. Gradients are SUMMED across it (divide
 factor 1): each rank's loss is already normalised by the global token count (trainer/loss.py).
@@ -24,14 +25,19 @@ its parameters the same way (cast_parameters), so sampling log-probs match the t
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import cp
 import models
+from models.activation_offload import enable_activation_offload
+from models.chunked_head import ChunkedHeadUnsupported, install_chunked_head
+from models.tiled_mlp import apply_tiled_mlp
 from models.tiny import tiny_model
-from trainer.data import TINY_MODEL_PREFIX as TINY_PREFIX
+from trainer.tokenizer import TINY_MODEL_PREFIX as TINY_PREFIX
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASTER_DTYPE = torch.float32
@@ -77,10 +83,27 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def parallelize(model: nn.Module, dims: cp.ParallelDims, mcfg, device: torch.device) -> nn.Module:
-    models.apply_cp(model, dims, attn=mcfg.attn, chunks=mcfg.ulysses_chunks)
+def install_long_context(model: nn.Module, mcfg) -> nn.Module:
+    """The long-context memory techniques model.* asks for, in the order they compose: tiled MLP, activation
+    checkpointing (+ offload of the checkpointed layer inputs), the chunked LM head (a family whose head does
+    more than a linear layer + final softcap keeps full logits, said once)."""
+    if mcfg.tiled_mlp:
+        apply_tiled_mlp(model, mcfg.mlp_tile_tokens)
     if mcfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mcfg.activation_offload:  # after gradient_checkpointing_enable, which resets the checkpoint functions
+            enable_activation_offload(model)
+    if mcfg.chunked_head:
+        try:
+            install_chunked_head(model)
+        except ChunkedHeadUnsupported as exc:
+            warnings.warn(f"model.chunked_head: {exc}; this run computes full logits", stacklevel=2)
+    return model
+
+
+def parallelize(model: nn.Module, dims: cp.ParallelDims, mcfg, device: torch.device) -> nn.Module:
+    models.apply_cp(model, dims, attn=mcfg.attn, chunks=mcfg.ulysses_chunks)
+    install_long_context(model, mcfg)
     model.to(device)
     mesh = dims.dp_cp_mesh
     # fp32 master shards; forward/backward in the compute dtype; gradients reduced and kept in fp32

@@ -12,7 +12,8 @@
       3. all_gather_object inside the cp group     every cp rank holds its dp group's rollouts
       4. pack prompt+completion documents into rows; ranks pad to the same number of micro-batches
       5. per micro-batch: cp.setup_cp_params + cp.shard(old log-probs, advantages, weights)
-         logits on the local shard only -> log-probs at temperature T -> loss.type policy loss
+         log-probs at temperature T on the local shard (trainer/loss.py: the LM head in token chunks, no
+         full logits) -> loss.type policy loss
          (trainer/policy_losses.py: grpo, dr_grpo, dapo, gspo)
          loss_r = sum(w * loss) / N_global  (N = tokens, sequences, or dr_grpo's constant)
       6. clip, AdamW; metrics.jsonl + W&B (reward, advantages, clip fraction, KL, entropy, lengths);
@@ -29,13 +30,13 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import cp
 from trainer import config, grpo, modeling, policy_losses, runtime, tasks
 from trainer.engine import (CONFIG_DIR, Trainer, check_finite, finish, global_sum, maybe_resume, metrics_logger,
                             optimizer_step, summary_line, training_run, training_steps)
+from trainer.loss import shard_logprobs
 from trainer.prompts import PromptSampler, load_rl_prompts, make_eval_prompts, make_prompts, split_eval_prompts
 from trainer.rollout import RolloutEngine
 from trainer.tokenizer import pad_token_id
@@ -46,15 +47,6 @@ def check_init_model(cfg: DictConfig) -> None:
     if not name.startswith(modeling.TINY_PREFIX) and name.startswith(("outputs", ".", "/")) and not Path(name).exists():
         raise ValueError(f"model.name={name} does not exist: run the SFT default first "
                          "(torchrun --nproc-per-node 2 -m trainer.sft writes outputs/sft/hf), or set model.name")
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """Log-prob of each label under softmax(logits / T), and the entropy; on the local shard only."""
-    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # [B, S_local, V]
-    safe = labels.clamp(min=0)
-    logp = logp_all.gather(-1, safe[..., None]).squeeze(-1)  # [B, S_local]
-    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
-    return logp, entropy
 
 
 def _columns(prompts: list) -> dict:
@@ -144,7 +136,7 @@ def micro_batches(cfg, trainer: Trainer, rollouts: list, pad_id: int) -> list[gr
 def grpo_backward(cfg, trainer: Trainer, batches: list[grpo.RolloutRows], ref_model=None) -> dict:
     """Forward + backward of every micro-batch under CP with the loss.type policy loss; returns globally
     reduced statistics."""
-    device, T = trainer.device, cfg.rollout.temperature
+    device, T, chunk = trainer.device, cfg.rollout.temperature, cfg.model.head_chunk_tokens
     policy_loss = policy_losses.get_policy_loss(cfg.loss.type)
     settings = policy_losses.LossSettings(clip_low=cfg.loss.clip_eps_low, clip_high=cfg.loss.clip_eps_high,
                                           kl_coef=cfg.loss.kl_coef)
@@ -159,12 +151,11 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[grpo.RolloutRows], ref_mo
     stats = dict.fromkeys(("loss", "clipped", "kl", "entropy", "tokens"), 0.0)
     for i, (batch, seq_ids, seq_lengths, old_logp, adv, weight) in enumerate(shards):
         trainer.model.set_requires_gradient_sync(i == len(shards) - 1)
-        kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, cp_params=batch.params)
-        logp, entropy = token_logprobs(trainer.model(**kwargs).logits, batch.labels, T)
+        logp, entropy = shard_logprobs(trainer.model, batch, temperature=T, entropy=True, chunk_tokens=chunk)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
-                ref_logp, _ = token_logprobs(ref_model(**kwargs).logits, batch.labels, T)
+                ref_logp, _ = shard_logprobs(ref_model, batch, temperature=T, chunk_tokens=chunk)
         mask = (batch.labels != grpo.IGNORE_INDEX).float()
         tokens = policy_losses.TokenBatch(logp, old_logp, adv, mask, ref_logp=ref_logp, seq_ids=seq_ids,
                                           seq_lengths=seq_lengths, cp_group=trainer.dims.cp_group)

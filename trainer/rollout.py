@@ -19,7 +19,6 @@ to a bf16 policy would be a different policy (old/new log-probs apart by ~1e-3 b
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -46,8 +46,8 @@ def backward_on_shards(trainer: Trainer, shards: list[cp.CPBatch]) -> tuple[floa
     local_loss = 0.0
     for i, shard in enumerate(shards):
         trainer.model.set_requires_gradient_sync(i == len(shards) - 1)  # reduce-scatter once per step
-        out = trainer.model(input_ids=shard.input_ids, position_ids=shard.position_ids, cp_params=shard.params)
-        micro_loss = loss.token_loss_sum(out.logits, shard.labels) / max(total_tokens, 1.0)
+        micro_loss = loss.shard_loss_sum(trainer.model, shard, chunk_tokens=trainer.cfg.model.head_chunk_tokens)
+        micro_loss = micro_loss / max(total_tokens, 1.0)
         micro_loss.backward()
         local_loss += micro_loss.item()
     return global_sum(local_loss, trainer), total_tokens

@@ -110,9 +110,12 @@ class AttentionRunner:
 
 
 def model_config(*, hidden: int = 256, heads: int = 8, kv_heads: int = 2, head_dim: int = 64, intermediate: int = 512,
-                 layers: int = 2, max_len: int = 65536):
-    """models.tiny's qwen3 config, widened (attention H*D = 512 > hidden) and all layers full attention."""
+                 layers: int = 2, max_len: int = 65536, vocab: int | None = None):
+    """models.tiny's qwen3 config, widened (attention H*D = 512 > hidden) and all layers full attention;
+    vocab: the vocabulary size (default: the tiny config's)."""
     base = tiny_config("qwen3").to_dict()
+    if vocab is not None:
+        base.update(vocab_size=vocab)
     base.update(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                 intermediate_size=intermediate, num_hidden_layers=layers, layer_types=["full_attention"] * layers,
                 use_sliding_window=False, sliding_window=None, max_position_embeddings=max_len)
