@@ -40,7 +40,7 @@ uses add up) and the root's reduce-scatter takes it from there.
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import MethodType
 
@@ -196,6 +196,11 @@ def _chunk_backward(h, weight, bias, targets, grad, softcap, temperature, rows, 
 # ------------------------------------------------------------------------------------- autograd function
 
 
+def _autocast_off(device_type: str):
+    """Autocast disabled on `device_type`; a no-op where autocast does not exist (meta: trainer.plan)."""
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+
+
 class ChunkedTokenLogprobs(torch.autograd.Function):
     """(hidden [..., H], weight [V, H], bias [V] | None, targets [...]) -> (logp [...], entropy [...] | empty).
     See the module docstring; call it through chunked_token_logprobs."""
@@ -208,7 +213,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         chunk = chunk_tokens or auto_chunk_tokens(weight.shape[0], weight.dtype, n_tokens=len(keep))
         logp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
         entropy = torch.zeros_like(logp) if want_entropy else logp.new_empty(0)
-        with torch.autocast(hidden.device.type, enabled=False):
+        with _autocast_off(hidden.device.type):
             for rows in _chunks(len(keep), chunk):
                 logp_c, entropy_c = _chunk_logprobs(flat_h.index_select(0, keep[rows]), weight, bias, kept[rows],
                                                     softcap, temperature, want_entropy)
@@ -230,7 +235,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         dh = torch.zeros_like(flat_h) if need_h else None  # [N, H]; rows of ignored targets stay 0
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        with torch.autocast(hidden.device.type, enabled=False):
+        with _autocast_off(hidden.device.type):
             for rows in _chunks(len(keep), chunk):
                 h = flat_h.index_select(0, keep[rows])  # [C, H]
                 _chunk_backward(h, weight, bias, kept[rows], grad[rows], softcap, temperature, keep[rows], dh, dw, db)

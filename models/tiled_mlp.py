@@ -269,7 +269,7 @@ def _collecting(recording: dict | None):
 
 def _forward_state(flat: torch.Tensor) -> tuple:
     """What the recompute must replay: RNG states (dropout, router jitter) and autocast (CPU, flat's device)."""
-    devices = dict.fromkeys(("cpu", flat.device.type))
+    devices = [d for d in dict.fromkeys(("cpu", flat.device.type)) if torch.amp.is_autocast_available(d)]  # not meta
     autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices]
     return torch.get_rng_state(), *get_device_states(flat), autocast
 

@@ -2,6 +2,7 @@
 
     python scripts/bench_memory.py                 # the CPU run -> docs/benchmarks/memory/ (~10 min on 2 cores)
     python scripts/bench_memory.py --quick --out DIR
+    python scripts/bench_memory.py --predict       # the planner's columns only, for the cells already measured
 
 Workload: a Qwen3-style decoder with a realistic vocabulary (bench.workloads.model_config, vocab 49152),
 fp32, one document per row, fwd + loss + bwd under models.apply_cp (Ulysses) at cp = 1, 2 (world 2) and
@@ -20,11 +21,16 @@ what does not grow with S (a logits chunk, a tile, gradient accumulators). The m
 budget comes from the fit (extrapolated past the measured range; labelled). Step time: the sets run
 interleaved at one length, ratio vs off. Activation offload is not measured here: on CPU the host is the
 device (the copy frees nothing); its exactness is tested in tests/test_activation_offload.py.
+
+Planner: every memory cell is also predicted by trainer.memory_sim (the planner's engine: the same step on the
+meta device in a fake process group), reported next to the measurement; and trainer.plan's tables for two runs
+this machine cannot make (Qwen3-8B at 128k tokens and a Qwen3.5-style hybrid at 256k, on 8 GPUs of 80 GB).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -44,7 +50,10 @@ from bench.workloads import build_model, lm_batch, model_config  # noqa: E402
 import cp  # noqa: E402
 import models  # noqa: E402
 from trainer.loss import shard_loss_sum  # noqa: E402
+from trainer.memory_sim import fake_world, simulate_step  # noqa: E402
 from trainer.modeling import install_long_context  # noqa: E402
+from trainer.plan import compose_run_config, render  # noqa: E402
+from trainer.plan import plan as plan_memory  # noqa: E402
 
 VOCAB = 49152  # a realistic vocabulary (SmolLM2's): large enough that the logits term shows
 MODEL = {"hidden": 256, "heads": 8, "kv_heads": 2, "head_dim": 64, "intermediate": 1024, "layers": 4}
@@ -62,7 +71,7 @@ MIB = 2 ** 20
 def technique_config(name: str) -> SimpleNamespace:
     """The model.* keys install_long_context reads, for one technique set (automatic chunk / tile sizes)."""
     return SimpleNamespace(**TECHNIQUES[name], activation_offload=False, head_chunk_tokens=None,
-                           mlp_tile_tokens=None)
+                           mlp_tile_tokens=None, ulysses_chunks=1)
 
 
 def _model(dims, name: str, config):
@@ -95,6 +104,7 @@ def run_rank(rank: int, world: int, plan: dict) -> list[dict]:
                 seq_len = per_rank * int(cp_degree)
                 ids, labels, count = lm_batch(seq_len, VOCAB, seq_len + dims.dp_rank, torch.device("cpu"))
                 _step(model, dims, ids, labels, count)  # warm-up: gradient buffers, plans, kernels
+                gc.collect()  # what only the cyclic collector frees would otherwise count at random
                 with PeakMemory(torch.device("cpu")) as peak:
                     _step(model, dims, ids, labels, count)
                 cells.append({"kind": "memory", "world": world, "cp": int(cp_degree), "technique": name,
@@ -121,6 +131,45 @@ def _time_rank(world: int, per_rank: int, config, rounds: int) -> list[dict]:
                 times[name].append(_worst(timer.seconds))
     return [{"kind": "time", "world": world, "cp": world, "technique": name, "tokens_per_rank": per_rank,
              "seq_len": seq_len, "step_s": times[name]} for name in TECHNIQUES]
+
+
+def predict(cells: list[dict]) -> None:
+    """The planner's prediction (trainer.memory_sim, meta device, fake world of the same size) for every
+    memory cell: cell["predicted_bytes"]."""
+    config = model_config(**MODEL, vocab=VOCAB)
+    for world in sorted({c["world"] for c in cells if c["kind"] == "memory"}):
+        with fake_world(world):
+            for c in cells:
+                if c["kind"] != "memory" or c["world"] != world:
+                    continue
+                dims = cp.ParallelDims(world_size=world, cp=c["cp"])
+                dims.build()
+                c["predicted_bytes"] = simulate_step(config, dims, technique_config(c["technique"]),
+                                                     seq_len=c["seq_len"], dtype=torch.float32).peak
+
+
+# The paper targets: the planner's prediction for runs this machine cannot make (python -m trainer.plan)
+TARGETS = {
+    "Qwen3-8B, 128k tokens, 8 x 80 GB": ["model.name=configs/plan/qwen3_8b", "model.dtype=bfloat16",
+                                          "data.seq_len=131072", "data.micro_batch_size=1", "model.cp=8"],
+    "Qwen3.5-style hybrid (configs/plan/qwen3_5_hybrid), 256k tokens, 8 x 80 GB": [
+        "model.name=configs/plan/qwen3_5_hybrid", "model.dtype=bfloat16", "data.seq_len=262144",
+        "data.micro_batch_size=1", "model.cp=8"],
+}
+TARGET_WORLD, TARGET_BUDGET_GB = 8, 80
+
+
+def plan_targets() -> dict[str, dict]:
+    """{target: {"command", "table"}}: trainer.plan's table for each paper target."""
+    out = {}
+    for name, overrides in TARGETS.items():
+        cfg = compose_run_config("sft", overrides, TARGET_WORLD)
+        estimates, refusals = plan_memory(cfg, world=TARGET_WORLD)
+        command = shlex.join(["python", "-m", "trainer.plan", "--world-size", str(TARGET_WORLD), "--budget-gb",
+                              str(TARGET_BUDGET_GB), *overrides])
+        out[name] = {"command": command, "table": render(cfg, estimates, refusals, world=TARGET_WORLD,
+                                                         budget=TARGET_BUDGET_GB * 2 ** 30, trainer="sft")}
+    return out
 
 
 def fit(cells: list[dict], technique: str) -> tuple[float, float]:
@@ -171,6 +220,28 @@ def write_report(out: Path, meta: dict, cells: list[dict]) -> None:
               f"rank ({MODEL['layers']} layers x {MODEL['hidden']} x 4 bytes). The rest of the `+ckpt` slope is one "
               "layer's activations while it is recomputed in backward (its attention and projections, O(S/cp)).",
               ""]
+    predicted = [c for c in memory if "predicted_bytes" in c]
+    if predicted:
+        errors = [c["predicted_bytes"] / c["peak_bytes"] - 1 for c in predicted]
+        lines += ["## The planner's prediction vs the measurement (`python -m trainer.plan`; trainer/memory_sim.py)", "",
+                  f"Every cell above predicted on the meta device (no weights, no compute, a fake process group): "
+                  f"error {min(errors):+.1%} .. {max(errors):+.1%}, mean |error| "
+                  f"{statistics.fmean(abs(e) for e in errors):.1%} over {len(errors)} cells (tests/test_plan.py "
+                  "holds a smaller workload to 15% at cp = 1, 2, 4).", "",
+                  "Beyond 15%: " + (", ".join(f"cp={c['cp']} {c['technique']} {c['tokens_per_rank']} tokens/rank "
+                                             f"({c['predicted_bytes'] / c['peak_bytes'] - 1:+.1%})" for c in predicted
+                                             if abs(c["predicted_bytes"] / c["peak_bytes"] - 1) > 0.15) or "none") +
+                  ". A measured peak includes what only Python's cyclic garbage collector frees (gloo work handles, "
+                  "autograd graph cycles) if it has not run yet; the measurement runs gc.collect() before the step (as "
+                  "tests/test_plan.py does), and the planner predicts what a collected heap holds.", "",
+                  *meta.get("notes", []),
+                  "| cp | tokens/rank | technique | measured MiB | predicted MiB | error |", "|---|---|---|---|---|---|"]
+        for c in sorted(predicted, key=lambda c: (c["cp"], list(TECHNIQUES).index(c["technique"]), c["tokens_per_rank"])):
+            lines.append(f"| {c['cp']} | {c['tokens_per_rank']} | {c['technique']} | {c['peak_bytes'] / MIB:.0f} | "
+                         f"{c['predicted_bytes'] / MIB:.0f} | {c['predicted_bytes'] / c['peak_bytes'] - 1:+.1%} |")
+        lines.append("")
+    for name, target in meta.get("targets", {}).items():
+        lines += [f"## Planned on paper: {name}", "", f"`{target['command']}`", "", target["table"], ""]
     timed = [c for c in cells if c["kind"] == "time"]
     if timed:
         base_times = next(c["step_s"] for c in timed if c["technique"] == "off")
@@ -194,12 +265,21 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
     p.add_argument("--budget-mib", type=float, default=1024, help="activation budget per rank for the max-length column")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--predict", action="store_true",
+                   help="add the planner's predictions for OUT/results.json's cells and the paper targets (no measuring)")
     p.add_argument("--retime", action="store_true",
                    help="measure the step times again (e.g. on an idle machine) and merge them into OUT/results.json")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "memory")
     args = p.parse_args(argv)
     if args.report_only:
         data = json.loads((args.out / "results.json").read_text())
+        write_report(args.out, data["meta"], data["cells"])
+        return
+    if args.predict:
+        data = json.loads((args.out / "results.json").read_text())
+        predict(data["cells"])
+        data["meta"]["targets"] = plan_targets()
+        (args.out / "results.json").write_text(json.dumps(data, indent=1))
         write_report(args.out, data["meta"], data["cells"])
         return
     sizes = QUICK if args.quick else FULL
@@ -223,10 +303,11 @@ def main(argv=None) -> None:
     cells = []
     for world in sorted(int(w) for w in plan["memory"]):
         cells += spawn(run_rank, world, "cpu", plan)
+    predict(cells)
     meta = {"command": command, "elapsed_s": time.time() - started,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "budget_mib": args.budget_mib,
             "loadavg": [load_start, os.getloadavg()[0]],
-            "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}"}
+            "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "targets": plan_targets()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=1))
     write_report(args.out, meta, cells)
