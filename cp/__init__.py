@@ -14,7 +14,7 @@ Everything takes its groups and per-batch metadata explicitly (CPParams); nothin
 
 from cp.block_kernels import BLOCK_KERNELS, merge_attention
 from cp.collectives import RingExchange, gather_seq, head_to_seq, seq_to_head
-from cp.dims import ParallelDims
+from cp.dims import CPSubgroup, ParallelDims
 from cp.hybrid import hybrid_attention
 from cp.kernels import KERNELS, hf_kernel, resolve_kernel
 from cp.layouts import LAYOUTS, get_layout, shard_indices
@@ -26,8 +26,8 @@ from cp.ulysses import ulysses_attention
 from cp.validation import assert_cp_style_supports_model
 
 __all__ = [
-    "AttnMask", "BLOCK_KERNELS", "CPBatch", "CPConfigError", "CPParams", "CPStyle", "CP_STYLES", "KERNELS", "LAYOUTS",
-    "ParallelDims", "RingExchange", "assert_cp_style_supports_model", "gather_seq", "get_layout", "get_style",
+    "AttnMask", "BLOCK_KERNELS", "CPBatch", "CPConfigError", "CPParams", "CPStyle", "CPSubgroup", "CP_STYLES", "KERNELS",
+    "LAYOUTS", "ParallelDims", "RingExchange", "assert_cp_style_supports_model", "gather_seq", "get_layout", "get_style",
     "head_to_seq", "hf_kernel", "hybrid_attention", "merge_attention", "register_cp_style", "resolve_kernel",
     "ring_attention", "seq_to_head", "setup_cp_params", "shard", "shard_indices", "ulysses_attention", "unshard",
 ]

@@ -39,6 +39,7 @@ class ParallelDims:
     _flat: dict[str, DeviceMesh] = field(default_factory=dict, init=False, repr=False)
     _ring: int = field(default=1, init=False, repr=False)  # (ring, Ulysses) degrees from the style's levels
     _ulysses: int = field(default=1, init=False, repr=False)
+    _subgroups: dict[int, CPSubgroup] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -144,3 +145,59 @@ class ParallelDims:
     @property
     def dp_rank(self) -> int:
         return dist.get_rank(self.dp_group)
+
+    def cp_degrees(self) -> list[int]:
+        """The degrees dynamic CP can give a micro-batch: the divisors of cp (a one-level style only)."""
+        return [d for d in range(1, self.cp + 1) if self.cp % d == 0]
+
+    def build_subgroups(self, degrees: list[int] | None = None) -> dict[int, CPSubgroup]:
+        """Dynamic CP (collective, once at startup, on every rank): for each degree d in `degrees` (default:
+        every divisor of cp), every cp group split into cp / d blocks of d consecutive cp ranks, each block a
+        process group of its own. Returns {d: this rank's CPSubgroup}; degree cp is the cp group itself,
+        degree 1 needs no group."""
+        degrees = self.cp_degrees() if degrees is None else sorted(set(degrees))
+        if any(self.cp % d for d in degrees):
+            raise CPConfigError(f"CP subgroup degrees {degrees} must divide cp={self.cp}", "cp")
+        if degrees != [self.cp] and self.style.two_level:
+            raise CPConfigError(f"dynamic CP splits the cp group into smaller groups of one style; cp_style="
+                                f"{self.cp_style} has two levels: use cp_style=ulysses or ring", "cp_style")
+        if self.mesh is None:
+            raise RuntimeError("call ParallelDims.build() before build_subgroups()")
+        rank = dist.get_rank()
+        for degree in degrees:
+            blocks = self.cp // degree
+            for group_index, ranks in enumerate(self.rank_groups("cp")):
+                for block in range(blocks):
+                    members = ranks[block * degree:(block + 1) * degree]
+                    slot = group_index * blocks + block
+                    if degree == self.cp:
+                        if rank in members:
+                            self._subgroups[degree] = CPSubgroup(
+                                self.cp_style, degree, slot, self.ring, self.ulysses, self.cp_group, self.ring_group,
+                                self.ulysses_group, self.mesh)
+                        continue
+                    group = dist.new_group(members) if degree > 1 else None  # every rank makes every group
+                    if rank in members:
+                        ring, ulysses = self.style.degrees(degree)
+                        self._subgroups[degree] = CPSubgroup(
+                            self.cp_style, degree, slot, ring, ulysses, group, group if ring > 1 else None,
+                            group if ulysses > 1 else None, self.mesh)
+        return dict(self._subgroups)
+
+
+@dataclass(frozen=True)
+class CPSubgroup:
+    """CP at one degree on this rank: the block of `degree` consecutive cp ranks it belongs to (a cp group split
+    into cp / degree blocks; degree cp: the cp group itself, any style). Global slot number: cp group index *
+    (cp / degree) + block, so a micro-batch of this degree has world / degree slots, one row each. Passed to
+    setup_cp_params as `dims` (it reads the style, the degrees and the groups)."""
+
+    cp_style: str
+    degree: int
+    slot: int
+    ring: int
+    ulysses: int
+    cp_group: dist.ProcessGroup | None  # None at degree 1
+    ring_group: dist.ProcessGroup | None
+    ulysses_group: dist.ProcessGroup | None
+    mesh: DeviceMesh  # the parent ParallelDims' (built)

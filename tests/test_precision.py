@@ -181,7 +181,7 @@ def _rollout_mismatch_worker(rank, world, engine_dtypes):
         rollouts, _ = generate_rollouts(cfg, trainer, engine, prompts, rewards)
         diffs = []
         pad = pad_token_id(trainer.tokenizer)
-        for rows in micro_batches(cfg, trainer, gather_cp_group(rollouts, trainer), pad):
+        for rows, _ in micro_batches(cfg, trainer, gather_cp_group(rollouts, trainer), pad):
             batch = cp.setup_cp_params(rows.input_ids, trainer.dims, labels=rows.labels, seq_lens=rows.seq_lens)
             old = cp.shard(rows.old_logp, batch.params)
             with torch.no_grad():

@@ -145,7 +145,7 @@ def _direction_worker(rank, world):
     def seq_logp():
         out = []
         for r in rollouts:
-            (rows,) = micro_batches(cfg, trainer, [r], pad_id=0)
+            ((rows, _),) = micro_batches(cfg, trainer, [r], pad_id=0)
             batch = cp.setup_cp_params(rows.input_ids, trainer.dims, labels=rows.labels, seq_lens=rows.seq_lens)
             with torch.no_grad():
                 logits = trainer.model(input_ids=batch.input_ids, position_ids=batch.position_ids,

@@ -65,6 +65,11 @@ class ModelConfig:
     MLP forward per layer: turn it on when the MLP's [S/cp, intermediate] activations limit the length."""
     mlp_tile_tokens: Optional[int] = None
     """Tokens per MLP tile; null: automatic (ceil(S/cp / ceil(intermediate / hidden)), at least 256)."""
+    cp_dynamic: bool = False
+    """With data.max_tokens_per_rank: each micro-batch gets its own CP degree, the smallest divisor of model.cp
+    whose ranks hold its longest document within the budget (a short document runs whole on one rank, a long
+    one is split over 2, 4, ... ranks of its cp group; process groups for every degree are built at startup).
+    Same loss and gradients as static CP. ulysses or ring only (trainer/token_budget.py)."""
     tiny_hidden_size: int = 128
     """tiny:* models only: hidden size."""
     tiny_layers: int = 4
@@ -82,6 +87,11 @@ class DataConfig:
     """Tokens per packed row (documents packed, a pad document fills the rest)."""
     micro_batch_size: int = 1
     """Rows per micro-batch on each data-parallel replica."""
+    max_tokens_per_rank: Optional[int] = None
+    """Token-budget micro-batches instead of fixed rows: each step's documents (the same ones the fixed rows would
+    hold: micro_batch_size x seq_len x dp x grad_accum tokens; GRPO: the step's rollouts) are planned into
+    micro-batches of at most this many tokens per rank, balanced across all dp x cp ranks by estimated cost
+    (tokens and attention's length^2). Must hold a data.seq_len document on model.cp ranks. null: fixed rows."""
     limit: Optional[int] = None
     """Use only the first N records of the source."""
 
@@ -312,6 +322,27 @@ def validate_sft(cfg, world_size: int) -> None:
     multiple = cp_pad_multiple(m)
     _check(d.seq_len >= multiple,
            f"data.seq_len={d.seq_len} is shorter than the {multiple} shards model.cp={m.cp} ({m.cp_style}) needs")
+    validate_token_budget(cfg)
+
+
+def validate_token_budget(cfg) -> None:
+    """data.max_tokens_per_rank and model.cp_dynamic: a budget that holds the longest document, a one-level
+    style for dynamic degrees."""
+    d, m = cfg.data, cfg.model
+    budget = d.max_tokens_per_rank
+    _check(not m.cp_dynamic or budget is not None,
+           "model.cp_dynamic=true picks each micro-batch's CP degree from its length against a token budget: set "
+           "data.max_tokens_per_rank too")
+    if budget is None:
+        return
+    _check(budget >= 1, f"data.max_tokens_per_rank={budget} must be >= 1 (tokens per rank per micro-batch), or "
+                        "null for fixed rows")
+    need = -(-d.seq_len // m.cp)
+    _check(budget >= need, f"data.max_tokens_per_rank={budget} cannot hold a data.seq_len={d.seq_len} document on "
+                           f"model.cp={m.cp} ranks: raise it to >= {need}, raise model.cp, or lower data.seq_len")
+    _check(not m.cp_dynamic or not cp.get_style(m.cp_style).two_level,
+           f"model.cp_dynamic=true splits the cp group into smaller groups of one style; model.cp_style="
+           f"{m.cp_style} has two levels: use model.cp_style=ulysses or ring")
 
 
 def _validate_builtin_prompts(cfg) -> None:

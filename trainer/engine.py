@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 import cp
 from trainer import checkpoint, config, modeling, optim, runtime
 from trainer.metrics import MetricsLogger
+from trainer.token_budget import TokenBudget
 from trainer.tokenizer import check_tokenizer_fits_model, load_tokenizer, resolve_tokenizer_name
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -52,6 +53,7 @@ class Trainer:
     step: int = 0
     checkpointed_step: int = -1  # the step of the checkpoint on disk this run saved or resumed from
     io_group: object = None  # gloo group with checkpoint.timeout_s: waits for checkpoint / export writes
+    budget: TokenBudget | None = None  # data.max_tokens_per_rank: token-budget micro-batches (model.cp_dynamic)
 
 
 def build_trainer(cfg: DictConfig, *, validate: Callable[[DictConfig, int], None]) -> Trainer:
@@ -67,11 +69,14 @@ def build_trainer(cfg: DictConfig, *, validate: Callable[[DictConfig, int], None
     dims = cp.ParallelDims(world_size=world, cp=cfg.model.cp, cp_style=cfg.model.cp_style,
                            cp_ulysses=cfg.model.cp_ulysses)
     dims.build(device.type)
+    budget = None
+    if cfg.data.max_tokens_per_rank:  # before FSDP: the cost model counts the full parameters
+        budget = TokenBudget.build(dims, model, cfg.data.max_tokens_per_rank, dynamic=cfg.model.cp_dynamic)
     modeling.parallelize(model, dims, cfg.model, device)
     optimizer = optim.build_optimizer(model, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     return Trainer(cfg, dims, device, model, optimizer, scheduler, tokenizer,
-                   io_group=runtime.patient_group(cfg.checkpoint.timeout_s))
+                   io_group=runtime.patient_group(cfg.checkpoint.timeout_s), budget=budget)
 
 
 @contextlib.contextmanager

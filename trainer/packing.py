@@ -67,6 +67,12 @@ def assemble_row(docs: Sequence[dict[str, list]], seq_len: int, pad: dict) -> tu
     return row, seq_lens
 
 
+def sft_row(docs: Sequence[TokenizedDoc], seq_len: int, pad_token_id: int) -> tuple[dict[str, list], list[int]]:
+    """One SFT row: the documents' ids and shifted labels (assemble_row; the pad document fills to seq_len)."""
+    return assemble_row([{"input_ids": doc.input_ids, "labels": shifted_labels(doc.input_ids, doc.loss_mask)}
+                         for doc in docs], seq_len, {"input_ids": pad_token_id, "labels": IGNORE_INDEX})
+
+
 # ---------------------------------------------------------------- deterministic, resumable order
 
 
@@ -198,9 +204,7 @@ class PackedLoader:
         return row
 
     def _pack_row(self, doc_indices: list[int]) -> tuple[dict[str, list], list[int]]:
-        docs = [self._docs[index] for index in doc_indices]
-        return assemble_row([{"input_ids": doc.input_ids, "labels": shifted_labels(doc.input_ids, doc.loss_mask)}
-                             for doc in docs], self.seq_len, {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX})
+        return sft_row([self._docs[index] for index in doc_indices], self.seq_len, self.pad_token_id)
 
     def next_batch(self) -> PackedBatch:
         """The next micro-batch of this dp rank: [micro_batch_size, seq_len]."""
@@ -211,6 +215,14 @@ class PackedLoader:
         labels = torch.tensor([row["labels"] for row, _ in packed], dtype=torch.long)
         return PackedBatch(input_ids=input_ids, labels=labels, seq_lens=[seq_lens for _, seq_lens in packed],
                            num_loss_tokens=int((labels != IGNORE_INDEX).sum()))
+
+    def next_step_docs(self, micro_batches: int) -> list[TokenizedDoc]:
+        """Token-budget steps (data.max_tokens_per_rank): every document of the rows that `micro_batches`
+        next_batch() calls would give ALL dp ranks, in order, for trainer/token_budget.py to re-plan. Same
+        position bookkeeping as next_batch, so a run resumes identically in either mode."""
+        rows = [self._next_row() for _ in range(self.micro_batch_size * self.dp_size * micro_batches)]
+        self.steps += micro_batches
+        return [self._docs[index] for row in rows for index in row]
 
     def __iter__(self) -> Iterator[PackedBatch]:
         while True:

@@ -11,6 +11,8 @@
          then every rank waits for the slowest generator (rollout.timeout_s, a gloo group of its own)
       3. all_gather_object inside the cp group     every cp rank holds its dp group's rollouts
       4. pack prompt+completion documents into rows; ranks pad to the same number of micro-batches
+         (data.max_tokens_per_rank: every rank's rollouts gathered and planned together into token-budget
+         micro-batches, each at its own CP degree under model.cp_dynamic: trainer/token_budget.py)
       5. per micro-batch: cp.setup_cp_params + cp.shard(old log-probs, advantages, weights)
          log-probs at temperature T on the local shard (trainer/loss.py: the LM head in token chunks, no
          full logits) -> loss.type policy loss
@@ -39,6 +41,7 @@ from trainer.engine import (CONFIG_DIR, Trainer, check_finite, finish, global_su
 from trainer.loss import shard_logprobs
 from trainer.prompts import PromptSampler, load_rl_prompts, make_eval_prompts, make_prompts, split_eval_prompts
 from trainer.rollout import RolloutEngine
+from trainer.token_budget import EMPTY_PASS_TOKENS
 from trainer.tokenizer import pad_token_id
 
 
@@ -123,27 +126,53 @@ def gather_cp_group(rollouts: list, trainer: Trainer) -> list:
     return [r for part in parts for r in part]
 
 
-def micro_batches(cfg, trainer: Trainer, rollouts: list, pad_id: int) -> list[grpo.RolloutRows]:
+def micro_batches(cfg, trainer: Trainer, rollouts: list, pad_id: int) -> list[tuple[grpo.RolloutRows, object]]:
+    """Fixed rows: (micro_batch_size rows of data.seq_len, the run's ParallelDims) per micro-batch, the same count
+    on every rank (empty ones added)."""
     sequence_norm = policy_losses.get_policy_loss(cfg.loss.type).uses_sequence_weights(cfg)
     batches = grpo.pack_rollouts(rollouts, seq_len=cfg.data.seq_len, rows_per_batch=cfg.data.micro_batch_size,
                                  pad_id=pad_id, sequence_norm=sequence_norm)
     count = torch.tensor(max(len(batches), 1))  # >= 1: every group skipped still runs one (empty) pass
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=trainer.dims.dp_cp_group)  # FSDP needs lock-step passes
-    return batches + [grpo.empty_rows(cfg.data.seq_len, cfg.data.micro_batch_size, pad_id)
-                      for _ in range(int(count) - len(batches))]
+    batches += [grpo.empty_rows(cfg.data.seq_len, cfg.data.micro_batch_size, pad_id)
+                for _ in range(int(count) - len(batches))]
+    return [(rows, trainer.dims) for rows in batches]
 
 
-def grpo_backward(cfg, trainer: Trainer, batches: list[grpo.RolloutRows], ref_model=None) -> dict:
-    """Forward + backward of every micro-batch under CP with the loss.type policy loss; returns globally
-    reduced statistics."""
+def token_budget_micro_batches(cfg, trainer: Trainer, rollouts: list, pad_id: int) -> tuple[list, dict]:
+    """data.max_tokens_per_rank: every rank's rollouts planned together (trainer/token_budget.py) into
+    micro-batches within the budget per rank, each row at its CP degree (model.cp_dynamic); this rank's
+    (one packed row, its CPSubgroup; None: an empty pass on this rank alone) per micro-batch, and the plan's
+    metrics."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rollouts, group=trainer.dims.dp_cp_group)
+    everyone = [r for part in parts for r in part]
+    plan = trainer.budget.plan([len(r.prompt_ids) + len(r.completion_ids) for r in everyone])
+    sequence_norm = policy_losses.get_policy_loss(cfg.loss.type).uses_sequence_weights(cfg)
+    batches = []
+    for subgroup, row in trainer.budget.my_rows(plan):
+        if not row:
+            batches.append((grpo.empty_rows(EMPTY_PASS_TOKENS, 1, pad_id), None))
+            continue
+        docs = [everyone[i] for i in row]
+        length = sum(len(r.prompt_ids) + len(r.completion_ids) for r in docs)
+        [rows] = grpo.pack_rollouts(docs, seq_len=length, rows_per_batch=1, pad_id=pad_id,
+                                    sequence_norm=sequence_norm)  # one row: the documents back to back
+        batches.append((rows, subgroup))
+    return batches, plan.metrics()
+
+
+def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, object]], ref_model=None) -> dict:
+    """Forward + backward of every micro-batch (rows, the ParallelDims / CPSubgroup it runs under; None: this
+    rank alone) with the loss.type policy loss; returns globally reduced statistics."""
     device, T, chunk = trainer.device, cfg.rollout.temperature, cfg.model.head_chunk_tokens
     policy_loss = policy_losses.get_policy_loss(cfg.loss.type)
     settings = policy_losses.LossSettings(clip_low=cfg.loss.clip_eps_low, clip_high=cfg.loss.clip_eps_high,
                                           kl_coef=cfg.loss.kl_coef)
     shards = []
-    for rows in batches:
-        batch = cp.setup_cp_params(rows.input_ids.to(device), trainer.dims, labels=rows.labels.to(device),
-                                   seq_lens=rows.seq_lens)
+    for rows, dims in batches:
+        batch = cp.setup_cp_params(rows.input_ids.to(device), dims, labels=rows.labels.to(device),
+                                   seq_lens=rows.seq_lens, style=None if dims else "ulysses")
         extra = [cp.shard(t.to(device), batch.params) for t in (rows.old_logp, rows.advantages, rows.weights)]
         seq_ids = cp.shard(rows.seq_ids.to(device), batch.params, pad_value=-1)
         shards.append((batch, seq_ids, rows.seq_lengths.to(device), *extra))
@@ -158,7 +187,7 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[grpo.RolloutRows], ref_mo
                 ref_logp, _ = shard_logprobs(ref_model, batch, temperature=T, chunk_tokens=chunk)
         mask = (batch.labels != grpo.IGNORE_INDEX).float()
         tokens = policy_losses.TokenBatch(logp, old_logp, adv, mask, ref_logp=ref_logp, seq_ids=seq_ids,
-                                          seq_lengths=seq_lengths, cp_group=trainer.dims.cp_group)
+                                          seq_lengths=seq_lengths, cp_group=batch.params.cp_group)
         loss_tok, loss_stats = policy_loss.token_loss(tokens, settings)
         loss = policy_losses.rank_loss(loss_tok, weight, mask, norm)
         loss.backward()
@@ -222,7 +251,11 @@ def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards, ref_
     train, groups, dropped = drop_zero_advantage_groups(cfg, rollouts)
     if policy_losses.skip_zero_advantage(cfg):
         metrics["groups_skipped_frac"] = global_sum(dropped, trainer) / max(global_sum(groups, trainer), 1.0)
-    batches = micro_batches(cfg, trainer, gather_cp_group(train, trainer), pad_id)
+    if trainer.budget:
+        batches, plan_metrics = token_budget_micro_batches(cfg, trainer, train, pad_id)
+        metrics.update(plan_metrics)
+    else:
+        batches = micro_batches(cfg, trainer, gather_cp_group(train, trainer), pad_id)
     lr = trainer.scheduler.get_last_lr()[0]
     metrics.update(grpo_backward(cfg, trainer, batches, ref_model))
     check_finite(metrics["loss"], trainer.step + 1)

@@ -8,6 +8,9 @@
     per optimizer step (sft_step):
         grad_accum micro-batches [B, seq_len] (same on every rank of a cp group)
           ─> cp.setup_cp_params ─> this rank's shard + CPParams
+        or data.max_tokens_per_rank: the same documents re-planned (trainer/token_budget.py) into micro-batches
+          within the budget per rank, balanced by cost over all dp x cp ranks, each at its own CP degree under
+          model.cp_dynamic ─> cp.setup_cp_params(row, the degree's CPSubgroup)
         N = loss tokens of the whole step (all-reduce over dp_cp)
         for each micro-batch: loss_r = token_loss_sum(shard) / N; backward  (FSDP sums grads)
         clip (a non-finite total norm stops before AdamW), AdamW, schedule; metrics.jsonl + W&B;
@@ -20,6 +23,7 @@ from __future__ import annotations
 import time
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 import cp
@@ -27,8 +31,9 @@ from trainer import config, loss, runtime
 from trainer.chat import tokenize_sft_records
 from trainer.engine import (CONFIG_DIR, Trainer, check_finite, finish, global_sum, maybe_resume, metrics_logger,
                             optimizer_step, summary_line, training_run, training_steps)
-from trainer.packing import PackedLoader
+from trainer.packing import PackedLoader, sft_row
 from trainer.records import load_sft_records
+from trainer.token_budget import empty_pass
 from trainer.tokenizer import pad_token_id
 
 
@@ -53,25 +58,49 @@ def backward_on_shards(trainer: Trainer, shards: list[cp.CPBatch]) -> tuple[floa
     return global_sum(local_loss, trainer), total_tokens
 
 
-def sft_step(trainer: Trainer, loader: PackedLoader) -> dict:
-    cfg, start = trainer.cfg, time.perf_counter()
-    pad = pad_token_id(trainer.tokenizer)
-    shards = []
+def fixed_row_shards(trainer: Trainer, loader: PackedLoader, pad: int) -> tuple[list[cp.CPBatch], dict]:
+    """grad_accum micro-batches of micro_batch_size rows of data.seq_len, under the run's cp."""
+    cfg, shards = trainer.cfg, []
     for _ in range(cfg.optim.grad_accum):
         batch = loader.next_batch()
         shards.append(cp.setup_cp_params(batch.input_ids.to(trainer.device), trainer.dims,
                                          labels=batch.labels.to(trainer.device), seq_lens=batch.seq_lens,
                                          pad_token_id=pad))
+    tokens = cfg.optim.grad_accum * cfg.data.micro_batch_size * cfg.data.seq_len * trainer.dims.dp
+    return shards, {"step_tokens": tokens}
+
+
+def token_budget_shards(trainer: Trainer, loader: PackedLoader, pad: int) -> tuple[list[cp.CPBatch], dict]:
+    """The same documents as fixed rows, planned into token-budget micro-batches (data.max_tokens_per_rank),
+    each at its own CP degree under model.cp_dynamic (trainer/token_budget.py); this rank's shards."""
+    docs = loader.next_step_docs(trainer.cfg.optim.grad_accum)
+    plan = trainer.budget.plan([len(doc) for doc in docs])
+    shards = []
+    for subgroup, row in trainer.budget.my_rows(plan):
+        if not row:
+            shards.append(empty_pass(trainer.device, pad))
+            continue
+        row_docs = [docs[i] for i in row]
+        columns, seq_lens = sft_row(row_docs, sum(len(doc) for doc in row_docs), pad)
+        ids, labels = (torch.tensor([columns[name]], device=trainer.device) for name in ("input_ids", "labels"))
+        shards.append(cp.setup_cp_params(ids, subgroup, labels=labels, seq_lens=[seq_lens], pad_token_id=pad))
+    return shards, {"step_tokens": sum(plan.lengths), **plan.metrics()}
+
+
+def sft_step(trainer: Trainer, loader: PackedLoader) -> dict:
+    cfg, start = trainer.cfg, time.perf_counter()
+    pad = pad_token_id(trainer.tokenizer)
+    shards, extra = (token_budget_shards if trainer.budget else fixed_row_shards)(trainer, loader, pad)
     lr = trainer.scheduler.get_last_lr()[0]
     mean_loss, tokens = backward_on_shards(trainer, shards)
     check_finite(mean_loss, trainer.step + 1)
     grad_norm = optimizer_step(trainer)
     trainer.step += 1
     elapsed = time.perf_counter() - start
-    step_tokens = cfg.optim.grad_accum * cfg.data.micro_batch_size * cfg.data.seq_len * trainer.dims.dp
+    step_tokens = extra.pop("step_tokens")
     return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "loss_tokens": int(tokens),
             "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed,
-            "peak_mem_gb": runtime.peak_memory_gb(trainer.device), "epoch": loader.epoch}
+            "peak_mem_gb": runtime.peak_memory_gb(trainer.device), "epoch": loader.epoch, **extra}
 
 
 def loss_progress(history: list[dict]) -> str:
