@@ -23,9 +23,9 @@ import torch
 
 import cp
 import models
+from models.tiny import tiny_config
 from scripts.bench.measure import PeakMemory
 from scripts.bench.workloads import build_model, lm_batch, model_config
-from models.tiny import tiny_config
 from tests.dist import run_distributed
 from trainer import plan
 from trainer.loss import shard_loss_sum
@@ -137,7 +137,7 @@ def test_weights_gradients_optimizer_follow_the_parameters():
 def test_command_line_table_and_smallest_cp(capsys):
     plan.main(["--world-size", "2", "--budget-gb", "8", "model=tiny_qwen3", "data.seq_len=1024"])
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    rows = [line for line in out.splitlines() if line.startswith(("| 1 ", "| 2 "))]
     assert len(rows) == 2 * len(plan.TECHNIQUES)
     assert sum(" *" in row for row in rows) == 1  # the configured run (cp=2 ulysses, chunked head)
     assert "smallest cp within 8.0 GiB per rank" in out and "  chunked (configured): model.cp=1 " in out
@@ -158,3 +158,14 @@ def test_ring_refused_for_a_hybrid_model_in_the_plan(capsys):
     plan.main(["--world-size", "2", "--all-styles", "model.name=tiny:qwen3_5", "data.seq_len=256"])
     out = capsys.readouterr().out
     assert "cp=2 ring: refused at startup" in out and "use cp_style=ulysses" in out
+
+
+def test_token_budget_plans_one_row_of_budget_x_cp(capsys):
+    """data.max_tokens_per_rank: the largest micro-batch is one row of budget x cp tokens; a cp whose ranks
+    cannot hold a data.seq_len document within the budget is listed as refused."""
+    plan.main(["--world-size", "2", "model=tiny_qwen3", "model.cp_style=ulysses", "data.seq_len=1024",
+               "data.max_tokens_per_rank=512", "model.cp_dynamic=true"])
+    out = capsys.readouterr().out
+    assert "token budget 512 per rank" in out
+    assert "cp=1 -: refused at startup (data.max_tokens_per_rank=512 x cp=1 cannot hold" in out
+    assert sum(line.startswith("| 2 ") for line in out.splitlines()) == len(plan.TECHNIQUES)

@@ -2,7 +2,7 @@
 
 trainer.plan's engine. The step is the trainer's own code path, run for shapes only:
 
-    model config ── from_config on meta, parameters in the compute dtype ──> models.apply_cp (the CP style) ──>
+    model config ── from_config on meta, parameters in the compute dtype ──> models.apply_cp (the style) ──>
         trainer.modeling.install_long_context (chunked head, tiled MLP, checkpointing, offload: model.* keys)
     fake_world(W): torch's "fake" process group of W ranks in this one process (this process is rank 0;
         collectives return at once: shapes are all a simulation needs)
@@ -20,8 +20,8 @@ trainer.plan's engine. The step is the trainer's own code path, run for shapes o
         parameter gradients are dropped once accumulated (FSDP2 reduce-scatters and frees each layer's
             unsharded gradient; the sharded fp32 gradients are counted by trainer.plan, not here)
     -> StepMemory: the peak bytes allocated during the step above its start, split by what was live then:
-           logits      tensors with a vocabulary-sized dimension (logits, their gradient, the LM-head chunk
-                       buffers and the fp32 head-weight gradient accumulator of the chunked head)
+           logits      tensors [..., vocab] (logits, their gradient, the LM-head chunk buffers) and [vocab, hidden]
+                       (the chunked head's fp32 head-weight gradient accumulator)
            attention   allocated inside a CP attention call or its backward (all-to-all / ring buffers, the
                        kernel's saved q, k, v, out, log-sum-exp, their gradients)
            activations everything else (the layers' saved tensors, MLP intermediates, checkpointed inputs)
@@ -49,8 +49,8 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 import cp
 import cp.ring
 import models
-from cp.masks import acc_dtype
 from cp.documents import IGNORE_INDEX
+from cp.masks import acc_dtype
 from trainer.loss import shard_logprobs, shard_loss_sum
 
 META = torch.device("meta")
@@ -84,16 +84,16 @@ def _factory_stays_on_cpu(func, args, kwargs) -> bool:
 class MetaMemory(TorchDispatchMode):
     """Counts the bytes of the meta storages created inside the block; .peak and its split by category."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
-        self.vocab_size = vocab_size
+        self.head_shape = (vocab_size, hidden_size)  # the LM head's weight (its gradient accumulator)
         self.live: dict[int, tuple[str, int, weakref.finalize]] = {}  # storage -> (category, bytes, its finalizer)
         self.current = {name: 0 for name in CATEGORIES}
         self.peak = StepMemory(0, 0, 0, 0)
         self.attention_depth = 0  # > 0 inside a CP attention call (forward)
 
     def _category(self, tensor: torch.Tensor) -> str:
-        if self.vocab_size in tensor.shape:
+        if tensor.dim() and (tensor.shape[-1] == self.head_shape[0] or tuple(tensor.shape) == self.head_shape):
             return "logits"
         if self.attention_depth:
             return "attention"
@@ -320,8 +320,9 @@ def _drop_parameter_gradients(model: torch.nn.Module) -> list:
 def simulate_step(model_config, dims: cp.ParallelDims, mcfg, *, seq_len: int, dtype: torch.dtype, rows: int = 1,
                   trainer: str = "sft", mixers: str = "fused") -> StepMemory:
     """Peak activation memory of one micro-batch of `rows` sequences of `seq_len` tokens (one document per row,
-    every token a loss token; S / cp of each on this rank) on rank 0 of `dims` (built in a fake_world), with the techniques of `mcfg` (model.* keys:
-    chunked_head, head_chunk_tokens, tiled_mlp, mlp_tile_tokens, activation_checkpointing, activation_offload).
+    every token a loss token; S / cp of each on this rank) on rank 0 of `dims` (built in a fake_world), with the
+    techniques of `mcfg` (model.* keys: chunked_head, head_chunk_tokens, tiled_mlp, mlp_tile_tokens,
+    activation_checkpointing, activation_offload).
     trainer: "sft" (token cross-entropy) | "rl" (GRPO: log-probs and entropy of the policy).
     mixers: "fused" (DeltaNet / Mamba2 as their fused GPU kernels allocate: what a GPU run holds; fast) |
     "twin" (the CPU twins of models/varlen_scans.py, op by op: what a CPU run holds; slow at long S)."""
@@ -334,7 +335,7 @@ def simulate_step(model_config, dims: cp.ParallelDims, mcfg, *, seq_len: int, dt
     labels = torch.zeros_like(ids)
     labels[:, -1] = IGNORE_INDEX
     batch = cp.setup_cp_params(ids, dims, labels=labels)
-    memory = MetaMemory(model_config.vocab_size)
+    memory = MetaMemory(model_config.vocab_size, model_config.hidden_size)
     try:
         with _simulated(memory, mixers):
             if trainer == "rl":

@@ -22,7 +22,8 @@
 
 Technique sets are cumulative, as in docs/benchmarks/memory: off, chunked (model.chunked_head), +tiled
 (model.tiled_mlp), +ckpt (model.activation_checkpointing), +offload (model.activation_offload). One sequence of
-data.seq_len tokens per row, data.micro_batch_size rows, every token a loss token (the worst case). Not
+data.seq_len tokens per row, data.micro_batch_size rows (data.max_tokens_per_rank: one row of budget x cp
+tokens, the largest token-budget micro-batch), every token a loss token (the worst case). Not
 counted: the allocator's caching / fragmentation, CUDA and NCCL workspaces: leave ~10% of the device.
 Attention is simulated as the flash kernel (what torch's CPU / CUDA flash kernels and flash-attn keep).
 """
@@ -42,13 +43,9 @@ from trainer.memory_sim import fake_world, meta_model, simulate_step
 from trainer.modeling import DTYPES, decoder_layers
 
 GIB = 2 ** 30
-TECHNIQUES = {
-    "off": {"chunked_head": False, "tiled_mlp": False, "activation_checkpointing": False, "activation_offload": False},
-    "chunked": {"chunked_head": True, "tiled_mlp": False, "activation_checkpointing": False, "activation_offload": False},
-    "+tiled": {"chunked_head": True, "tiled_mlp": True, "activation_checkpointing": False, "activation_offload": False},
-    "+ckpt": {"chunked_head": True, "tiled_mlp": True, "activation_checkpointing": True, "activation_offload": False},
-    "+offload": {"chunked_head": True, "tiled_mlp": True, "activation_checkpointing": True, "activation_offload": True},
-}
+_KEYS = ("chunked_head", "tiled_mlp", "activation_checkpointing", "activation_offload")
+TECHNIQUES = {name: dict(zip(_KEYS, (i >= 1, i >= 2, i >= 3, i >= 4)))  # cumulative: each adds one technique
+              for i, name in enumerate(("off", "chunked", "+tiled", "+ckpt", "+offload"))}
 COLUMNS = ("weights", "gradients", "optimizer", "activations", "attention", "logits")
 
 
@@ -61,7 +58,7 @@ class ParamCounts:
     root: int
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> "ParamCounts":
+    def of(cls, model: torch.nn.Module) -> ParamCounts:
         total = sum(p.numel() for p in model.parameters())
         layers = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
         return cls(total, max(layers), total - sum(layers))
@@ -167,7 +164,7 @@ def plan(cfg, *, world: int, trainer: str = "sft", techniques=None, all_styles: 
     state = state_bytes(params, world=world, compute_bytes=torch.finfo(dtype).bits // 8, trainer=trainer,
                         reference=trainer == "rl" and bool(cfg.loss.kl_coef))
     kv_heads = getattr(model_config, "num_key_value_heads", None) or getattr(model_config, "num_attention_heads", 1)
-    seq_len, rows = cfg.data.seq_len, cfg.data.micro_batch_size
+    budget = cfg.data.max_tokens_per_rank
     estimates, refusals = [], []
     with fake_world(world):
         for cp_size in cp_sizes or [d for d in range(1, world + 1) if world % d == 0]:
@@ -178,12 +175,18 @@ def plan(cfg, *, world: int, trainer: str = "sft", techniques=None, all_styles: 
                 if ulysses is False:
                     continue
                 probe = Choice(cp_size, style, ulysses, "")
+                if budget and budget * cp_size < cfg.data.seq_len:
+                    refusals.append((probe, f"data.max_tokens_per_rank={budget} x cp={cp_size} cannot hold a "
+                                            f"data.seq_len={cfg.data.seq_len} document"))
+                    continue
                 dims, why = build_dims(model_config, world, probe, chunks=mcfg.ulysses_chunks, dtype=dtype)
                 if dims is None:
                     refusals.append((probe, why))
                     continue
                 for name in techniques or TECHNIQUES:
                     keys = SimpleNamespace(**{**_model_keys(mcfg), **TECHNIQUES[name]})
+                    # the largest micro-batch: fixed rows, or one row filling the budget on every rank of the group
+                    seq_len, rows = ((budget * cp_size, 1) if budget else (cfg.data.seq_len, cfg.data.micro_batch_size))
                     step = simulate_step(model_config, dims, keys, seq_len=seq_len, rows=rows, dtype=dtype,
                                          trainer=trainer)
                     estimates.append(Estimate(replace(probe, technique=name), **state, activations=step.activations,
@@ -212,16 +215,19 @@ def smallest_fitting(estimates: list[Estimate], budget: int, technique: str) -> 
 def render(cfg, estimates: list[Estimate], refusals, *, world: int, budget: int | None, trainer: str) -> str:
     mcfg = cfg.model
     own = configured_technique(mcfg)
-    lines = [f"memory plan: {mcfg.name}, {cfg.data.micro_batch_size} x {cfg.data.seq_len} tokens per micro-batch, "
-             f"world {world}, model.dtype={mcfg.dtype}, trainer {trainer}; GiB per rank", "",
+    unit, size = ("GiB", GIB) if max(e.total for e in estimates) >= GIB else ("MiB", 2 ** 20)
+    batch = (f"token budget {cfg.data.max_tokens_per_rank} per rank" if cfg.data.max_tokens_per_rank else
+             f"{cfg.data.micro_batch_size} x {cfg.data.seq_len} tokens per micro-batch")
+    lines = [f"memory plan: {mcfg.name}, {batch}, world {world}, model.dtype={mcfg.dtype}, trainer {trainer}; "
+             f"{unit} per rank", "",
              "| cp | style | technique | " + " | ".join(COLUMNS) + " | total |" + (" fits |" if budget else ""),
              "|---|---|---|" + "---|" * (len(COLUMNS) + 1) + ("---|" if budget else "")]
     for e in estimates:
         mark = " *" if (e.choice.cp, e.choice.style, e.choice.technique) == (mcfg.cp, mcfg.cp_style, own) else ""
-        cells = " | ".join(f"{getattr(e, name) / GIB:.2f}" for name in COLUMNS)
+        cells = " | ".join(f"{getattr(e, name) / size:.2f}" for name in COLUMNS)
         fits = (" yes |" if e.total <= budget else " no |") if budget else ""
         lines.append(f"| {e.choice.cp} | {e.choice.label} | {e.choice.technique}{mark} | {cells} | "
-                     f"{e.total / GIB:.2f} |{fits}")
+                     f"{e.total / size:.2f} |{fits}")
     lines += [f"\n* the configured run (model.cp={mcfg.cp}, model.cp_style={mcfg.cp_style}, techniques: {own})"]
     for choice, why in refusals:
         lines.append(f"cp={choice.cp} {choice.label}: refused at startup ({why})")
