@@ -7,9 +7,12 @@ step) are planned once, identically on every rank, into micro-batches that every
       degree of a document   the smallest d in `degrees` with n_i <= d * B   (static: degrees = [cp])
                              (a document longer than cp * B is refused at startup: data.seq_len bounds n_i)
       for each degree d, largest first: the documents of degree d into rows of at most d * B tokens, W / d rows
-          per micro-batch (slot k = the k-th block of d ranks: cp.CPSubgroup.slot), as few
-          micro-batches as capacity allows, documents placed by decreasing cost on the least-loaded row with
-          room (LPT), so every rank's share of each micro-batch costs about the same
+          per micro-batch (slot k = the k-th block of d ranks: cp.CPSubgroup.slot; W x B tokens per
+          micro-batch at any degree), as few micro-batches as capacity allows, documents placed by decreasing
+          cost on the least-loaded row with room (LPT), so every rank's share of each micro-batch costs about
+          the same; when the spare room of the micro-batches already planned holds the class's partial last
+          micro-batch, those (smallest) documents go there instead, at the higher degree: one micro-batch
+          fewer (each costs FSDP's per-layer all-gathers and a pass through every layer)
       -> StepPlan: micro-batches [MicroBatchPlan(degree, rows: document indices per slot)], empty rows where
          a degree has fewer rows than slots (those ranks run empty_pass: a few pad tokens, nothing learned;
          FSDP's per-layer collectives need every rank in every micro-batch)
@@ -27,6 +30,7 @@ sum over the step's GLOBAL token count and FSDP sums gradients over dp x cp, whi
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -125,18 +129,79 @@ def degree_for(n: int, degrees: Sequence[int], budget: int) -> int:
                      f"{budget}: raise data.max_tokens_per_rank to >= {math.ceil(n / max(degrees))} (or model.cp)")
 
 
-def _place(order: list[int], lengths, costs, rows: int, capacity: int) -> list[list[int]]:
-    """LPT with capacity: each document (by decreasing cost) onto the least-loaded row with room."""
-    placed, load, used = [[] for _ in range(rows)], [0.0] * rows, [0] * rows
+@dataclass
+class _Planned:
+    """A micro-batch being planned: its degree and, per slot, the documents, tokens and cost of its row."""
+
+    degree: int
+    docs: list[list[int]]
+    used: list[int]
+    load: list[float]
+
+    def room(self, r: int, budget: int) -> int:
+        return self.degree * budget - self.used[r]
+
+    def add(self, r: int, i: int, lengths, costs) -> None:
+        self.docs[r].append(i)
+        self.used[r] += lengths[i]
+        self.load[r] += costs[i]
+
+
+def _place(order: list[int], lengths, costs, degree: int, count: int, slots: int, budget: int) -> list[_Planned]:
+    """LPT with capacity: `count` micro-batches of `slots` rows; each document (by decreasing cost) onto the
+    least-loaded row with room."""
+    planned = [_Planned(degree, [[] for _ in range(slots)], [0] * slots, [0.0] * slots) for _ in range(count)]
+    rows = [(mb, r) for mb in planned for r in range(slots)]
     for i in order:
-        fits = [r for r in range(rows) if used[r] + lengths[i] <= capacity]
+        fits = [(mb, r) for mb, r in rows if lengths[i] <= mb.room(r, budget)]
         if not fits:
             raise _Full
-        row = min(fits, key=lambda r: (load[r], r))
-        placed[row].append(i)
-        load[row] += costs[i]
-        used[row] += lengths[i]
-    return placed
+        mb, r = min(fits, key=lambda row: row[0].load[row[1]])
+        mb.add(r, i, lengths, costs)
+    return planned
+
+
+def _placed(docs: list[int], lengths, costs, degree: int, world: int, budget: int) -> list[_Planned]:
+    """`docs` (all of one degree) in as few micro-batches as _place manages, from the token lower bound up."""
+    if not docs:
+        return []
+    order = sorted(docs, key=lambda i: (-costs[i], i))
+    count = max(1, math.ceil(sum(lengths[i] for i in docs) / (world * budget)))
+    while True:
+        try:
+            return _place(order, lengths, costs, degree, count, world // degree, budget)
+        except _Full:
+            count += 1
+
+
+def _spill(docs: list[int], planned: list[_Planned], lengths, costs, budget: int, per_batch: int,
+           largest_first: bool) -> list[int]:
+    """Move documents of a lower degree into the spare room of the micro-batches already planned (they then run
+    at that micro-batch's higher degree, on the row whose ranks stay least loaded) until the tokens beyond the
+    class's whole micro-batches have moved; all or nothing. Returns the documents left to plan."""
+    total = sum(lengths[i] for i in docs)
+    overflow = total % per_batch  # the partial last micro-batch of this class
+    if not overflow or sum(mb.room(r, budget) for mb in planned for r in range(len(mb.used))) < overflow:
+        return docs
+    moves, moved, room = [], 0, {(id(mb), r): mb.room(r, budget) for mb in planned for r in range(len(mb.used))}
+    extra = {key: 0.0 for key in room}
+    for i in sorted(docs, key=lambda i: (-lengths[i] if largest_first else lengths[i], i)):
+        if moved >= overflow:
+            break
+        fits = [(mb, r) for mb in planned for r in range(len(mb.used)) if lengths[i] <= room[id(mb), r]]
+        if not fits:
+            continue
+        mb, r = min(fits, key=lambda row: (row[0].load[row[1]] + extra[id(row[0]), row[1]] + costs[i]) / row[0].degree)
+        room[id(mb), r] -= lengths[i]
+        extra[id(mb), r] += costs[i]
+        moves.append((mb, r, i))
+        moved += lengths[i]
+    if moved < overflow:
+        return docs
+    for mb, r, i in moves:
+        mb.add(r, i, lengths, costs)
+    taken = {i for _, _, i in moves}
+    return [i for i in docs if i not in taken]
 
 
 def plan_step(lengths: Sequence[int], *, world: int, degrees: Sequence[int], budget: int,
@@ -149,24 +214,22 @@ def plan_step(lengths: Sequence[int], *, world: int, degrees: Sequence[int], bud
     by_degree: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         by_degree.setdefault(degree_for(n, degrees, budget), []).append(i)
-    micro, rank_costs = [], []
+    planned: list[_Planned] = []
+    per_batch = world * budget  # tokens one micro-batch holds, whatever its degree
     for degree in sorted(by_degree, reverse=True):
-        docs = sorted(by_degree[degree], key=lambda i: (-costs[i], i))
-        slots, capacity = world // degree, degree * budget
-        count = max(1, math.ceil(sum(lengths[i] for i in docs) / capacity / slots))
-        while True:
-            try:
-                rows = _place(docs, lengths, costs, count * slots, capacity)
+        docs, own = by_degree[degree], _placed(by_degree[degree], lengths, costs, degree, world, budget)
+        for largest_first in (False, True):  # moving some into spare room: kept only if a micro-batch is saved
+            trial = copy.deepcopy(planned)
+            rest = _spill(docs, trial, lengths, costs, budget, per_batch, largest_first)
+            placed = _placed(rest, lengths, costs, degree, world, budget)
+            if len(placed) < len(own):
+                planned, own = trial, placed
                 break
-            except _Full:
-                count += 1
-        for m in range(count):
-            chunk = rows[m * slots:(m + 1) * slots]
-            micro.append(MicroBatchPlan(degree, tuple(tuple(sorted(row)) for row in chunk)))
-            rank_costs.append([sum(costs[i] for i in row) / degree for row in chunk for _ in range(degree)])
-    if not micro:  # nothing to train on this step: one pass of empty rows keeps FSDP in lock-step
-        micro.append(MicroBatchPlan(1, ((),) * world))
-        rank_costs.append([0.0] * world)
+        planned += own
+    if not planned:  # nothing to train on this step: one pass of empty rows keeps FSDP in lock-step
+        planned.append(_Planned(1, [[] for _ in range(world)], [0] * world, [0.0] * world))
+    micro = [MicroBatchPlan(mb.degree, tuple(tuple(sorted(row)) for row in mb.docs)) for mb in planned]
+    rank_costs = [[load / mb.degree for load in mb.load for _ in range(mb.degree)] for mb in planned]
     return StepPlan(micro, lengths, costs, world, sorted(degrees), rank_costs)
 
 
