@@ -62,12 +62,16 @@ def test_pack_rollouts_labels_only_completions_and_normalises_sequences():
         grpo.pack_rollouts(rollouts, seq_len=4, rows_per_batch=1, pad_id=0, sequence_norm=False)
 
 
-def fixed_rollouts(vocab: int, seed: int = 0) -> list:
+def fixed_rollouts(vocab: int, seed: int = 0, *, count: int = 6, prompt_lengths=None,
+                   completion_lengths=(1, 15)) -> list:
+    """`count` random rollouts: prompt lengths in [5, 20] (or drawn from `prompt_lengths`), completion lengths
+    in the `completion_lengths` range, random old log-probs and advantages."""
     rng = random.Random(seed)
     rollouts = []
-    for _ in range(6):
-        prompt = [rng.randrange(vocab) for _ in range(rng.randint(5, 20))]
-        completion = [rng.randrange(vocab) for _ in range(rng.randint(1, 15))]
+    for _ in range(count):
+        length = rng.choice(prompt_lengths) if prompt_lengths else rng.randint(5, 20)
+        prompt = [rng.randrange(vocab) for _ in range(length)]
+        completion = [rng.randrange(vocab) for _ in range(rng.randint(*completion_lengths))]
         rollouts.append(grpo.Rollout(prompt, completion, [-rng.random() * 3 for _ in completion], 0.0,
                                      advantage=rng.uniform(-1, 1)))
     return rollouts

@@ -17,7 +17,7 @@ import random
 import pytest
 
 from tests.dist import run_distributed
-from tests.test_rl import RL_FAST, compose_rl
+from tests.test_rl import RL_FAST, compose_rl, fixed_rollouts
 from tests.test_sft import FAST, assert_same_curve, compose_cfg, losses
 from trainer.token_budget import CostModel, degree_for, plan_step
 
@@ -164,16 +164,8 @@ def test_sft_step_loss_and_gradients_equal_static_cp_and_cp1(model, style, world
 def _rollouts(vocab: int, rank: int):
     """This rank's rollouts: prompt + completion lengths from 9 to ~180, so that at a budget of 256 / world
     tokens per rank they need degrees 1 and 2 (world 2) and 1, 2 and 4 (world 4)."""
-    from trainer import grpo
-
-    rng = random.Random(100 + rank)
-    out = []
-    for _ in range(8):
-        prompt = [rng.randrange(vocab) for _ in range(rng.choice([5, 10, 20, 120]))]
-        completion = [rng.randrange(vocab) for _ in range(rng.randint(4, 60))]
-        out.append(grpo.Rollout(prompt, completion, [-rng.random() * 3 for _ in completion], 0.0,
-                                advantage=rng.uniform(-1, 1)))
-    return out
+    return fixed_rollouts(vocab, 100 + rank, count=8, prompt_lengths=(5, 10, 20, 120),
+                          completion_lengths=(4, 60))
 
 
 def _grpo_grad_worker(rank, world, overrides):
