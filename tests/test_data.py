@@ -294,6 +294,9 @@ def test_dp_ranks_get_disjoint_rows_whose_union_is_the_single_rank_stream():
         first = {i for i, _, _ in _rows_as_docs(parts[0])} - {"pad"}
         second = {i for i, _, _ in _rows_as_docs(parts[1])} - {"pad"}
         assert not first & second
+        # step_tokens: the document tokens of every dp rank's rows (no padding), the same on each rank
+        real = sum(len(ids) for part in parts for i, ids, _ in _rows_as_docs(part) if i != "pad")
+        assert parts[0].step_tokens == parts[1].step_tokens == full.step_tokens == real < full.input_ids.numel()
 
 
 def test_same_seed_same_batches_other_seed_other_batches():

@@ -19,6 +19,7 @@ import pytest
 from tests.dist import run_distributed
 from tests.test_rl import RL_FAST, compose_rl, fixed_rollouts
 from tests.test_sft import FAST, assert_same_curve, compose_cfg, losses
+from trainer.packing import PackedLoader
 from trainer.token_budget import CostModel, degree_for, plan_step
 
 COST = CostModel(per_token=1.0, per_pair=0.01)
@@ -101,7 +102,6 @@ def _sft_grad_worker(rank, world, overrides, grad_accum):
 
     from trainer import config
     from trainer.engine import build_trainer
-    from trainer.packing import PackedLoader
     from trainer.sft import backward_on_shards, fixed_row_shards, token_budget_shards
     from trainer.tokenizer import pad_token_id
 
@@ -119,8 +119,9 @@ def _sft_grad_worker(rank, world, overrides, grad_accum):
 
 
 def _assert_same_step(ref, got, what):
-    (ref_loss, ref_tokens, ref_grads, _), (loss, tokens, grads, _) = ref, got
+    (ref_loss, ref_tokens, ref_grads, ref_extra), (loss, tokens, grads, extra) = ref, got
     assert tokens == ref_tokens, (what, tokens, ref_tokens)
+    assert extra["step_tokens"] == ref_extra["step_tokens"], what  # tokens_per_s counts documents, not padding
     assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (what, loss, ref_loss)
     scale = max(float(g.abs().max()) for g in ref_grads.values())
     for name, g in grads.items():  # fp32: only the order of sums changes
@@ -147,6 +148,8 @@ def test_sft_step_loss_and_gradients_equal_static_cp_and_cp1(model, style, world
     budgeted = run_distributed(_sft_grad_worker, world, base + [f"model.cp={world}",
                                                                 f"data.max_tokens_per_rank={budget}"], rows)[0]
     assert budgeted[3][f"cp_degree_{world}_frac"] == 1.0
+    step_docs = PackedLoader(_sft_docs(vocab=256), seq_len=SFT_SEQ).next_step_docs(rows)
+    assert ref[3]["step_tokens"] == sum(len(doc) for doc in step_docs) < rows * SFT_SEQ  # rows are padded
     runs = [("static cp", static), ("token budget", budgeted)]
     if style != "hybrid":  # dynamic degrees need a one-level style
         dynamic = run_distributed(_sft_grad_worker, world, base + [f"model.cp={world}", "model.cp_dynamic=true",

@@ -10,7 +10,8 @@
          global row stream: docs in a ShuffledCursor order (reshuffled each epoch), next_fit_rows over
          each epoch (an epoch's end closes the row); each step takes micro_batch_size * dp_size rows
          and dp rank r keeps rows r, r + dp_size, ...  -> disjoint across dp, identical across a cp group
-      └─> PackedBatch(input_ids [B, S], labels [B, S] shifted, seq_lens [[...] per row], num_loss_tokens)
+      └─> PackedBatch(input_ids [B, S], labels [B, S] shifted, seq_lens [[...] per row], num_loss_tokens,
+                      step_tokens: document tokens of every dp rank's rows)
               └─> cp.setup_cp_params(batch.input_ids, dims, labels=batch.labels, seq_lens=batch.seq_lens)
     GRPO: trainer/grpo.py pack_rollouts (prompt + completion documents, same two functions)
 
@@ -157,6 +158,7 @@ class PackedBatch:
     labels: torch.Tensor  # [B, seq_len] int64, already shifted; -100 where nothing is learned
     seq_lens: list[list[int]]  # per row: document lengths (the pad document last), summing to seq_len
     num_loss_tokens: int  # labels != -100 in this batch (this rank only)
+    step_tokens: int = 0  # document tokens (no padding) of this micro-batch's rows on ALL dp ranks
 
 
 class PackedLoader:
@@ -214,7 +216,8 @@ class PackedLoader:
         input_ids = torch.tensor([row["input_ids"] for row, _ in packed], dtype=torch.long)
         labels = torch.tensor([row["labels"] for row, _ in packed], dtype=torch.long)
         return PackedBatch(input_ids=input_ids, labels=labels, seq_lens=[seq_lens for _, seq_lens in packed],
-                           num_loss_tokens=int((labels != IGNORE_INDEX).sum()))
+                           num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
+                           step_tokens=sum(len(self._docs[index]) for row in rows for index in row))
 
     def next_step_docs(self, micro_batches: int) -> list[TokenizedDoc]:
         """Token-budget steps (data.max_tokens_per_rank): every document of the rows that `micro_batches`

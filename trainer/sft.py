@@ -60,13 +60,13 @@ def backward_on_shards(trainer: Trainer, shards: list[cp.CPBatch]) -> tuple[floa
 
 def fixed_row_shards(trainer: Trainer, loader: PackedLoader, pad: int) -> tuple[list[cp.CPBatch], dict]:
     """grad_accum micro-batches of micro_batch_size rows of data.seq_len, under the run's cp."""
-    cfg, shards = trainer.cfg, []
-    for _ in range(cfg.optim.grad_accum):
+    shards, tokens = [], 0
+    for _ in range(trainer.cfg.optim.grad_accum):
         batch = loader.next_batch()
         shards.append(cp.setup_cp_params(batch.input_ids.to(trainer.device), trainer.dims,
                                          labels=batch.labels.to(trainer.device), seq_lens=batch.seq_lens,
                                          pad_token_id=pad))
-    tokens = cfg.optim.grad_accum * cfg.data.micro_batch_size * cfg.data.seq_len * trainer.dims.dp
+        tokens += batch.step_tokens
     return shards, {"step_tokens": tokens}
 
 
