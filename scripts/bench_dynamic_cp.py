@@ -183,13 +183,13 @@ def plan_diagnostics(items: list[str], world: int, step_lengths: list[list[int]]
         plan = plan_step(lengths, world=world, degrees=degrees, budget=budget, cost=cost)
         fills, empty = [], 0
         for mb in plan.micro_batches:
-            for row in mb.rows:
-                tokens = sum(plan.lengths[i] for i in row)
-                fills += [tokens / mb.degree / budget] * mb.degree
-                empty += mb.degree * (not row)
+            for block in mb.blocks:
+                tokens = sum(plan.lengths[i] for i in block.docs)
+                fills += [tokens / block.degree / budget] * block.degree
+                empty += block.degree * (not block.docs)
         out.append({"micro_batches": len(plan.micro_batches), "fill": statistics.fmean(fills),
                     "empty_slots": empty / len(fills),
-                    "layout": [[mb.degree, [sum(plan.lengths[i] for i in row) for row in mb.rows]]
+                    "layout": [[[block.degree, sum(plan.lengths[i] for i in block.docs)] for block in mb.blocks]
                                for mb in plan.micro_batches]})
     return out
 
@@ -576,7 +576,7 @@ def write_report(out: Path, meta: dict, cells: list[dict], goal_rows: list[dict]
         "timed steps (imbalance: also the worst step)."),
         ("- fill (idle): how full the micro-batches are: the mean over every (micro-batch, rank) of the rank's "
          "tokens / data.max_tokens_per_rank (fixed rows: real tokens / row tokens, i.e. 1 - padding); idle: the "
-         "share of (micro-batch, rank) slots that run an empty pass (a degree with fewer rows than slots). From "
+         "share of (micro-batch, rank) slots that run an empty pass (positions no row fills). From "
          "the plans recomputed in the parent with trainer/token_budget.py plan_step (checked against sft_step's "
          "micro_batches); per-step layouts in results.json (cells[].plans)."),
     ]
@@ -615,14 +615,15 @@ def write_report(out: Path, meta: dict, cells: list[dict], goal_rows: list[dict]
         lines.append(f"| {g['goal']} | {g['model']} | {g['world']} | {g['value']}{extra} | "
                      f"{verdict if verdict == 'yes' else f'**{verdict}**'} |")
     lines += ["", "## Interpretation", "", *meta.get("interpretation", ["(none)"]), "", "## Reading the numbers", "",
-              ("- Micro-batches: the planner gives every micro-batch one CP degree; a lower degree's documents get "
-               "micro-batches of their own unless they fit the spare room of the higher degrees' micro-batches "
-               "(then they run at the higher degree, to save a micro-batch), and a degree-d micro-batch with fewer "
-               "rows than world/d slots leaves ranks on an empty pass. Each micro-batch has a fixed cost the cost "
-               "model does not count (FSDP all-gathers every layer's weights for its forward and again for its "
-               "backward; the CP setup's collectives), so the degree shares above are what the planner chose "
-               "after that trade, not the documents' own degrees. The micro-batches, fill and idle columns show "
-               "what each configuration pays; the plans of every step are in results.json."),
+              ("- Micro-batches: the planner packs each degree's documents into rows of degree x budget tokens "
+               "and places the rows side by side in micro-batches (a micro-batch can run a degree-2 row beside two "
+               "degree-1 rows); a micro-batch that would leave ranks idle moves into the spare room of the other "
+               "micro-batches' rows when its documents fit (they then run at that row's higher degree, to save a "
+               "pass). Each pass has a fixed cost the cost model does not count (FSDP all-gathers every layer's "
+               "weights for its forward and again for its backward; the CP setup's collectives), so the degree "
+               "shares above are what the planner chose after that trade, not the documents' own degrees. The "
+               "micro-batches, fill and idle columns show what each configuration pays; the plans of every step "
+               "are in results.json (layout: [degree, tokens] per block)."),
               ("- CPU, not GPU: here a token's matmuls cost about the same however its document is split, and gloo "
                "collectives are slow and synchronous, so the differences measured are mostly communication and "
                "synchronisation (every Ulysses all-to-all waits for the slowest rank, on a machine other jobs "

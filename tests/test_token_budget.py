@@ -39,11 +39,12 @@ def test_plan_places_every_document_once_within_capacity_at_the_smallest_degree(
     plan = plan_step(lengths, world=world, degrees=degrees, budget=budget, cost=COST)
     placed = sorted(i for mb in plan.micro_batches for row in mb.rows for i in row)
     assert placed == list(range(len(lengths)))
-    for mb in plan.micro_batches:
-        assert len(mb.rows) == world // mb.degree
-        for row in mb.rows:
-            assert sum(lengths[i] for i in row) <= mb.degree * budget
-            assert all(degree_for(lengths[i], degrees, budget) <= mb.degree for i in row)
+    for mb in plan.micro_batches:  # blocks tile the rank positions, each aligned to its degree
+        assert [p for block in mb.blocks for p in block.positions] == list(range(world))
+        for block in mb.blocks:
+            assert block.degree in degrees
+            assert sum(lengths[i] for i in block.docs) <= block.degree * budget
+            assert all(degree_for(lengths[i], degrees, budget) <= block.degree for i in block.docs)
     assert plan_step(lengths, world=world, degrees=degrees, budget=budget, cost=COST).micro_batches == plan.micro_batches
     metrics = plan.metrics()
     assert abs(sum(v for k, v in metrics.items() if k.startswith("cp_degree_")) - 1) < 1e-9
@@ -64,6 +65,7 @@ def test_plan_is_balanced_on_a_long_tailed_mix():
 def test_plan_edge_cases_and_refusals():
     plan = plan_step([], world=2, degrees=[1, 2], budget=64, cost=COST)  # a step with nothing to train
     assert len(plan.micro_batches) == 1 and plan.micro_batches[0].rows == ((), ())
+    assert plan_step([], world=4, degrees=[4], budget=64, cost=COST).micro_batches[0].rows == ((),)
     with pytest.raises(ValueError, match="raise data.max_tokens_per_rank to >= 150"):
         plan_step([300], world=2, degrees=[1, 2], budget=64, cost=COST)
     with pytest.raises(ValueError, match="must be >= 1"):
@@ -77,9 +79,23 @@ def test_short_documents_fill_the_spare_room_of_a_longer_micro_batch_when_that_s
     """120 tokens need both ranks (budget 100): its micro-batch has 80 tokens of room, which holds every short
     document: one micro-batch at degree 2 instead of two. With 90 short tokens nothing moves (no pass saved)."""
     plan = plan_step([120, 30, 30, 20], world=2, degrees=[1, 2], budget=100, cost=COST)
-    assert [(mb.degree, mb.rows) for mb in plan.micro_batches] == [(2, ((0, 1, 2, 3),))]
+    assert [[(b.degree, b.docs) for b in mb.blocks] for mb in plan.micro_batches] == [[(2, (0, 1, 2, 3))]]
     plan = plan_step([120, 30, 30, 30], world=2, degrees=[1, 2], budget=100, cost=COST)
-    assert [mb.degree for mb in plan.micro_batches] == [2, 1]
+    assert sorted(mb.blocks[0].degree for mb in plan.micro_batches) == [1, 2]
+
+
+def test_a_micro_batch_mixes_degrees_so_short_documents_run_whole_beside_a_split_one():
+    """World 4, budget 100: 150 tokens need a block of 2 ranks; 90 and 80 run whole on the other two ranks in
+    the same micro-batch (rather than in the degree-2 block's spare room, paying its all-to-alls)."""
+    plan = plan_step([150, 90, 80], world=4, degrees=[1, 2, 4], budget=100, cost=COST)
+    [mb] = plan.micro_batches
+    assert sorted((b.degree, b.docs) for b in mb.blocks) == [(1, (1,)), (1, (2,)), (2, (0,))]
+    assert plan.metrics()["cp_degree_1_frac"] == 170 / 320
+    # each rank finds its own block: positions 0-1 hold the degree-2 block, 2 and 3 one degree-1 block each
+    block = next(b for b in mb.blocks if b.degree == 2)
+    ranks = {p: plan.rows_for({1: p, 2: p // 2, 4: 0})[0] for p in range(4)}
+    assert ranks[block.positions[0]] == ranks[block.positions[1]] == (2, (0,))
+    assert sorted(ranks[p] for p in range(4) if p not in block.positions) == [(1, (1,)), (1, (2,))]
 
 
 # ---------------------------------------------------------------- SFT: one step's loss and every gradient
@@ -119,9 +135,8 @@ def _sft_grad_worker(rank, world, overrides, grad_accum):
 
 
 def _assert_same_step(ref, got, what):
-    (ref_loss, ref_tokens, ref_grads, ref_extra), (loss, tokens, grads, extra) = ref, got
+    (ref_loss, ref_tokens, ref_grads, _), (loss, tokens, grads, _) = ref, got
     assert tokens == ref_tokens, (what, tokens, ref_tokens)
-    assert extra["step_tokens"] == ref_extra["step_tokens"], what  # tokens_per_s counts documents, not padding
     assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (what, loss, ref_loss)
     scale = max(float(g.abs().max()) for g in ref_grads.values())
     for name, g in grads.items():  # fp32: only the order of sums changes
@@ -159,6 +174,7 @@ def test_sft_step_loss_and_gradients_equal_static_cp_and_cp1(model, style, world
         runs.append(("dynamic cp", dynamic))
     for what, got in runs:
         _assert_same_step(ref, got, f"{model} {style} world {world} {what} vs cp=1")
+        assert got[3]["step_tokens"] == ref[3]["step_tokens"], what  # tokens_per_s: documents, not padding
 
 
 # ---------------------------------------------------------------- GRPO: the policy loss and every gradient

@@ -6,16 +6,19 @@ step) are planned once, identically on every rank, into micro-batches that every
     documents (lengths n_i) of the whole step, world W = dp x cp, budget B tokens per rank per micro-batch
       degree of a document   the smallest d in `degrees` with n_i <= d * B   (static: degrees = [cp])
                              (a document longer than cp * B is refused at startup: data.seq_len bounds n_i)
-      for each degree d, largest first: the documents of degree d into rows of at most d * B tokens, W / d rows
-          per micro-batch (slot k = the k-th block of d ranks: cp.CPSubgroup.slot; W x B tokens per
-          micro-batch at any degree), as few micro-batches as capacity allows, documents placed by decreasing
-          cost on the least-loaded row with room (LPT), so every rank's share of each micro-batch costs about
-          the same; when the spare room of the micro-batches already planned holds the class's partial last
-          micro-batch, those (smallest) documents go there instead, at the higher degree: one micro-batch
-          fewer (each costs FSDP's per-layer all-gathers and a pass through every layer)
-      -> StepPlan: micro-batches [MicroBatchPlan(degree, rows: document indices per slot)], empty rows where
-         a degree has fewer rows than slots (those ranks run empty_pass: a few pad tokens, nothing learned;
-         FSDP's per-layer collectives need every rank in every micro-batch)
+      rows                   per degree d: its documents in as few rows of d * B tokens as LPT with capacity
+                             manages (by decreasing cost onto the least-loaded row with room), so rows of one
+                             degree cost about the same
+      micro-batches          rows by decreasing cost per rank, each into the first micro-batch with a free
+                             block of d rank positions aligned to d (block k of degree d = cp.CPSubgroup.slot k:
+                             positions k*d .. k*d + d - 1; the block that breaks the fewest free larger blocks):
+                             world 4 can run a degree-2 block beside two degree-1 rows; free positions
+                             are empty blocks (those ranks run empty_pass: a few pad tokens, nothing learned;
+                             FSDP's per-layer collectives need every rank in every micro-batch)
+      fewer passes           a micro-batch that leaves ranks idle moves whole into the spare room of the
+                             other micro-batches' rows when its documents fit (they then run at that row's
+                             degree): one pass fewer, each costs FSDP's per-layer all-gathers
+      -> StepPlan: micro-batches [MicroBatchPlan(blocks: Block(degree, slot, documents) tiling the W positions)]
 
     cost of a document (CostModel, per rank it runs on: cost / d)
         per_token * n + per_pair * n^2 / 2      linear layers' FLOPs per token; causal attention's pairs,
@@ -74,11 +77,29 @@ class CostModel:
 
 
 @dataclass(frozen=True)
-class MicroBatchPlan:
-    """One micro-batch: its CP degree and, per slot (world / degree of them), the documents of its row."""
+class Block:
+    """A block of `degree` consecutive rank positions (CPSubgroup.slot = `slot` at this degree: positions
+    slot * degree .. slot * degree + degree - 1) running one row of documents; no documents: an empty pass."""
 
     degree: int
-    rows: tuple[tuple[int, ...], ...]
+    slot: int
+    docs: tuple[int, ...]
+
+    @property
+    def positions(self) -> range:
+        return range(self.slot * self.degree, (self.slot + 1) * self.degree)
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """One micro-batch: blocks that tile the world's rank positions, each at its own degree."""
+
+    blocks: tuple[Block, ...]
+
+    @property
+    def rows(self) -> tuple[tuple[int, ...], ...]:
+        """The documents of each block, in position order."""
+        return tuple(block.docs for block in self.blocks)
 
 
 @dataclass
@@ -88,24 +109,38 @@ class StepPlan:
     costs: list[float]
     world: int
     degrees: list[int]
-    rank_costs: list[list[float]] = field(default_factory=list)  # [micro-batch][rank slot order]: cost per rank
 
     def rows_for(self, slot_of_degree: dict[int, int]) -> list[tuple[int, tuple[int, ...]]]:
-        """This rank's (degree, documents of its row) in every micro-batch; slot_of_degree: {d: slot}."""
-        return [(mb.degree, mb.rows[slot_of_degree[mb.degree]]) for mb in self.micro_batches]
+        """This rank's (degree, documents of its block) in every micro-batch; slot_of_degree: {d: its slot}."""
+        return [next((b.degree, b.docs) for b in mb.blocks if slot_of_degree[b.degree] == b.slot)
+                for mb in self.micro_batches]
+
+    @property
+    def rank_costs(self) -> list[list[float]]:
+        """[micro-batch][rank position]: the planned cost each rank runs (its block's cost / degree)."""
+        out = []
+        for mb in self.micro_batches:
+            costs = [0.0] * self.world
+            for block in mb.blocks:
+                for position in block.positions:
+                    costs[position] = sum(self.costs[i] for i in block.docs) / block.degree
+            out.append(costs)
+        return out
 
     @property
     def imbalance(self) -> float:
         """Sum over micro-batches of the slowest rank's cost / of the mean rank cost (1.0 = perfect)."""
-        slowest = sum(max(costs) for costs in self.rank_costs)
-        mean = sum(sum(costs) / len(costs) for costs in self.rank_costs)
+        rank_costs = self.rank_costs
+        slowest = sum(max(costs) for costs in rank_costs)
+        mean = sum(sum(costs) / len(costs) for costs in rank_costs)
         return slowest / mean if mean else 1.0
 
     def degree_tokens(self) -> dict[int, int]:
         """Tokens planned at each CP degree."""
         tokens = Counter()
         for mb in self.micro_batches:
-            tokens[mb.degree] += sum(self.lengths[i] for row in mb.rows for i in row)
+            for block in mb.blocks:
+                tokens[block.degree] += sum(self.lengths[i] for i in block.docs)
         return dict(tokens)
 
     def metrics(self) -> dict:
@@ -130,78 +165,101 @@ def degree_for(n: int, degrees: Sequence[int], budget: int) -> int:
 
 
 @dataclass
-class _Planned:
-    """A micro-batch being planned: its degree and, per slot, the documents, tokens and cost of its row."""
+class _Row:
+    """A row being planned: its degree, documents, tokens and cost."""
 
     degree: int
-    docs: list[list[int]]
-    used: list[int]
-    load: list[float]
+    docs: list[int] = field(default_factory=list)
+    used: int = 0
+    load: float = 0.0
 
-    def room(self, r: int, budget: int) -> int:
-        return self.degree * budget - self.used[r]
+    def room(self, budget: int) -> int:
+        return self.degree * budget - self.used
 
-    def add(self, r: int, i: int, lengths, costs) -> None:
-        self.docs[r].append(i)
-        self.used[r] += lengths[i]
-        self.load[r] += costs[i]
+    def add(self, i: int, lengths, costs) -> None:
+        self.docs.append(i)
+        self.used += lengths[i]
+        self.load += costs[i]
 
-
-def _place(order: list[int], lengths, costs, degree: int, count: int, slots: int, budget: int) -> list[_Planned]:
-    """LPT with capacity: `count` micro-batches of `slots` rows; each document (by decreasing cost) onto the
-    least-loaded row with room."""
-    planned = [_Planned(degree, [[] for _ in range(slots)], [0] * slots, [0.0] * slots) for _ in range(count)]
-    rows = [(mb, r) for mb in planned for r in range(slots)]
-    for i in order:
-        fits = [(mb, r) for mb, r in rows if lengths[i] <= mb.room(r, budget)]
-        if not fits:
-            raise _Full
-        mb, r = min(fits, key=lambda row: row[0].load[row[1]])
-        mb.add(r, i, lengths, costs)
-    return planned
+    @property
+    def rank_load(self) -> float:
+        return self.load / self.degree
 
 
-def _placed(docs: list[int], lengths, costs, degree: int, world: int, budget: int) -> list[_Planned]:
-    """`docs` (all of one degree) in as few micro-batches as _place manages, from the token lower bound up."""
+def _rows(docs: list[int], lengths, costs, degree: int, budget: int) -> list[_Row]:
+    """`docs` (all of one degree) in as few rows of degree * budget tokens as LPT with capacity manages (from
+    the token lower bound up): each document, by decreasing cost, onto the least-loaded row with room."""
     if not docs:
         return []
     order = sorted(docs, key=lambda i: (-costs[i], i))
-    count = max(1, math.ceil(sum(lengths[i] for i in docs) / (world * budget)))
+    count = max(1, math.ceil(sum(lengths[i] for i in docs) / (degree * budget)))
     while True:
+        rows = [_Row(degree) for _ in range(count)]
         try:
-            return _place(order, lengths, costs, degree, count, world // degree, budget)
+            for i in order:
+                fits = [row for row in rows if lengths[i] <= row.room(budget)]
+                if not fits:
+                    raise _Full
+                min(fits, key=lambda row: row.load).add(i, lengths, costs)
+            return rows
         except _Full:
             count += 1
 
 
-def _spill(docs: list[int], planned: list[_Planned], lengths, costs, budget: int, per_batch: int,
-           largest_first: bool) -> list[int]:
-    """Move documents of a lower degree into the spare room of the micro-batches already planned (they then run
-    at that micro-batch's higher degree, on the row whose ranks stay least loaded) until the tokens beyond the
-    class's whole micro-batches have moved; all or nothing. Returns the documents left to plan."""
-    total = sum(lengths[i] for i in docs)
-    overflow = total % per_batch  # the partial last micro-batch of this class
-    if not overflow or sum(mb.room(r, budget) for mb in planned for r in range(len(mb.used))) < overflow:
-        return docs
-    moves, moved, room = [], 0, {(id(mb), r): mb.room(r, budget) for mb in planned for r in range(len(mb.used))}
-    extra = {key: 0.0 for key in room}
-    for i in sorted(docs, key=lambda i: (-lengths[i] if largest_first else lengths[i], i)):
-        if moved >= overflow:
-            break
-        fits = [(mb, r) for mb in planned for r in range(len(mb.used)) if lengths[i] <= room[id(mb), r]]
-        if not fits:
+def _free_start(taken: list[bool], degree: int, degrees: Sequence[int]) -> int | None:
+    """The first position of a free aligned block of `degree` in a micro-batch (taken: per position), the one
+    that breaks the fewest free aligned blocks of the larger degrees (buddy placement); None: no room."""
+    best = None
+    for start in range(0, len(taken), degree):
+        if any(taken[start:start + degree]):
             continue
-        mb, r = min(fits, key=lambda row: (row[0].load[row[1]] + extra[id(row[0]), row[1]] + costs[i]) / row[0].degree)
-        room[id(mb), r] -= lengths[i]
-        extra[id(mb), r] += costs[i]
-        moves.append((mb, r, i))
-        moved += lengths[i]
-    if moved < overflow:
-        return docs
-    for mb, r, i in moves:
-        mb.add(r, i, lengths, costs)
-    taken = {i for _, _, i in moves}
-    return [i for i in docs if i not in taken]
+        broken = sum(not any(taken[s:s + d]) for d in degrees if d > degree for s in [start - start % d])
+        if best is None or broken < best[0]:
+            best = (broken, start)
+    return None if best is None else best[1]
+
+
+def _assemble(rows: list[_Row], world: int, degrees: Sequence[int]) -> list[list[tuple[int, _Row]]]:
+    """Rows into micro-batches of `world` positions: by decreasing per-rank cost (so rows of similar cost run
+    side by side), each into the first micro-batch with a free aligned block of its degree. [(start, row)]"""
+    batches: list[tuple[list[bool], list[tuple[int, _Row]]]] = []
+    for row in sorted(rows, key=lambda r: (-r.rank_load, -r.degree, r.docs)):
+        for taken, placed in batches:
+            start = _free_start(taken, row.degree, degrees)
+            if start is not None:
+                break
+        else:
+            taken, placed = [False] * world, []
+            batches.append((taken, placed))
+            start = _free_start(taken, row.degree, degrees)
+        taken[start:start + row.degree] = [True] * row.degree
+        placed.append((start, row))
+    return [placed for _, placed in batches]
+
+
+def _drop_one(batches: list[list[tuple[int, _Row]]], world: int, lengths, costs, budget: int) -> bool:
+    """Move every document of a micro-batch that leaves ranks idle into the spare room of the others' rows
+    (largest first, each onto the row whose ranks stay least loaded), so it need not run: the lightest such
+    micro-batch that can. All or nothing; True when one was removed. (A full micro-batch stays: moving its
+    documents would trade a pass for CP communication on their tokens, which the cost model does not price.)"""
+    partial = [k for k, placed in enumerate(batches) if sum(row.degree for _, row in placed) < world]
+    for k in sorted(partial, key=lambda k: sum(row.used for _, row in batches[k])):
+        others = [row for j, placed in enumerate(batches) if j != k for _, row in placed]
+        trial = {id(row): copy.copy(row) for row in others}
+        for row in trial.values():
+            row.docs = list(row.docs)
+        moving = sorted((i for _, row in batches[k] for i in row.docs), key=lambda i: (-lengths[i], i))
+        for i in moving:
+            fits = [row for row in trial.values() if lengths[i] <= row.room(budget)]
+            if not fits:
+                break
+            min(fits, key=lambda row: (row.load + costs[i]) / row.degree).add(i, lengths, costs)
+        else:
+            for placed in batches:
+                placed[:] = [(start, trial.get(id(row), row)) for start, row in placed]
+            del batches[k]
+            return True
+    return False
 
 
 def plan_step(lengths: Sequence[int], *, world: int, degrees: Sequence[int], budget: int,
@@ -211,26 +269,25 @@ def plan_step(lengths: Sequence[int], *, world: int, degrees: Sequence[int], bud
         raise ValueError(f"data.max_tokens_per_rank must be >= 1; got {budget}")
     lengths = [int(n) for n in lengths]
     costs = [cost(n) for n in lengths]
+    degrees = sorted(degrees)
     by_degree: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         by_degree.setdefault(degree_for(n, degrees, budget), []).append(i)
-    planned: list[_Planned] = []
-    per_batch = world * budget  # tokens one micro-batch holds, whatever its degree
-    for degree in sorted(by_degree, reverse=True):
-        docs, own = by_degree[degree], _placed(by_degree[degree], lengths, costs, degree, world, budget)
-        for largest_first in (False, True):  # moving some into spare room: kept only if a micro-batch is saved
-            trial = copy.deepcopy(planned)
-            rest = _spill(docs, trial, lengths, costs, budget, per_batch, largest_first)
-            placed = _placed(rest, lengths, costs, degree, world, budget)
-            if len(placed) < len(own):
-                planned, own = trial, placed
-                break
-        planned += own
-    if not planned:  # nothing to train on this step: one pass of empty rows keeps FSDP in lock-step
-        planned.append(_Planned(1, [[] for _ in range(world)], [0] * world, [0.0] * world))
-    micro = [MicroBatchPlan(mb.degree, tuple(tuple(sorted(row)) for row in mb.docs)) for mb in planned]
-    rank_costs = [[load / mb.degree for load in mb.load for _ in range(mb.degree)] for mb in planned]
-    return StepPlan(micro, lengths, costs, world, sorted(degrees), rank_costs)
+    rows = [row for degree in sorted(by_degree, reverse=True)
+            for row in _rows(by_degree[degree], lengths, costs, degree, budget)]
+    batches = _assemble(rows, world, degrees)
+    while len(batches) > 1 and _drop_one(batches, world, lengths, costs, budget):
+        pass
+    if not batches:  # nothing to train on this step: one pass of empty blocks keeps FSDP in lock-step
+        batches = [[]]
+    unit = degrees[0]
+    micro = []
+    for placed in batches:
+        blocks = {start: Block(row.degree, start // row.degree, tuple(sorted(row.docs))) for start, row in placed}
+        taken = {p for start, row in placed for p in range(start, start + row.degree)}
+        blocks.update({start: Block(unit, start // unit, ()) for start in range(0, world, unit) if start not in taken})
+        micro.append(MicroBatchPlan(tuple(blocks[start] for start in sorted(blocks))))
+    return StepPlan(micro, lengths, costs, world, degrees)
 
 
 @dataclass
