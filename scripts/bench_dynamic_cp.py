@@ -175,7 +175,7 @@ def plan_diagnostics(items: list[str], world: int, step_lengths: list[list[int]]
     budget = cfg.data.max_tokens_per_rank
     if not budget:
         return None
-    cost = CostModel.from_model(build_model(cfg.model, len(load_tokenizer("builtin")), seed=0))
+    cost = CostModel.from_model(build_model(cfg.model, len(load_tokenizer("builtin")), seed=0), cfg.model.cp_style)
     degrees = [d for d in range(1, cfg.model.cp + 1) if cfg.model.cp % d == 0] if cfg.model.cp_dynamic else [
         cfg.model.cp]
     out = []
@@ -617,11 +617,11 @@ def write_report(out: Path, meta: dict, cells: list[dict], goal_rows: list[dict]
     lines += ["", "## Interpretation", "", *meta.get("interpretation", ["(none)"]), "", "## Reading the numbers", "",
               ("- Micro-batches: the planner packs each degree's documents into rows of degree x budget tokens "
                "and places the rows side by side in micro-batches (a micro-batch can run a degree-2 row beside two "
-               "degree-1 rows); a micro-batch that would leave ranks idle moves into the spare room of the other "
-               "micro-batches' rows when its documents fit (they then run at that row's higher degree, to save a "
-               "pass). Each pass has a fixed cost the cost model does not count (FSDP all-gathers every layer's "
-               "weights for its forward and again for its backward; the CP setup's collectives), so the degree "
-               "shares above are what the planner chose after that trade, not the documents' own degrees. The "
+               "degree-1 rows); a micro-batch moves into the spare room of the other micro-batches' rows when its "
+               "documents fit and the CP communication they then pay at the higher degree is less than the pass's "
+               "FSDP all-gathers (the cost model counts both in elements moved); a pass that still leaves ranks "
+               "idle spreads its degree-1 documents over them. So the degree shares above are what the planner "
+               "chose after that trade, not the documents' own degrees. The "
                "micro-batches, fill and idle columns show what each configuration pays; the plans of every step "
                "are in results.json (layout: [degree, tokens] per block)."),
               ("- CPU, not GPU: here a token's matmuls cost about the same however its document is split, and gloo "

@@ -98,6 +98,29 @@ def test_a_micro_batch_mixes_degrees_so_short_documents_run_whole_beside_a_split
     assert sorted(ranks[p] for p in range(4) if p not in block.positions) == [(1, (1,)), (1, (2,))]
 
 
+def test_a_pass_is_saved_only_when_the_moved_tokens_cp_communication_costs_less_than_its_all_gathers():
+    """World 2, budget 100: 120 tokens need both ranks (80 tokens of room); 40 + 40 fit that room. Moving them
+    saves a pass (its all-gathers: half of gathered_per_pass per rank) but makes their 80 tokens pay the
+    all-to-alls (80 / 2 tokens per rank x cp_token_elements x 1/2)."""
+    cheap_comm = CostModel(per_token=1.0, per_pair=0.0, gathered_per_pass=1000.0, cp_token_elements=1.0)
+    plan = plan_step([120, 40, 40], world=2, degrees=[1, 2], budget=100, cost=cheap_comm)
+    assert [[(b.degree, b.docs) for b in mb.blocks] for mb in plan.micro_batches] == [[(2, (0, 1, 2))]]
+    dear_comm = CostModel(per_token=1.0, per_pair=0.0, gathered_per_pass=1000.0, cp_token_elements=100.0)
+    plan = plan_step([120, 40, 40], world=2, degrees=[1, 2], budget=100, cost=dear_comm)
+    assert sorted(sorted((b.degree, b.docs) for b in mb.blocks) for mb in plan.micro_batches) == [
+        [(1, (1,)), (1, (2,))], [(2, (0,))]]  # the short documents whole, one per rank, in their own pass
+    assert dear_comm.cp_elements(80, 2) == 2000.0 and dear_comm.pass_elements(2) == 500.0
+    assert CostModel.of(params=10, heads=4, head_dim=8, attention_layers=1, kv_heads=2, mixer_layers=3,
+                        style="ring").cp_elements(80, 4) == 80 / 4 * 3 * (3 * 2 * 2 * 8) * 3  # shard x (d-1) x KV+dKV x layers
+
+
+def test_a_pass_that_would_leave_ranks_idle_spreads_its_short_documents_over_them():
+    plan = plan_step([300, 50, 50, 50, 50, 50, 50], world=4, degrees=[1, 2, 4], budget=100, cost=COST)
+    assert len(plan.micro_batches) == 2
+    short = next(mb for mb in plan.micro_batches if mb.blocks[0].degree == 1)
+    assert sorted(len(b.docs) for b in short.blocks) == [1, 1, 2, 2]
+
+
 # ---------------------------------------------------------------- SFT: one step's loss and every gradient
 
 SFT_SEQ = 256

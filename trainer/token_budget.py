@@ -15,9 +15,11 @@ step) are planned once, identically on every rank, into micro-batches that every
                              world 4 can run a degree-2 block beside two degree-1 rows; free positions
                              are empty blocks (those ranks run empty_pass: a few pad tokens, nothing learned;
                              FSDP's per-layer collectives need every rank in every micro-batch)
-      fewer passes           a micro-batch that leaves ranks idle moves whole into the spare room of the
-                             other micro-batches' rows when its documents fit (they then run at that row's
-                             degree): one pass fewer, each costs FSDP's per-layer all-gathers
+      fewer passes           a micro-batch moves whole into the spare room of the other micro-batches' rows
+                             when its documents fit and what they then move in CP communication at those rows'
+                             degrees costs less than the pass's FSDP all-gathers (CostModel, in elements);
+                             those that leave ranks idle are tried first, and any left spread their degree-1
+                             documents over the idle ranks
       -> StepPlan: micro-batches [MicroBatchPlan(blocks: Block(degree, slot, documents) tiling the W positions)]
 
     cost of a document (CostModel, per rank it runs on: cost / d)
@@ -49,22 +51,51 @@ FULL_ATTENTION_TYPES = ("full_attention", "attention")
 
 @dataclass(frozen=True)
 class CostModel:
-    """Estimated cost (FLOPs, forward) of one document of n tokens: per_token * n + per_pair * n^2 / 2."""
+    """Estimated cost of one document of n tokens: compute per_token * n + per_pair * n^2 / 2 (FLOPs, forward),
+    and what a pass and CP cost in communication (elements moved; the compute dtype's size cancels out):
+
+        gathered_per_pass     the elements FSDP all-gathers for one micro-batch (forward, and again for the
+                              backward): 2 x parameters, of which a rank receives (world - 1) / world
+        cp_elements(n, d)     what one rank of a degree-d block moves for n tokens of its row: Ulysses
+                              all-to-alls q, k, v, out forward and their gradients backward, (d - 1) / d of
+                              each shard's n / d tokens; ring: its KV shard passed d - 1 times forward and
+                              KV + dKV backward
+    """
 
     per_token: float
     per_pair: float
+    gathered_per_pass: float = 0.0
+    cp_token_elements: float = 0.0  # per token and layer stack: Ulysses 2 x (q, k, v, out); ring 3 x (k, v)
+    ring: bool = False
 
     def __call__(self, n: int) -> float:
         return self.per_token * n + self.per_pair * n * n / 2
 
-    @classmethod
-    def of(cls, *, params: int, heads: int, head_dim: int, attention_layers: int) -> CostModel:
-        """2 x the parameters per token (the LM head included: an upper bound for the embedding), 4 x heads x
-        head_dim per attention pair in each softmax-attention layer (QK^T and PV)."""
-        return cls(per_token=2.0 * params, per_pair=4.0 * heads * head_dim * attention_layers)
+    def cp_elements(self, n: int, degree: int) -> float:
+        if degree == 1:
+            return 0.0
+        shard = n / degree
+        return shard * self.cp_token_elements * ((degree - 1) if self.ring else (degree - 1) / degree)
+
+    def pass_elements(self, world: int) -> float:
+        return self.gathered_per_pass * (world - 1) / world
 
     @classmethod
-    def from_model(cls, model) -> CostModel:
+    def of(cls, *, params: int, heads: int, head_dim: int, attention_layers: int, kv_heads: int | None = None,
+           mixer_layers: int | None = None, style: str = "ulysses") -> CostModel:
+        """2 x the parameters per token (the LM head included: an upper bound for the embedding), 4 x heads x
+        head_dim per attention pair in each softmax-attention layer (QK^T and PV); CP communication counted
+        with attention's head shapes in every token-mixing layer (DeltaNet and Mamba2 mixers move projections
+        of about that size under Ulysses)."""
+        kv_heads = kv_heads or heads
+        mixer_layers = attention_layers if mixer_layers is None else mixer_layers
+        ring = style == "ring"
+        per_layer = 3 * 2 * kv_heads * head_dim if ring else 2 * (2 * heads + 2 * kv_heads) * head_dim
+        return cls(per_token=2.0 * params, per_pair=4.0 * heads * head_dim * attention_layers,
+                   gathered_per_pass=2.0 * params, cp_token_elements=float(per_layer * mixer_layers), ring=ring)
+
+    @classmethod
+    def from_model(cls, model, style: str = "ulysses") -> CostModel:
         """From an HF CausalLM's parameters and config (layer_types: only full-attention layers are n^2)."""
         config = model.config
         config = getattr(config, "text_config", None) or config
@@ -73,7 +104,8 @@ class CostModel:
         heads = getattr(config, "num_attention_heads", 1)
         return cls.of(params=sum(p.numel() for p in model.parameters()), heads=heads,
                       head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-                      attention_layers=sum(kind in FULL_ATTENTION_TYPES for kind in kinds))
+                      attention_layers=sum(kind in FULL_ATTENTION_TYPES for kind in kinds),
+                      kv_heads=getattr(config, "num_key_value_heads", None), mixer_layers=layers, style=style)
 
 
 @dataclass(frozen=True)
@@ -186,13 +218,14 @@ class _Row:
         return self.load / self.degree
 
 
-def _rows(docs: list[int], lengths, costs, degree: int, budget: int) -> list[_Row]:
+def _rows(docs: list[int], lengths, costs, degree: int, budget: int, at_least: int = 1) -> list[_Row]:
     """`docs` (all of one degree) in as few rows of degree * budget tokens as LPT with capacity manages (from
-    the token lower bound up): each document, by decreasing cost, onto the least-loaded row with room."""
+    the token lower bound, or `at_least`, up): each document, by decreasing cost, onto the least-loaded row
+    with room."""
     if not docs:
         return []
     order = sorted(docs, key=lambda i: (-costs[i], i))
-    count = max(1, math.ceil(sum(lengths[i] for i in docs) / (degree * budget)))
+    count = max(at_least, math.ceil(sum(lengths[i] for i in docs) / (degree * budget)))
     while True:
         rows = [_Row(degree) for _ in range(count)]
         try:
@@ -237,29 +270,51 @@ def _assemble(rows: list[_Row], world: int, degrees: Sequence[int]) -> list[list
     return [placed for _, placed in batches]
 
 
-def _drop_one(batches: list[list[tuple[int, _Row]]], world: int, lengths, costs, budget: int) -> bool:
-    """Move every document of a micro-batch that leaves ranks idle into the spare room of the others' rows
-    (largest first, each onto the row whose ranks stay least loaded), so it need not run: the lightest such
-    micro-batch that can. All or nothing; True when one was removed. (A full micro-batch stays: moving its
-    documents would trade a pass for CP communication on their tokens, which the cost model does not price.)"""
-    partial = [k for k, placed in enumerate(batches) if sum(row.degree for _, row in placed) < world]
-    for k in sorted(partial, key=lambda k: sum(row.used for _, row in batches[k])):
+def _drop_one(batches: list[list[tuple[int, _Row]]], world: int, lengths, costs, budget: int,
+              cost: CostModel) -> bool:
+    """Move every document of one micro-batch into the spare room of the others' rows (largest first, each onto
+    the row whose ranks stay least loaded), so it need not run, when what its documents then move in CP
+    communication at the higher degrees costs less than the pass's all-gathers (cost.pass_elements): the
+    micro-batches that leave ranks idle first, lightest first. All or nothing; True when one was removed."""
+    def order(k):
+        return sum(row.degree for _, row in batches[k]) == world, sum(row.used for _, row in batches[k])
+
+    for k in sorted(range(len(batches)), key=order):
         others = [row for j, placed in enumerate(batches) if j != k for _, row in placed]
         trial = {id(row): copy.copy(row) for row in others}
         for row in trial.values():
             row.docs = list(row.docs)
-        moving = sorted((i for _, row in batches[k] for i in row.docs), key=lambda i: (-lengths[i], i))
-        for i in moving:
+        moving = sorted(((i, row.degree) for _, row in batches[k] for i in row.docs), key=lambda m: (-lengths[m[0]], m[0]))
+        extra = 0.0
+        for i, degree in moving:
             fits = [row for row in trial.values() if lengths[i] <= row.room(budget)]
             if not fits:
                 break
-            min(fits, key=lambda row: (row.load + costs[i]) / row.degree).add(i, lengths, costs)
+            row = min(fits, key=lambda row: (row.load + costs[i]) / row.degree)
+            row.add(i, lengths, costs)
+            extra += cost.cp_elements(lengths[i], row.degree) - cost.cp_elements(lengths[i], degree)
         else:
+            if extra > cost.pass_elements(world):
+                continue
             for placed in batches:
                 placed[:] = [(start, trial.get(id(row), row)) for start, row in placed]
             del batches[k]
             return True
     return False
+
+
+def _spread_over_idle_ranks(placed: list[tuple[int, _Row]], world: int, lengths, costs, budget: int) -> None:
+    """A micro-batch that leaves ranks idle: its degree-1 rows' documents re-planned (LPT) over those rows and
+    the idle positions, so the pass ends sooner."""
+    taken = {p for start, row in placed for p in range(start, start + row.degree)}
+    idle = [p for p in range(world) if p not in taken]
+    ones = [(start, row) for start, row in placed if row.degree == 1]
+    if not idle or not ones:
+        return
+    docs = [i for _, row in ones for i in row.docs]
+    rows = _rows(docs, lengths, costs, 1, budget, at_least=min(len(ones) + len(idle), len(docs)))
+    placed[:] = [(start, row) for start, row in placed if row.degree != 1]
+    placed += zip(sorted([start for start, _ in ones] + idle), rows)
 
 
 def plan_step(lengths: Sequence[int], *, world: int, degrees: Sequence[int], budget: int,
@@ -276,8 +331,11 @@ def plan_step(lengths: Sequence[int], *, world: int, degrees: Sequence[int], bud
     rows = [row for degree in sorted(by_degree, reverse=True)
             for row in _rows(by_degree[degree], lengths, costs, degree, budget)]
     batches = _assemble(rows, world, degrees)
-    while len(batches) > 1 and _drop_one(batches, world, lengths, costs, budget):
+    while len(batches) > 1 and _drop_one(batches, world, lengths, costs, budget, cost):
         pass
+    if degrees[0] == 1:
+        for placed in batches:
+            _spread_over_idle_ranks(placed, world, lengths, costs, budget)
     if not batches:  # nothing to train on this step: one pass of empty blocks keeps FSDP in lock-step
         batches = [[]]
     unit = degrees[0]
@@ -306,7 +364,8 @@ class TokenBudget:
     @classmethod
     def build(cls, dims, model, budget: int, *, dynamic: bool) -> TokenBudget:
         degrees = dims.cp_degrees() if dynamic else [dims.cp]
-        return cls(budget, degrees, CostModel.from_model(model), dims.world_size, dims.build_subgroups(degrees))
+        return cls(budget, degrees, CostModel.from_model(model, dims.cp_style), dims.world_size,
+                   dims.build_subgroups(degrees))
 
     def plan(self, lengths: Sequence[int]) -> StepPlan:
         return plan_step(lengths, world=self.world, degrees=self.degrees, budget=self.budget, cost=self.cost)
