@@ -110,8 +110,9 @@ class CostModel:
 
 @dataclass(frozen=True)
 class Block:
-    """A block of `degree` consecutive rank positions (CPSubgroup.slot = `slot` at this degree: positions
-    slot * degree .. slot * degree + degree - 1) running one row of documents; no documents: an empty pass."""
+    """A block of `degree` consecutive rank positions running one row of documents (no documents: an empty
+    pass). A rank's position is its cp group's index x cp + its rank in the group, so CPSubgroup.slot at degree
+    d is position // d and this block holds positions slot * degree .. slot * degree + degree - 1."""
 
     degree: int
     slot: int
