@@ -36,9 +36,9 @@ trainer.runtime.init_distributed reuses it):
     ranks; checked against sft_step's micro_batches), the code's commit and file hashes (before and after)
     ─> results.json, README.md (tables, goals, interpretation)
 
-All configurations of a run share one process per rank: sft_step's peak_mem_gb (on CPU the process's peak RSS,
-a lifetime high-water mark) is not per configuration there, so memory is the profiled step's allocation peak
-instead. Several ranks share the machine's cores (world 4 on 2 cores is oversubscribed) and other jobs may
+All configurations of a run share one process per rank: sft_step's peak_mem_gb (on CPU the process's peak RSS
+during the step, which holds every configuration's weights and the allocator's cache) is not per configuration
+there, so memory is the profiled step's allocation peak instead. Several ranks share the machine's cores (world 4 on 2 cores is oversubscribed) and other jobs may
 share the machine: the ratios between configurations measured side by side are the result, not the absolute
 tokens/s. One intra-op thread per rank.
 """
@@ -566,9 +566,9 @@ def write_report(out: Path, meta: dict, cells: list[dict], goal_rows: list[dict]
         ("- step peak MiB: the memory step under `scripts/bench/measure.py` PeakMemory: bytes allocated during the "
         "step and live at its peak, above what was live at its start (activations, logits, workspaces, "
         "communication buffers; not weights, gradients or AdamW state, which are equal across configurations), "
-        "the worst rank. `sft_step`'s own `peak_mem_gb` on CPU is the process's peak RSS (`ru_maxrss`), a "
-        "high-water mark over everything the process ran: with all configurations in one process it is not "
-        "per configuration (kept in results.json as rss_high_water_gb). On CUDA `peak_mem_gb` is "
+        "the worst rank. `sft_step`'s own `peak_mem_gb` on CPU is the process's peak RSS during the step: with "
+        "all configurations in one process it holds every configuration's weights and the allocator's cache, "
+        "so it is not per configuration (kept in results.json as rss_high_water_gb). On CUDA `peak_mem_gb` is "
         "max_memory_allocated, which the allocation-based column here approximates."),
         ("- micro-batches / imbalance / degree share: `sft_step`'s `micro_batches`, `load_imbalance` (the plan's "
         "cost model: sum over micro-batches of the slowest rank's cost / the mean rank's; fixed rows have no "

@@ -210,3 +210,21 @@ def test_torchrun_entry_point_runs_and_pins_hydra_dir(tmp_path):
     assert "sft done: steps 1-2" in result.stdout
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
     assert not (ROOT / "outputs").exists() or not list((ROOT / "outputs").glob("*/.hydra")), "hydra wrote elsewhere"
+
+
+def test_peak_memory_is_per_step_after_a_reset():
+    """peak_mem_gb is each step's peak (sft_step / rl_step reset it first): a large tensor freed before the
+    reset does not show in the next reading. CPU: the process's VmHWM, reset through /proc/self/clear_refs."""
+    from trainer import runtime
+
+    cpu = torch.device("cpu")
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("this OS cannot reset the peak resident set size")
+    runtime.reset_peak_memory(cpu)
+    before = runtime.peak_memory_gb(cpu)
+    big = torch.ones(64 * 2**20)  # 256 MiB, every page touched
+    during = runtime.peak_memory_gb(cpu)
+    del big
+    runtime.reset_peak_memory(cpu)
+    after = runtime.peak_memory_gb(cpu)
+    assert during - before > 0.2 and after < during - 0.2, (before, during, after)

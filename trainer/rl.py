@@ -243,6 +243,7 @@ def evaluate(cfg, engine: RolloutEngine, prompts, wait_group=None) -> float:
 def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards, ref_model, pad_id,
             wait_group=None) -> tuple[dict, list]:
     start = time.perf_counter()
+    runtime.reset_peak_memory(trainer.device)
     engine.sync(trainer.model)
     rollouts, sums = generate_rollouts(cfg, trainer, engine, sampler.next_prompts(), rewards)
     wait_for_generation(wait_group)

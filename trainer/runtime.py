@@ -96,11 +96,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for peak_memory_gb (each training step calls it first, so peak_mem_gb is the step's):
+    CUDA's allocator peak; on Linux the process's peak RSS (VmHWM), reset through /proc/self/clear_refs.
+    Where that file cannot be written, the CPU figure stays the process's peak so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory since reset_peak_memory: CUDA max_memory_allocated; on CPU the peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak RSS)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB -> GiB
+    except (OSError, StopIteration, ValueError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the process's peak
 
 
 @contextlib.contextmanager

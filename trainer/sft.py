@@ -88,7 +88,8 @@ def token_budget_shards(trainer: Trainer, loader: PackedLoader, pad: int) -> tup
 
 
 def sft_step(trainer: Trainer, loader: PackedLoader) -> dict:
-    cfg, start = trainer.cfg, time.perf_counter()
+    start = time.perf_counter()
+    runtime.reset_peak_memory(trainer.device)
     pad = pad_token_id(trainer.tokenizer)
     shards, extra = (token_budget_shards if trainer.budget else fixed_row_shards)(trainer, loader, pad)
     lr = trainer.scheduler.get_last_lr()[0]
