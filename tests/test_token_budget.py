@@ -51,6 +51,29 @@ def test_plan_places_every_document_once_within_capacity_at_the_smallest_degree(
     assert metrics["micro_batches"] == len(plan.micro_batches)
 
 
+def test_random_steps_place_every_document_once_in_blocks_that_tile_the_ranks():
+    """Random worlds (cp 1-8 with divisors that do not nest, like 2 and 3 of 6; dp 1-2), budgets, lengths and
+    cost models: every document exactly once, blocks tiling the positions at a degree of `degrees`, within
+    degree x budget, at least the document's smallest degree; every rank finds one block per micro-batch."""
+    rng = random.Random(0)
+    for _ in range(500):
+        cp, dp = rng.choice([1, 2, 3, 4, 6, 8]), rng.choice([1, 2])
+        world, budget = cp * dp, rng.randint(4, 64)
+        degrees = [d for d in range(1, cp + 1) if cp % d == 0] if rng.random() < 0.8 else [cp]
+        lengths = [rng.randint(1, cp * budget if rng.random() < 0.3 else budget) for _ in range(rng.randint(0, 40))]
+        cost = CostModel(per_token=1.0, per_pair=rng.choice([0.0, 0.01]), gathered_per_pass=rng.choice([0, 100, 1e5]),
+                         cp_token_elements=rng.choice([0, 1, 50]), ring=rng.random() < 0.5)
+        plan = plan_step(lengths, world=world, degrees=degrees, budget=budget, cost=cost)
+        assert sorted(i for mb in plan.micro_batches for row in mb.rows for i in row) == list(range(len(lengths)))
+        for mb in plan.micro_batches:
+            assert [p for block in mb.blocks for p in block.positions] == list(range(world))
+            for block in mb.blocks:
+                assert block.degree in degrees and sum(lengths[i] for i in block.docs) <= block.degree * budget
+                assert all(degree_for(lengths[i], degrees, budget) <= block.degree for i in block.docs)
+        for position in range(world):  # CPSubgroup.slot at degree d is position // d
+            assert len(plan.rows_for({d: position // d for d in degrees})) == len(plan.micro_batches)
+
+
 def test_plan_is_balanced_on_a_long_tailed_mix():
     degrees = [1, 2, 4]
     lengths = [min(n, 4 * 2048) for n in _long_tailed(400, seed=1)]

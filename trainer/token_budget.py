@@ -314,6 +314,8 @@ def _spread_over_idle_ranks(placed: list[tuple[int, _Row]], world: int, lengths,
         return
     docs = [i for _, row in ones for i in row.docs]
     rows = _rows(docs, lengths, costs, 1, budget, at_least=min(len(ones) + len(idle), len(docs)))
+    if len(rows) > len(ones) + len(idle):  # LPT with capacity needed more rows than there are ranks: keep it
+        return
     placed[:] = [(start, row) for start, row in placed if row.degree != 1]
     placed += zip(sorted([start for start, _ in ones] + idle), rows)
 
