@@ -30,6 +30,20 @@ def _long_tailed(count: int, seed: int) -> list[int]:
     return [rng.randint(64, 512) if rng.random() < 0.8 else rng.randint(2048, 8192) for _ in range(count)]
 
 
+def _assert_valid_plan(plan, lengths, world, degrees, budget):
+    """Every document exactly once; each micro-batch's blocks tile the rank positions, aligned, at a degree of
+    `degrees`, within degree x budget, at least each document's smallest degree; every rank finds its block."""
+    assert sorted(i for mb in plan.micro_batches for row in mb.rows for i in row) == list(range(len(lengths)))
+    for mb in plan.micro_batches:
+        assert [p for block in mb.blocks for p in block.positions] == list(range(world))
+        for block in mb.blocks:
+            assert block.degree in degrees
+            assert sum(lengths[i] for i in block.docs) <= block.degree * budget
+            assert all(degree_for(lengths[i], degrees, budget) <= block.degree for i in block.docs)
+    for position in range(world):  # CPSubgroup.slot at degree d is position // d
+        assert len(plan.rows_for({d: position // d for d in degrees})) == len(plan.micro_batches)
+
+
 @pytest.mark.parametrize("world,cp,dynamic", [(4, 4, True), (4, 2, True), (8, 4, True), (4, 4, False)])
 def test_plan_places_every_document_once_within_capacity_at_the_smallest_degree(world, cp, dynamic):
     budget = 2048
@@ -37,14 +51,7 @@ def test_plan_places_every_document_once_within_capacity_at_the_smallest_degree(
     lengths = _long_tailed(60, seed=world * 10 + cp)
     lengths = [min(n, cp * budget) for n in lengths]
     plan = plan_step(lengths, world=world, degrees=degrees, budget=budget, cost=COST)
-    placed = sorted(i for mb in plan.micro_batches for row in mb.rows for i in row)
-    assert placed == list(range(len(lengths)))
-    for mb in plan.micro_batches:  # blocks tile the rank positions, each aligned to its degree
-        assert [p for block in mb.blocks for p in block.positions] == list(range(world))
-        for block in mb.blocks:
-            assert block.degree in degrees
-            assert sum(lengths[i] for i in block.docs) <= block.degree * budget
-            assert all(degree_for(lengths[i], degrees, budget) <= block.degree for i in block.docs)
+    _assert_valid_plan(plan, lengths, world, degrees, budget)
     assert plan_step(lengths, world=world, degrees=degrees, budget=budget, cost=COST).micro_batches == plan.micro_batches
     metrics = plan.metrics()
     assert abs(sum(v for k, v in metrics.items() if k.startswith("cp_degree_")) - 1) < 1e-9
@@ -63,15 +70,8 @@ def test_random_steps_place_every_document_once_in_blocks_that_tile_the_ranks():
         lengths = [rng.randint(1, cp * budget if rng.random() < 0.3 else budget) for _ in range(rng.randint(0, 40))]
         cost = CostModel(per_token=1.0, per_pair=rng.choice([0.0, 0.01]), gathered_per_pass=rng.choice([0, 100, 1e5]),
                          cp_token_elements=rng.choice([0, 1, 50]), ring=rng.random() < 0.5)
-        plan = plan_step(lengths, world=world, degrees=degrees, budget=budget, cost=cost)
-        assert sorted(i for mb in plan.micro_batches for row in mb.rows for i in row) == list(range(len(lengths)))
-        for mb in plan.micro_batches:
-            assert [p for block in mb.blocks for p in block.positions] == list(range(world))
-            for block in mb.blocks:
-                assert block.degree in degrees and sum(lengths[i] for i in block.docs) <= block.degree * budget
-                assert all(degree_for(lengths[i], degrees, budget) <= block.degree for i in block.docs)
-        for position in range(world):  # CPSubgroup.slot at degree d is position // d
-            assert len(plan.rows_for({d: position // d for d in degrees})) == len(plan.micro_batches)
+        _assert_valid_plan(plan_step(lengths, world=world, degrees=degrees, budget=budget, cost=cost), lengths,
+                           world, degrees, budget)
 
 
 def test_plan_is_balanced_on_a_long_tailed_mix():

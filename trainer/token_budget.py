@@ -35,11 +35,10 @@ sum over the step's GLOBAL token count and FSDP sums gradients over dp x cp, whi
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -282,9 +281,7 @@ def _drop_one(batches: list[list[tuple[int, _Row]]], world: int, lengths, costs,
 
     for k in sorted(range(len(batches)), key=order):
         others = [row for j, placed in enumerate(batches) if j != k for _, row in placed]
-        trial = {id(row): copy.copy(row) for row in others}
-        for row in trial.values():
-            row.docs = list(row.docs)
+        trial = {id(row): replace(row, docs=list(row.docs)) for row in others}
         moving = sorted(((i, row.degree) for _, row in batches[k] for i in row.docs), key=lambda m: (-lengths[m[0]], m[0]))
         extra = 0.0
         for i, degree in moving:
