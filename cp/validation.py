@@ -43,7 +43,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CPParam
 
 
 # Sequence mixers that are not softmax attention, by class name -> description. cp lists none itself:
-# models/ registers every mixer family it has a Ulysses wrapper for (models.mixer_families, at import, through
+# models/ registers every mixer family it has a Ulysses wrapper for (models.mixers.registry, at import, through
 # register_sequence_mixer); any other mixer family is refused rather than run wrong.
 SUPPORTED_SEQUENCE_MIXERS: dict[str, str] = {}
 MIXER_CP_STYLES: dict[str, tuple[str, ...] | None] = {}  # class name -> its CP styles (None: every style that

@@ -6,7 +6,7 @@
          and the attention traits (models.traits: RoPE, chunking, softcap vs kernel)
       3. register "cptrain_cp_<attn>" with AttentionInterface and switch the model to it (style
          options such as Ulysses' chunks go with the registration: "cptrain_cp_<attn>_chunks2")
-      4. for every registered mixer family (models.mixer_families: Gated DeltaNet, NemotronH Mamba2,
+      4. for every registered mixer family (models.mixers.registry: Gated DeltaNet, NemotronH Mamba2,
          Bamba Mamba2), wrap each module its spec matches: spec.wrap(module, dims) (head split checked)
       5. config.use_cache = False                                    (CP is for training passes)
 
@@ -26,7 +26,7 @@ from torch import nn
 import cp
 from cp.ulysses import check_ulysses_heads
 from models.attention import check_inner_kernel, inner_kernel_of, register_cp_attention
-from models.mixer_families import MIXER_FAMILIES
+from models.mixers.registry import MIXER_FAMILIES
 from models.traits import check_attention_traits
 
 

@@ -12,7 +12,7 @@ and the same number of steps:
 
     static      model.cp=W, fixed rows: grad_accum micro-batches of one data.seq_len row, each split over W ranks
     budget      model.cp=W, data.max_tokens_per_rank=seq_len/W: the step's documents re-planned into
-                micro-batches of <= seq_len/W tokens per rank (trainer/token_budget.py), every one at degree W
+                micro-batches of <= seq_len/W tokens per rank (trainer/planning/token_budget.py), every one at degree W
     dynamic     ... and model.cp_dynamic=true: each micro-batch at its own degree, a divisor of W (short
                 documents can run whole on one rank)
     dp-only     model.cp=1, data.max_tokens_per_rank=seq_len: no CP at all, each rank runs whole documents;
@@ -22,7 +22,7 @@ on two length mixes: "long-tail" (80% of the documents short, 20% long: the case
 "uniform" control (every document the same length; static vs dynamic only: dynamic must not be slower).
 
 Data flow: one spawn per (model, W) (scripts/bench/launch.py spawn inits the gloo group;
-trainer.runtime.init_distributed reuses it):
+trainer.run.runtime.init_distributed reuses it):
 
     per configuration: hydra compose(configs/sft.yaml + overrides) ─> build_trainer
     per (configuration, mix): PackedLoader(synthetic TokenizedDocs)
@@ -32,7 +32,7 @@ trainer.runtime.init_distributed reuses it):
     all_gather_object ─> rank 0 ─> the parent: per step, the slowest rank's wall time, the ranks' summed CPU
     time, the largest step peak (allocated bytes), the plan's micro_batches / load_imbalance / cp_degree_<d>_frac
     the parent also: the documents of each step (a shadow PackedLoader: real tokens, and the share of tokens in
-    documents that need degree W at the budget, for the work ceiling), the plans recomputed with trainer.token_budget.plan_step (fill, idle
+    documents that need degree W at the budget, for the work ceiling), the plans recomputed with trainer.planning.token_budget.plan_step (fill, idle
     ranks; checked against sft_step's micro_batches), the code's commit and file hashes (before and after)
     ─> results.json, README.md (tables, goals, interpretation)
 
@@ -105,7 +105,7 @@ def document_lengths(mix: str, seq_len: int, count: int, seed: int = 0) -> list[
 
 def make_docs(lengths: list[int], vocab: int, seed: int = 0):
     """TokenizedDocs of the given lengths: random ids below the vocabulary, every token but the first a target."""
-    from trainer.chat import TokenizedDoc
+    from trainer.data.chat import TokenizedDoc
 
     rng = random.Random(f"bench_dynamic_cp:ids:{seed}")
     return [TokenizedDoc([rng.randrange(vocab) for _ in range(n)], [False] + [True] * (n - 1)) for n in lengths]
@@ -146,7 +146,7 @@ def compose(items: list[str]):
 
 def step_tokens(lengths: list[int], seq_len: int, rows_per_step: int, steps: int) -> list[list[int]]:
     """The document lengths each step consumes: a shadow PackedLoader (same documents, seed and packing)."""
-    from trainer.packing import PackedLoader
+    from trainer.data.packing import PackedLoader
 
     loader = PackedLoader([([0] * n, [True] * n) for n in lengths], seq_len=seq_len, micro_batch_size=1,
                           dp_rank=0, dp_size=1, seed=0)
@@ -154,22 +154,22 @@ def step_tokens(lengths: list[int], seq_len: int, rows_per_step: int, steps: int
 
 
 def top_degree_share(lengths: list[int], world: int, budget: int) -> float:
-    """Share of the tokens in documents whose smallest degree (trainer.token_budget.degree_for over the divisors
+    """Share of the tokens in documents whose smallest degree (trainer.planning.token_budget.degree_for over the divisors
     of `world`) is `world` itself: no choice of degrees can run them with less CP communication."""
-    from trainer.token_budget import degree_for
+    from trainer.planning.token_budget import degree_for
 
     degrees = [d for d in range(1, world + 1) if world % d == 0]
     return sum(n for n in lengths if degree_for(n, degrees, budget) == world) / max(sum(lengths), 1)
 
 
 def plan_diagnostics(items: list[str], world: int, step_lengths: list[list[int]]) -> list[dict] | None:
-    """The token-budget plan of each step, recomputed here (trainer/token_budget.py is deterministic): per step,
+    """The token-budget plan of each step, recomputed here (trainer/planning/token_budget.py is deterministic): per step,
     micro-batches, the mean fill of a rank's share (tokens / data.max_tokens_per_rank over every rank of every
     micro-batch, empty rows counted as 0) and the share of (micro-batch, rank) slots that run an empty pass.
     None for fixed rows."""
     from trainer.modeling import build_model
-    from trainer.token_budget import CostModel, plan_step
-    from trainer.tokenizer import load_tokenizer
+    from trainer.planning.token_budget import CostModel, plan_step
+    from trainer.data.tokenizer import load_tokenizer
 
     cfg = compose(items)
     budget = cfg.data.max_tokens_per_rank
@@ -207,17 +207,17 @@ def code_state() -> dict:
             return None
 
     status = git("status", "--porcelain", "--", "trainer", "cp", "models") or ""
-    files = ("trainer/token_budget.py", "trainer/sft.py", "trainer/engine.py", "trainer/packing.py", "cp/dims.py")
+    files = ("trainer/planning/token_budget.py", "trainer/sft.py", "trainer/engine.py", "trainer/data/packing.py", "cp/dims.py")
     return {"commit": (git("rev-parse", "--short", "HEAD") or "?").strip(),
             "uncommitted": [line[3:] for line in status.splitlines()],
             "sha1": {f: hashlib.sha1((ROOT / f).read_bytes()).hexdigest()[:12] for f in files if (ROOT / f).exists()}}
 
 
 def cost_model(model: str, seq_len: int) -> dict:
-    """trainer/token_budget.py's CostModel of the model, and the attention share of a seq_len document's cost."""
+    """trainer/planning/token_budget.py's CostModel of the model, and the attention share of a seq_len document's cost."""
     from trainer.modeling import build_model
-    from trainer.token_budget import CostModel
-    from trainer.tokenizer import load_tokenizer
+    from trainer.planning.token_budget import CostModel
+    from trainer.data.tokenizer import load_tokenizer
 
     cfg = compose(MODELS[model])
     cost = CostModel.from_model(build_model(cfg.model, len(load_tokenizer("builtin")), seed=0))
@@ -238,9 +238,9 @@ def run_rank(rank: int, world: int, job: dict) -> list[dict]:
 
     from trainer import config
     from trainer.engine import build_trainer
-    from trainer.packing import PackedLoader
+    from trainer.data.packing import PackedLoader
     from trainer.sft import sft_step
-    from trainer.tokenizer import pad_token_id
+    from trainer.data.tokenizer import pad_token_id
 
     trainers = {}
     for name, items in job["configs"].items():
@@ -577,7 +577,7 @@ def write_report(out: Path, meta: dict, cells: list[dict], goal_rows: list[dict]
         ("- fill (idle): how full the micro-batches are: the mean over every (micro-batch, rank) of the rank's "
          "tokens / data.max_tokens_per_rank (fixed rows: real tokens / row tokens, i.e. 1 - padding); idle: the "
          "share of (micro-batch, rank) slots that run an empty pass (positions no row fills). From "
-         "the plans recomputed in the parent with trainer/token_budget.py plan_step (checked against sft_step's "
+         "the plans recomputed in the parent with trainer/planning/token_budget.py plan_step (checked against sft_step's "
          "micro_batches); per-step layouts in results.json (cells[].plans)."),
     ]
     if any(w > (os.cpu_count() or 1) for _, w in o["runs"]):

@@ -22,7 +22,7 @@ budget comes from the fit (extrapolated past the measured range; labelled). Step
 interleaved at one length, ratio vs off. Activation offload is not measured here: on CPU the host is the
 device (the copy frees nothing); its exactness is tested in tests/test_activation_offload.py.
 
-Planner: every memory cell is also predicted by trainer.memory_sim (the planner's engine: the same step on the
+Planner: every memory cell is also predicted by trainer.planning.memory_sim (the planner's engine: the same step on the
 meta device in a fake process group), reported next to the measurement; and trainer.plan's tables for two runs
 this machine cannot make (Qwen3-8B at 128k tokens and a Qwen3.5-style hybrid at 256k, on 8 GPUs of 80 GB).
 """
@@ -50,7 +50,7 @@ from bench.workloads import build_model, lm_batch, model_config  # noqa: E402
 import cp  # noqa: E402
 import models  # noqa: E402
 from trainer.loss import shard_loss_sum  # noqa: E402
-from trainer.memory_sim import fake_world, simulate_step  # noqa: E402
+from trainer.planning.memory_sim import fake_world, simulate_step  # noqa: E402
 from trainer.modeling import install_long_context  # noqa: E402
 from trainer.plan import compose_run_config, render  # noqa: E402
 from trainer.plan import plan as plan_memory  # noqa: E402
@@ -134,7 +134,7 @@ def _time_rank(world: int, per_rank: int, config, rounds: int) -> list[dict]:
 
 
 def predict(cells: list[dict]) -> None:
-    """The planner's prediction (trainer.memory_sim, meta device, fake world of the same size) for every
+    """The planner's prediction (trainer.planning.memory_sim, meta device, fake world of the same size) for every
     memory cell: cell["predicted_bytes"]."""
     config = model_config(**MODEL, vocab=VOCAB)
     for world in sorted({c["world"] for c in cells if c["kind"] == "memory"}):
@@ -223,7 +223,7 @@ def write_report(out: Path, meta: dict, cells: list[dict]) -> None:
     predicted = [c for c in memory if "predicted_bytes" in c]
     if predicted:
         errors = [c["predicted_bytes"] / c["peak_bytes"] - 1 for c in predicted]
-        lines += ["## The planner's prediction vs the measurement (`python -m trainer.plan`; trainer/memory_sim.py)", "",
+        lines += ["## The planner's prediction vs the measurement (`python -m trainer.plan`; trainer/planning/memory_sim.py)", "",
                   f"Every cell above predicted on the meta device (no weights, no compute, a fake process group): "
                   f"error {min(errors):+.1%} .. {max(errors):+.1%}, mean |error| "
                   f"{statistics.fmean(abs(e) for e in errors):.1%} over {len(errors)} cells (tests/test_plan.py "

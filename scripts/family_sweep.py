@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.family_configs import causal_lm_families  # noqa: E402
+from models.tiny.family_configs import causal_lm_families  # noqa: E402
 from tests.family_sweep import OUTCOMES, STYLES, VARIANTS, run_sweep  # noqa: E402
 
 OK = ("exact", "refused")
@@ -51,7 +51,7 @@ def render(results: dict, seconds: float) -> str:
          f"{sum('+' not in f for f in results)} families + {sum('+' in f for f in results)} trait variants, "
          f"{seconds:.0f} s on 2 CPU ranks). Do not edit by hand."),
         "",
-        "Each family is built tiny from its config class (models/family_configs.py: hidden 64, 4 query / 2 KV",
+        "Each family is built tiny from its config class (models/tiny/family_configs.py: hidden 64, 4 query / 2 KV",
         "heads of 16 dims, 2+ layers covering every layer type, windows of 8 tokens, q/k sharpened so logits",
         "are large), run packed on 2 gloo ranks (random documents crossing the shard boundary) and compared",
         "with each document run alone through the untouched model (eager attention): logits, loss and every",

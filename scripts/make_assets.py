@@ -1,9 +1,9 @@
 """Regenerate the bundled assets (tokenizer, SFT data, eval prompts), deterministically:
 
-    python scripts/make_assets.py            # writes trainer/assets/
-    python scripts/make_assets.py --check    # regenerates into a temp dir and compares with trainer/assets/
+    python scripts/make_assets.py            # writes trainer/data/assets/
+    python scripts/make_assets.py --check    # regenerates into a temp dir and compares with trainer/data/assets/
 
-    trainer.tasks ──make_examples(seed)──> task rows ─┬─> assets/sft_tasks.jsonl   (chat rows)
+    trainer.rl.tasks ──make_examples(seed)──> task rows ─┬─> assets/sft_tasks.jsonl   (chat rows)
                                                       ├─> assets/eval_tasks.jsonl  (prompts not in the SFT rows)
     generated generic sentences ──────────────────────┴─> BPE training ─> assets/tokenizer/
 
@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.tasks import TASKS, make_examples, task_messages  # noqa: E402
+from trainer.rl.tasks import TASKS, make_examples, task_messages  # noqa: E402
 
-ASSETS = REPO / "trainer" / "assets"
+ASSETS = REPO / "trainer" / "data" / "assets"
 VOCAB_SIZE = 512
 SFT_ROWS, SFT_SEED = 4000, 1234
 EVAL_ROWS_PER_TASK, EVAL_SEED = 64, 98765
@@ -157,7 +157,7 @@ def differing_files(a: Path, b: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ASSETS, help="output directory (default: trainer/assets)")
+    parser.add_argument("--out", type=Path, default=ASSETS, help="output directory (default: trainer/data/assets)")
     parser.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare with --out")
     args = parser.parse_args()
     if args.check:

@@ -1,6 +1,6 @@
 """CPU stand-ins for the GPU packages' kernels, written from their documented contracts.
 
-They let CPU tests drive cptrain's adapters (models.mixer_kernels, cp.cuda_kernels) end to end:
+They let CPU tests drive cptrain's adapters (models.mixers.fused_kernels, cp.cuda_kernels) end to end:
 layouts, cu_seqlens / seq_idx, window conventions, head grouping. Each is a slow, direct
 implementation of what the package's docstring promises, independent of cptrain's own kernels
 (per-document loops, sequential recurrences), so an adapter that passes the wrong documents or

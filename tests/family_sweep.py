@@ -1,7 +1,7 @@
 """The family sweep: every causal-LM family transformers ships, packed under CP, against each
 document run alone through the untouched model.
 
-    for each family (models.family_configs: tiny config, or the reason it cannot be built tiny)
+    for each family (models.tiny.family_configs: tiny config, or the reason it cannot be built tiny)
         reference: the untouched model (transformers' eager attention), q/k weights sharpened,
                    each document alone -> logits, loss over all tokens, every parameter gradient
         for each style (ulysses, ring) on `world` gloo ranks:
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import cp
 import models
-from models.family_configs import NotTiny, tiny_family_model
+from models.tiny.family_configs import NotTiny, tiny_family_model
 from tests.reference import random_doc_lens
 
 STYLES = ("ulysses", "ring")

@@ -1,4 +1,4 @@
-"""Activation offload (models.activation_offload) against plain activation checkpointing.
+"""Activation offload (models.memory.activation_offload) against plain activation checkpointing.
 
     cp=1 and cp=2 (2 gloo ranks, models.apply_cp Ulysses, packed documents crossing the shard boundary),
     qwen3 (softmax attention) and qwen3_5 (Gated DeltaNet hybrid), 2 decoder layers, HF checkpointing on:
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import models
-from models.activation_offload import enable_activation_offload
-from models.tiled_mlp import apply_tiled_mlp
+from models.memory.activation_offload import enable_activation_offload
+from models.memory.tiled_mlp import apply_tiled_mlp
 from models.tiny import tiny_model
 from tests.dist import run_distributed
 from tests.family_sweep import cp_run

@@ -1,5 +1,5 @@
 """Bamba (hybrid attention + Mamba2, BambaForCausalLM) under Ulysses CP: the third mixer family, added
-as one file (models/bamba.py) plus one registry line (models/mixer_families.py).
+as one file (models/mixers/bamba.py) plus one registry line (models/mixers/registry.py).
 
     untouched tiny Bamba, each document alone ──> logits, loss gradients   (the reference)
     models.apply_cp(copy, dims) at world 2 (gloo), the documents packed into rows so that some
@@ -22,10 +22,10 @@ import torch
 import cp
 import models
 from cp import validation
-from models.bamba import SPEC as BAMBA
-from models.mamba2 import UlyssesMamba2Mixer, check_mamba2_layout
-from models.mixer_families import MIXER_FAMILIES, spec_of
-from models.mixer_spec import MixerSpec
+from models.mixers.bamba import SPEC as BAMBA
+from models.mixers.mamba2 import UlyssesMamba2Mixer, check_mamba2_layout
+from models.mixers.registry import MIXER_FAMILIES, spec_of
+from models.mixers.spec import MixerSpec
 from models.tiny import tiny_model
 from tests.dist import run_distributed
 from tests.reference import random_doc_lens
@@ -51,7 +51,7 @@ def test_every_family_is_registered_with_cp_and_matched_by_its_spec():
 
 
 def test_a_spec_naming_an_unknown_kernel_is_refused():
-    with pytest.raises(ValueError, match="not models.mixer_kernels ops"):
+    with pytest.raises(ValueError, match="not models.mixers.fused_kernels ops"):
         MixerSpec(name="x", class_names={"XMixer": "x"}, wrapper=UlyssesMamba2Mixer, wrap=lambda m, d: m,
                   kernels=("no_such_scan",))
 

@@ -83,7 +83,7 @@ def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
 
 @pytest.mark.parametrize("marker", ["", "step_0000", "step_000006", "step_000002\x00\x00", "step_\udcff"])
 def test_latest_marker_empty_torn_or_naming_an_incomplete_checkpoint_is_not_followed(tmp_path, marker):
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.run.checkpoint import latest_checkpoint
     root = tmp_path / "checkpoints"
     _fake_checkpoint(root, 2)
     newest = _fake_checkpoint(root, 4)
@@ -95,7 +95,7 @@ def test_latest_marker_empty_torn_or_naming_an_incomplete_checkpoint_is_not_foll
 
 
 def test_keep_last_deletes_old_complete_checkpoints_but_never_the_latest(tmp_path):
-    from trainer.checkpoint import prune_checkpoints
+    from trainer.run.checkpoint import prune_checkpoints
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4):
         _fake_checkpoint(root, step)
@@ -106,7 +106,7 @@ def test_keep_last_deletes_old_complete_checkpoints_but_never_the_latest(tmp_pat
 
 def test_torn_last_metrics_line_does_not_block_resume(tmp_path):
     from trainer import config
-    from trainer.metrics import MetricsLogger
+    from trainer.run.metrics import MetricsLogger
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')  # crash mid-write
     cfg = OmegaConf.structured(config.SFTConfig(output_dir=str(tmp_path)))
@@ -282,10 +282,10 @@ def test_slow_hf_export_does_not_time_out_the_other_ranks_and_replaces_the_old_e
 
 
 def _slow_generation_rank(rank, output_dir):
-    from trainer.rl import run_rl
-    from trainer.rollout import RolloutEngine
+    from trainer.rl.loop import run_rl
+    from trainer.rl.rollout.hf import HFRolloutEngine
     if rank == 1:
-        original, calls = RolloutEngine.sample, []
+        original, calls = HFRolloutEngine.sample, []
 
         def slow_sample(self, *args, **kwargs):
             calls.append(1)
@@ -293,7 +293,7 @@ def _slow_generation_rank(rank, output_dir):
                 time.sleep(SLOW_S)  # a rank whose completions are longer
             return original(self, *args, **kwargs)
 
-        RolloutEngine.sample = slow_sample
+        HFRolloutEngine.sample = slow_sample
     history = run_rl(compose_rl(RL_FAST + ["max_steps=1", "timeout_s=10", f"output_dir={output_dir}"]))
     return [h["step"] for h in history]
 

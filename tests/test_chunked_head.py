@@ -1,6 +1,6 @@
-"""models/chunked_head.py: log-probs, entropy, the loss and every gradient equal the full-logits path.
+"""models/memory/chunked_head.py: log-probs, entropy, the loss and every gradient equal the full-logits path.
 
-    fp32, one process   model(..., token_stats=) vs trainer.loss.token_loss_sum / trainer.rl.token_logprobs on
+    fp32, one process   model(..., token_stats=) vs trainer.loss.token_loss_sum / trainer.rl.loop.token_logprobs on
                         model(...).logits: qwen3 untied and tied, gemma2 (final softcap 3), chunk 1 / 7 / N / > N,
                         T 1.0 / 0.7, ignored tokens; the bare function with a bias
     bf16                chunked vs unchunked bf16, and each against the fp32 truth
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from models.chunked_head import (
+from models.memory.chunked_head import (
     ChunkedHeadUnsupported,
     TokenStatsRequest,
     auto_chunk_tokens,
@@ -34,7 +34,7 @@ from models.chunked_head import (
     install_chunked_head,
     supports_chunked_head,
 )
-from models.family_configs import tiny_family_model
+from models.tiny.family_configs import tiny_family_model
 from models.tiny import tiny_config, tiny_model
 from trainer.loss import token_logprobs, token_loss_sum
 

@@ -38,7 +38,7 @@ class _FakeRun:
 
 
 def test_log_every_sets_the_wandb_cadence_and_metrics_jsonl_keeps_every_step(tmp_path):
-    from trainer.metrics import MetricsLogger
+    from trainer.run.metrics import MetricsLogger
     cfg = OmegaConf.structured(config.SFTConfig(output_dir=str(tmp_path), log_every=2))
     cfg.wandb.mode = "disabled"
     logger = MetricsLogger(cfg, rank=0, total_steps=5, start_step=0, job="sft")
@@ -53,9 +53,9 @@ def test_log_every_sets_the_wandb_cadence_and_metrics_jsonl_keeps_every_step(tmp
 
 @pytest.mark.parametrize("task,n", [("mixed", 10), ("arithmetic", 64), ("mul", 64)])
 def test_eval_prompts_cover_every_task_and_are_disjoint_from_the_training_pool(task, n):
-    from trainer import tasks
-    from trainer.rl import build_prompt_sets
-    from trainer.tokenizer import load_tokenizer
+    from trainer.rl import tasks
+    from trainer.rl.loop import build_prompt_sets
+    from trainer.data.tokenizer import load_tokenizer
     cfg = compose_rl(RL_FAST + [f"rollout.task={task}", f"rollout.eval_prompts={n}"])
     pool, held_out = build_prompt_sets(cfg, load_tokenizer("builtin"))
     assert len(held_out) == n

@@ -1,4 +1,4 @@
-"""The data modules (trainer/tokenizer.py, records.py, chat.py, packing.py, prompts.py): bundled tokenizer
+"""The data modules (trainer/data/tokenizer.py, records.py, chat.py, packing.py, prompts.py): bundled tokenizer
 and data, chat masks, packing (shifted labels, seq_lens, dp split, resume) and the RL prompt side."""
 
 import importlib.util
@@ -6,18 +6,19 @@ import json
 import random
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 import cp
 from cp.documents import IGNORE_INDEX
-from trainer.chat import TokenizedDoc, shifted_labels, tokenize_chat, tokenize_sft_records
-from trainer.packing import PackedLoader
-from trainer.prompts import PromptSampler, load_eval_prompts, make_prompts
-from trainer.records import load_sft_records, to_chat_record
-from trainer.tokenizer import BUILTIN_TOKENIZER_DIR, load_tokenizer, pad_token_id
-from trainer.tasks import ANSWER_FORMAT, SYSTEM_PROMPT, make_examples, task_messages
+from trainer.data.chat import TokenizedDoc, shifted_labels, tokenize_chat, tokenize_sft_records
+from trainer.data.packing import PackedLoader
+from trainer.rl.prompts import PromptSampler, load_eval_prompts, make_prompts
+from trainer.data.records import load_sft_records, to_chat_record
+from trainer.data.tokenizer import BUILTIN_TOKENIZER_DIR, load_tokenizer, pad_token_id
+from trainer.rl.tasks import ANSWER_FORMAT, SYSTEM_PROMPT, make_examples, task_messages
 
 CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is 2 + 2?"},
@@ -110,7 +111,7 @@ def test_builtin_records_are_chat_rows_in_the_answer_format():
 
 
 def test_builtin_data_matches_a_fresh_generation_and_eval_is_disjoint():
-    script = BUILTIN_TOKENIZER_DIR.parents[2] / "scripts" / "make_assets.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_assets.py"
     spec = importlib.util.spec_from_file_location("make_assets", script)
     make_assets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_assets)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from models.family_configs import causal_lm_families
+from models.tiny.family_configs import causal_lm_families
 from tests.family_sweep import STYLES, VARIANTS, matrix_outcomes, run_sweep
 
 MATRIX = Path(__file__).resolve().parent.parent / "docs" / "support_matrix.md"

@@ -23,10 +23,10 @@ from cp.cuda_kernels import (
     probe_local_kernel,
 )
 from cp.masks import AttnMask
-from models import mixer_kernels
-from models.gated_deltanet import varlen_gated_delta_rule
-from models.mamba2 import ssd_scan_varlen
-from models.varlen_ops import varlen_causal_conv1d
+from models.mixers import fused_kernels
+from models.mixers.gated_deltanet import varlen_gated_delta_rule
+from models.mixers.mamba2 import ssd_scan_varlen
+from models.mixers.varlen_ops import varlen_causal_conv1d
 from tests import fake_gpu_packages
 from tests.dist import run_distributed
 
@@ -170,14 +170,14 @@ def test_ulysses_with_flash_varlen_adapter_matches_math():
 
 def test_document_index_helpers():
     docs = torch.tensor([[4, 4, 5, 6, 6, 6], [7, 7, 7, 7, 8, 8]])
-    assert mixer_kernels.seq_idx_from_doc_ids(docs).tolist() == [[0, 0, 1, 2, 2, 2], [0, 0, 0, 0, 1, 1]]
-    assert mixer_kernels.cu_seqlens_from_doc_ids(docs).tolist() == [0, 2, 3, 6, 10, 12]
+    assert fused_kernels.seq_idx_from_doc_ids(docs).tolist() == [[0, 0, 1, 2, 2, 2], [0, 0, 0, 0, 1, 1]]
+    assert fused_kernels.cu_seqlens_from_doc_ids(docs).tolist() == [0, 2, 3, 6, 10, 12]
 
 
 @pytest.mark.parametrize("probe,fused,twin", [
-    (mixer_kernels.probe_causal_conv1d, mixer_kernels.fused_causal_conv1d, varlen_causal_conv1d),
-    (mixer_kernels.probe_gated_delta_rule, mixer_kernels.fused_gated_delta_rule, varlen_gated_delta_rule),
-    (mixer_kernels.probe_ssd_scan, mixer_kernels.fused_ssd_scan, ssd_scan_varlen)])
+    (fused_kernels.probe_causal_conv1d, fused_kernels.fused_causal_conv1d, varlen_causal_conv1d),
+    (fused_kernels.probe_gated_delta_rule, fused_kernels.fused_gated_delta_rule, varlen_gated_delta_rule),
+    (fused_kernels.probe_ssd_scan, fused_kernels.fused_ssd_scan, ssd_scan_varlen)])
 def test_mixer_adapters_pass_documents_to_the_packages_correctly(probe, fused, twin):
     """Each adapter, driven through its package's documented contract, equals cptrain's exact twin
     on packed documents (7, 1 and 64 tokens), forward and input gradients."""
@@ -188,19 +188,19 @@ def test_mixer_adapters_pass_documents_to_the_packages_correctly(probe, fused, t
 def test_mixer_probe_catches_documents_leaking():
     """A fused kernel that ignores the document starts fails its check."""
     leaky = lambda x, w, b, doc_ids, **kw: varlen_causal_conv1d(x, w, b, torch.zeros_like(doc_ids), **kw)
-    failure = mixer_kernels.probe_causal_conv1d(leaky, varlen_causal_conv1d, torch.device("cpu"), torch.float32)
+    failure = fused_kernels.probe_causal_conv1d(leaky, varlen_causal_conv1d, torch.device("cpu"), torch.float32)
     assert failure is not None and "out" in failure
 
 
 def test_mixer_kernels_fall_back_to_the_twin_off_cuda_or_when_the_check_fails():
     kernel_check.importable.cache_clear()  # importability is cached per process
-    assert mixer_kernels.pick("causal_conv1d", torch.device("cpu"), torch.float32) is varlen_causal_conv1d
-    assert mixer_kernels.pick("ssd_scan", torch.device("cuda"), torch.float32) is ssd_scan_varlen  # not importable
+    assert fused_kernels.pick("causal_conv1d", torch.device("cpu"), torch.float32) is varlen_causal_conv1d
+    assert fused_kernels.pick("ssd_scan", torch.device("cuda"), torch.float32) is ssd_scan_varlen  # not importable
     kernel_check.forget()
     with fake_gpu_packages.installed():  # importable, but the probe cannot run on a CUDA device here
         kernel_check.importable.cache_clear()
         with pytest.warns(RuntimeWarning, match="exactness check"):
-            picked = mixer_kernels.pick("gated_delta_rule", torch.device("cuda"), torch.bfloat16)
+            picked = fused_kernels.pick("gated_delta_rule", torch.device("cuda"), torch.bfloat16)
         assert picked is varlen_gated_delta_rule
     kernel_check.importable.cache_clear()
     kernel_check.forget()

@@ -26,9 +26,9 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import (Qwen3_5GatedDeltaNet, 
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
 import cp
-from models.gated_deltanet import (UlyssesGatedDeltaNet, is_gated_deltanet, varlen_gated_delta_rule,
+from models.mixers.gated_deltanet import (UlyssesGatedDeltaNet, is_gated_deltanet, varlen_gated_delta_rule,
                                    wrap_gated_deltanet)
-from models.varlen_ops import doc_ids_from_seq_lens, varlen_causal_conv1d
+from models.mixers.varlen_ops import doc_ids_from_seq_lens, varlen_causal_conv1d
 from tests.dist import run_distributed
 
 FP32_RTOL = 2e-5

@@ -13,7 +13,7 @@ import torch
 import cp
 from cp import kernel_check
 from cp.cuda_kernels import EFFICIENT, FLASH, FlashVarlenKernel, probe_block_kernel, probe_local_kernel
-from models import mixer_kernels
+from models.mixers import fused_kernels
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -51,9 +51,9 @@ def test_flash_varlen_kernel_passes_its_probe(dtype, causal, window):
 def test_mixer_kernels_pass_their_probes(op, package, dtype):
     _needs(package)
     kernel_check.forget()
-    spec = mixer_kernels._twins()[op]
+    spec = fused_kernels._twins()[op]
     assert spec.probe(spec.fused, spec.twin, CUDA, dtype) is None
-    assert mixer_kernels.pick(op, CUDA, dtype) is spec.fused
+    assert fused_kernels.pick(op, CUDA, dtype) is spec.fused
 
 
 def test_ring_auto_kernel_on_cuda_matches_math():

@@ -3,7 +3,7 @@
 transformers 5.23 hands a mixer its cache as `cache_params=`, 5.24 as `cache=`. A wrapper that reads
 the wrong name does not see the cache at all and runs as if there were none (5.24 made the Gated
 DeltaNet refusal of a training-time cache silently disappear). These tests pin:
-  - the installed transformers is in the range pyproject.toml declares (and models.hf_mixers knows);
+  - the installed transformers is in the range pyproject.toml declares (and models.mixers.hf_conventions knows);
   - the installed decoder layers' cache reaches both wrappers (the model-level refusal fires);
   - both names are read; a Cache under an unknown keyword, or a mixer whose forward declares no
     known cache keyword, is refused (at the call, at wrap time) with the supported range named.
@@ -26,9 +26,9 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
 import cp
 import models
-from models.hf_mixers import CACHE_KEYWORDS, SUPPORTED_TRANSFORMERS, cache_keyword, take_cache
-from models.gated_deltanet import wrap_gated_deltanet
-from models.mamba2 import wrap_mamba2_mixer
+from models.mixers.hf_conventions import CACHE_KEYWORDS, SUPPORTED_TRANSFORMERS, cache_keyword, take_cache
+from models.mixers.gated_deltanet import wrap_gated_deltanet
+from models.mixers.mamba2 import wrap_mamba2_mixer
 from models.tiny import tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_installed_transformers_is_in_the_declared_and_tested_range():
     declared = re.search(r'^\s*"(transformers[^"]*)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert declared == f"transformers{SUPPORTED_TRANSFORMERS}", \
-        f"pyproject.toml says {declared}, models.hf_mixers knows transformers{SUPPORTED_TRANSFORMERS}"
+        f"pyproject.toml says {declared}, models.mixers.hf_conventions knows transformers{SUPPORTED_TRANSFORMERS}"
     assert transformers.__version__ in SpecifierSet(SUPPORTED_TRANSFORMERS), \
         f"transformers {transformers.__version__} is outside the tested range {SUPPORTED_TRANSFORMERS}"
 

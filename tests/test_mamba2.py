@@ -30,9 +30,9 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
 import cp
-from models.hf_mixers import cache_keyword
-from models.mamba2 import UlyssesMamba2Mixer, discretise_dt, is_mamba2_mixer, ssd_scan_varlen, wrap_mamba2_mixer
-from models.varlen_ops import doc_ids_from_seq_lens, varlen_causal_conv1d
+from models.mixers.hf_conventions import cache_keyword
+from models.mixers.mamba2 import UlyssesMamba2Mixer, discretise_dt, is_mamba2_mixer, ssd_scan_varlen, wrap_mamba2_mixer
+from models.mixers.varlen_ops import doc_ids_from_seq_lens, varlen_causal_conv1d
 from tests.dist import run_distributed
 from tests.reference import random_doc_lens
 

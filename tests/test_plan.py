@@ -1,11 +1,11 @@
-"""The memory planner (trainer.plan, trainer.memory_sim) against measurement, and its command line.
+"""The memory planner (trainer.plan, trainer.planning.memory_sim) against measurement, and its command line.
 
     predicted vs measured   the bench model workload (Qwen3-style, vocabulary 16384, fp32), one document per
                             row, fwd + loss + bwd through trainer.loss.shard_loss_sum under models.apply_cp
                             (Ulysses) on real gloo ranks: cp = 1, 2 (world 2) and 4 (world 4), 256 and 1024
                             tokens per rank, each technique set (off, chunked head, + tiled MLP, + checkpointing).
                             Measured: scripts/bench/measure.py PeakMemory (the profiler's allocations during the
-                            step, worst rank). Predicted: trainer.memory_sim.simulate_step in a fake world of
+                            step, worst rank). Predicted: trainer.planning.memory_sim.simulate_step in a fake world of
                             the same size. Every cell within 15%.
     command line            the table, the configured run, the smallest cp within a budget; a budget no cp
                             meets and a budget <= 0 are errors naming the fix
@@ -27,9 +27,9 @@ from models.tiny import tiny_config
 from scripts.bench.measure import PeakMemory
 from scripts.bench.workloads import build_model, lm_batch, model_config
 from tests.dist import run_distributed
-from trainer import plan
+from trainer.planning import memory_plan as plan
 from trainer.loss import shard_loss_sum
-from trainer.memory_sim import fake_world, meta_model, simulate_step
+from trainer.planning.memory_sim import fake_world, meta_model, simulate_step
 from trainer.modeling import install_long_context
 
 WORKLOAD = {"hidden": 128, "heads": 4, "kv_heads": 2, "head_dim": 32, "intermediate": 512, "layers": 2,

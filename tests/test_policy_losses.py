@@ -1,4 +1,4 @@
-"""Policy losses (trainer/policy_losses.py): each against a hand-computed case, each at cp=2 == cp=1 (loss and
+"""Policy losses (trainer/rl/policy_losses.py): each against a hand-computed case, each at cp=2 == cp=1 (loss and
 gradients, real gloo ranks), and the per-loss defaults (advantage scaling, dropping all-equal-reward groups)."""
 
 import math
@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 
 from tests.dist import run_distributed
 from tests.test_rl import RL_FAST, compose_rl, fixed_rollouts
-from trainer import config, grpo, policy_losses
-from trainer.policy_losses import POLICY_LOSSES, LossSettings, TokenBatch
+from trainer import config
+from trainer.rl import grpo, policy_losses
+from trainer.rl.policy_losses import POLICY_LOSSES, LossSettings, TokenBatch
 
 SETTINGS = LossSettings(clip_low=0.2, clip_high=0.3)
 
@@ -78,7 +79,7 @@ def test_grpo_entry_is_the_old_function():
 
 
 def test_loss_defaults_for_advantage_scaling_and_zero_advantage_groups():
-    from trainer.rl import drop_zero_advantage_groups
+    from trainer.rl.loop import drop_zero_advantage_groups
     cfg = loss_cfg()
     assert policy_losses.scale_advantages(cfg) and not policy_losses.skip_zero_advantage(cfg)
     cfg.loss.type = "dr_grpo"
@@ -105,7 +106,7 @@ def _loss_grad_worker(rank, world, overrides):
     import torch.distributed as dist
 
     from trainer.engine import build_trainer
-    from trainer.rl import build_reference, grpo_backward, micro_batches
+    from trainer.rl.loop import build_reference, grpo_backward, micro_batches
     cfg = compose_rl(RL_FAST + overrides)
     trainer = build_trainer(cfg, validate=config.validate_rl)
     vocab = len(trainer.tokenizer)

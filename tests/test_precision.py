@@ -161,13 +161,14 @@ def _rollout_mismatch_worker(rank, world, engine_dtypes):
     should be 1 up to rounding), and the dtypes of the copy's parameters and buffers."""
     import torch.distributed as dist
     import cp
-    from trainer import config, modeling, tasks
+    from trainer import config, modeling
+    from trainer.rl import tasks
     from trainer.engine import build_trainer
-    from trainer.prompts import make_prompts
+    from trainer.rl.prompts import make_prompts
     from trainer.loss import token_logprobs
-    from trainer.rl import gather_cp_group, generate_rollouts, micro_batches
-    from trainer.rollout import RolloutEngine
-    from trainer.tokenizer import pad_token_id
+    from trainer.rl.loop import gather_cp_group, generate_rollouts, micro_batches
+    from trainer.rl.rollout.hf import HFRolloutEngine
+    from trainer.data.tokenizer import pad_token_id
     cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", "model.dtype=bfloat16",
                                 "rollout.max_new_tokens=24"])
     trainer = build_trainer(cfg, validate=config.validate_rl)
@@ -176,7 +177,7 @@ def _rollout_mismatch_worker(rank, world, engine_dtypes):
     results = []
     for engine_dtype in engine_dtypes:
         dtype = modeling.compute_dtype(cfg.model) if engine_dtype is None else modeling.DTYPES[engine_dtype]
-        engine = RolloutEngine(trainer.model, trainer.tokenizer, trainer.device, dtype=dtype)
+        engine = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device, dtype=dtype)
         engine.sync(trainer.model)
         rollouts, _ = generate_rollouts(cfg, trainer, engine, prompts, rewards)
         diffs = []

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from tests.dist import run_distributed
 from tests.test_sft import ROOT
-from trainer import grpo
+from trainer.rl import grpo
 
 RL_FAST = ["model.name=tiny:qwen3_5", "model.tiny_hidden_size=64", "model.tiny_layers=2", "max_steps=2",
            "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=12", "rollout.eval_prompts=0",
@@ -79,7 +79,7 @@ def fixed_rollouts(vocab: int, seed: int = 0, *, count: int = 6, prompt_lengths=
 
 def _loss_grad_worker(rank, world, overrides):
     from trainer.engine import build_trainer
-    from trainer.rl import grpo_backward, micro_batches
+    from trainer.rl.loop import grpo_backward, micro_batches
     from trainer import config
     cfg = compose_rl(RL_FAST + overrides)
     trainer = build_trainer(cfg, validate=config.validate_rl)
@@ -108,7 +108,7 @@ def test_grpo_loss_and_gradient_at_cp2_equal_cp1(model, style, norm):
 
 
 def _run_worker(rank, world, overrides):
-    from trainer.rl import run_rl
+    from trainer.rl.loop import run_rl
     return run_rl(compose_rl(RL_FAST + overrides))
 
 
@@ -124,7 +124,7 @@ def test_short_grpo_run_writes_metrics_and_samples(tmp_path):
 
 
 def test_missing_sft_checkpoint_is_named():
-    from trainer.rl import check_init_model
+    from trainer.rl.loop import check_init_model
     with pytest.raises(ValueError, match="run the SFT default first"):
         check_init_model(compose_rl(["model.name=outputs/does_not_exist/hf"]))
 
@@ -134,7 +134,7 @@ def _direction_worker(rank, world):
     from trainer import config
     from trainer.engine import build_trainer, optimizer_step
     from trainer.loss import token_logprobs
-    from trainer.rl import grpo_backward, micro_batches
+    from trainer.rl.loop import grpo_backward, micro_batches
     import cp
     import torch.distributed as dist
     cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", "optim.lr=1e-3", "optim.warmup_steps=0",

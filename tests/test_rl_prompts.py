@@ -9,12 +9,13 @@ import pytest
 
 from tests.dist import run_distributed
 from tests.test_rl import RL_FAST, compose_rl
-from trainer import config, tasks
-from trainer.chat import template_ids
-from trainer.prompts import load_rl_prompts, make_prompts, split_eval_prompts
-from trainer.records import ASSETS_DIR
-from trainer.tasks import answers_match, as_batched, extract_final_answer, resolve_batched_reward
-from trainer.tokenizer import load_tokenizer
+from trainer import config
+from trainer.rl import tasks
+from trainer.data.chat import template_ids
+from trainer.rl.prompts import load_rl_prompts, make_prompts, split_eval_prompts
+from trainer.data.records import ASSETS_DIR
+from trainer.rl.tasks import answers_match, as_batched, extract_final_answer, resolve_batched_reward
+from trainer.data.tokenizer import load_tokenizer
 
 SEEN_COLUMNS = []
 
@@ -143,7 +144,7 @@ def test_config_accepts_prompt_datasets_and_refuses_keys_only_a_dataset_uses():
 
 
 def test_math_prompts_example_holds_out_its_last_rows():
-    from trainer.rl import build_prompt_sets
+    from trainer.rl.loop import build_prompt_sets
     cfg = compose_rl(RL_FAST + ["data=math_prompts", "rollout.eval_prompts=8"])
     pool, held_out = build_prompt_sets(cfg, load_tokenizer("builtin"))
     assert len(pool) + len(held_out) == 48 and len(held_out) == 8
@@ -154,7 +155,7 @@ def test_math_prompts_example_holds_out_its_last_rows():
 
 
 def _run_worker(rank, world, overrides):
-    from trainer.rl import run_rl
+    from trainer.rl.loop import run_rl
     history = run_rl(compose_rl(RL_FAST + overrides))
     return history, SEEN_COLUMNS
 

@@ -76,9 +76,9 @@ def test_long_context_techniques_keep_the_loss_curve(tmp_path, model):
 
 
 def _installed_worker(rank, world, overrides):
-    from models.activation_offload import OffloadedCheckpoint
-    from models.chunked_head import has_chunked_head
-    from models.tiled_mlp import TiledForward
+    from models.memory.activation_offload import OffloadedCheckpoint
+    from models.memory.chunked_head import has_chunked_head
+    from models.memory.tiled_mlp import TiledForward
     from trainer import config
     from trainer.engine import build_trainer
     trainer = build_trainer(compose_cfg(overrides), validate=config.validate_sft)
@@ -215,7 +215,7 @@ def test_torchrun_entry_point_runs_and_pins_hydra_dir(tmp_path):
 def test_peak_memory_is_per_step_after_a_reset():
     """peak_mem_gb is each step's peak (sft_step / rl_step reset it first): a large tensor freed before the
     reset does not show in the next reading. CPU: the process's VmHWM, reset through /proc/self/clear_refs."""
-    from trainer import runtime
+    from trainer.run import runtime
 
     cpu = torch.device("cpu")
     if not os.access("/proc/self/clear_refs", os.W_OK):

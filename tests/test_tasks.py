@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.tasks import (REWARDS, TASKS, correctness_reward, extract_answer, format_answer, format_reward,
+from trainer.rl.tasks import (REWARDS, TASKS, correctness_reward, extract_answer, format_answer, format_reward,
                            make_examples, resolve_reward, task_messages)
 
 
@@ -128,7 +128,7 @@ def test_resolve_reward_errors_name_the_problem(spec, message):
 
 
 def test_similarity_reward_grades_partial_answers():
-    from trainer.tasks import similarity_reward
+    from trainer.rl.tasks import similarity_reward
     assert similarity_reward("", "<answer>102</answer>", "102") == 1.0
     assert similarity_reward("", "<answer>126</answer>", "102") == 1 - 2 / 3
     assert similarity_reward("", "<answer>10</answer>", "102") == 1 - 1 / 3
@@ -137,7 +137,7 @@ def test_similarity_reward_grades_partial_answers():
 
 
 def test_restate_reward_checks_the_working_line_against_the_prompt():
-    from trainer.tasks import restate_reward
+    from trainer.rl.tasks import restate_reward
     assert restate_reward("What is 23 + 58?", "23 + 58 = 81\n<answer>81</answer>", "81") == 1.0
     assert restate_reward("What is 23 + 58?", "23 + 5 = 28\n<answer>28</answer>", "81") == 0.0
     assert restate_reward('Reverse the letters of "acz".', "a c z -> z c a\n<answer>zca</answer>", "zca") == 1.0
@@ -146,7 +146,7 @@ def test_restate_reward_checks_the_working_line_against_the_prompt():
 
 
 def test_consistency_reward_compares_the_tag_with_the_working_line():
-    from trainer.tasks import consistency_reward
+    from trainer.rl.tasks import consistency_reward
     assert consistency_reward("", "98 - 4 = 94\n<answer>94</answer>", "94") == 1.0
     assert consistency_reward("", "98 - 4 = 33\n<answer>39</answer>", "94") == 0.0
     assert consistency_reward("", "19 - 17 = 49\n<answer>49</answer>", "2") == 1.0  # consistent, wrong

@@ -1,4 +1,4 @@
-"""Tiled MLP (models.tiled_mlp) against the untouched MLP, forward and backward.
+"""Tiled MLP (models.memory.tiled_mlp) against the untouched MLP, forward and backward.
 
     cp=1, every tiny family   plain copy vs apply_tiled_mlp copy, 2 rows x 61 tokens, tiles of 16 (122 tokens:
     (+ a NemotronH MoE):      7 full tiles and one of 10); MoE families with output_router_logits=True, so
@@ -34,7 +34,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 import cp
 import models
-from models.tiled_mlp import MIN_TILE_TOKENS, TiledForward, apply_tiled_mlp, auto_tile_tokens, decoder_mlps
+from models.memory.tiled_mlp import MIN_TILE_TOKENS, TiledForward, apply_tiled_mlp, auto_tile_tokens, decoder_mlps
 from models.tiny import tiny_model
 from scripts.bench.measure import PeakMemory
 from tests.dist import run_distributed

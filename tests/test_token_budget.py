@@ -1,4 +1,4 @@
-"""Token-budget micro-batches and dynamic CP (data.max_tokens_per_rank, model.cp_dynamic; trainer/token_budget.py).
+"""Token-budget micro-batches and dynamic CP (data.max_tokens_per_rank, model.cp_dynamic; trainer/planning/token_budget.py).
 
     the plan         every document once, rows within d x budget, the smallest degree, world / d rows per
                      micro-batch, deterministic, balanced (imbalance <= 1.1 on a long-tailed mix), refusals
@@ -19,8 +19,8 @@ import pytest
 from tests.dist import run_distributed
 from tests.test_rl import RL_FAST, compose_rl, fixed_rollouts
 from tests.test_sft import FAST, assert_same_curve, compose_cfg, losses
-from trainer.packing import PackedLoader
-from trainer.token_budget import CostModel, degree_for, plan_step
+from trainer.data.packing import PackedLoader
+from trainer.planning.token_budget import CostModel, degree_for, plan_step
 
 COST = CostModel(per_token=1.0, per_pair=0.01)
 
@@ -152,7 +152,7 @@ SFT_SEQ = 256
 def _sft_docs(vocab: int, seed: int = 0):
     """Documents whose lengths force every degree at cp=4 with a budget of 64 tokens per rank: > 128 tokens
     (degree 4), 65..128 (degree 2), <= 64 (degree 1); next-fit rows of 256 tokens hold them in order."""
-    from trainer.chat import TokenizedDoc
+    from trainer.data.chat import TokenizedDoc
 
     rng = random.Random(seed)
     lengths = [17, 58, 30, 182, 57, 196, 90, 88, 238, 100, 79, 146, 164, 98, 250, 50]
@@ -165,7 +165,7 @@ def _sft_grad_worker(rank, world, overrides, grad_accum):
     from trainer import config
     from trainer.engine import build_trainer
     from trainer.sft import backward_on_shards, fixed_row_shards, token_budget_shards
-    from trainer.tokenizer import pad_token_id
+    from trainer.data.tokenizer import pad_token_id
 
     cfg = compose_cfg(FAST + [f"data.seq_len={SFT_SEQ}", f"optim.grad_accum={grad_accum}"] + overrides)
     trainer = build_trainer(cfg, validate=config.validate_sft)
@@ -238,7 +238,7 @@ def _grpo_grad_worker(rank, world, overrides):
 
     from trainer import config
     from trainer.engine import build_trainer
-    from trainer.rl import gather_cp_group, grpo_backward, micro_batches, token_budget_micro_batches
+    from trainer.rl.loop import gather_cp_group, grpo_backward, micro_batches, token_budget_micro_batches
 
     cfg = compose_rl(RL_FAST + overrides)
     trainer = build_trainer(cfg, validate=config.validate_rl)

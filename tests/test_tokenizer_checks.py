@@ -36,7 +36,7 @@ def own_tokenizer(vocab_size: int = OWN_VOCAB):
     sys.path.insert(0, str(ROOT / "scripts"))
     import make_assets
     from transformers import PreTrainedTokenizerFast
-    from trainer.records import load_sft_records
+    from trainer.data.records import load_sft_records
     texts = [m["content"] for r in load_sft_records("builtin", limit=300) for m in r["messages"]]
     hf = PreTrainedTokenizerFast(tokenizer_object=make_assets.train_tokenizer(texts, vocab_size),
                                  eos_token="<|im_end|>", pad_token="<|pad|>",
@@ -70,7 +70,7 @@ def bare_model_dir(tmp_path_factory):
 
 
 def test_auto_resolves_to_builtin_for_tiny_models_and_to_the_model_otherwise():
-    from trainer.tokenizer import resolve_tokenizer_name
+    from trainer.data.tokenizer import resolve_tokenizer_name
     assert compose_cfg([]).data.tokenizer == "auto"
     assert resolve_tokenizer_name("auto", "tiny:qwen3_5") == "builtin"
     assert resolve_tokenizer_name("auto", "Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
@@ -88,7 +88,7 @@ def test_a_real_model_trains_and_exports_with_its_own_tokenizer_and_chat_templat
     """model=hf with a local model: its 300-token tokenizer and its template format the SFT rows, the
     run trains, and the export carries that tokenizer (the builtin 512-token one used to ride along)."""
     from transformers import AutoTokenizer
-    from trainer.chat import tokenize_chat
+    from trainer.data.chat import tokenize_chat
     losses = run_distributed(_sft_worker, 1, [f"model.name={own_model_dir}", "max_steps=2", f"output_dir={tmp_path}",
                                               "checkpoint.export_hf=true"], timeout=300)[0]
     assert len(losses) == 2 and all(loss == loss for loss in losses), losses
@@ -116,7 +116,7 @@ def test_builtin_tokenizer_larger_than_the_embedding_table_is_refused_at_startup
 
 def test_builtin_tokenizer_next_to_a_pretrained_model_is_refused_even_when_ids_fit():
     """The 151k-vocab case: every builtin id is in range, but the embeddings mean something else."""
-    from trainer.tokenizer import check_tokenizer_fits_model, load_tokenizer
+    from trainer.data.tokenizer import check_tokenizer_fits_model, load_tokenizer
     with pytest.raises(ValueError, match=r"data.tokenizer=builtin \(512 tokens\) is not the tokenizer of model "
                                          r"org/real-model \(1000 embedding rows\)"):
         check_tokenizer_fits_model(load_tokenizer("builtin"), tiny_qwen3(1000), tokenizer_name="builtin",
@@ -127,7 +127,7 @@ def test_builtin_tokenizer_next_to_a_pretrained_model_is_refused_even_when_ids_f
 
 
 def test_tokenizer_without_eos_or_chat_template_is_refused_and_pad_falls_back_to_eos():
-    from trainer.tokenizer import check_tokenizer_fits_model, pad_token_id
+    from trainer.data.tokenizer import check_tokenizer_fits_model, pad_token_id
     model, kw = tiny_qwen3(OWN_VOCAB), dict(tokenizer_name="org/tok", model_name="org/model")
     no_pad = own_tokenizer()
     no_pad.pad_token = None
@@ -147,7 +147,7 @@ def test_tokenizer_without_eos_or_chat_template_is_refused_and_pad_falls_back_to
 
 
 def test_a_model_directory_without_a_tokenizer_names_data_tokenizer(bare_model_dir):
-    from trainer.tokenizer import load_tokenizer
+    from trainer.data.tokenizer import load_tokenizer
     with pytest.raises(ValueError, match="set data.tokenizer to the model's tokenizer"):
         load_tokenizer(str(bare_model_dir))
 

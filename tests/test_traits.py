@@ -12,7 +12,7 @@ import models
 from cp.block_kernels import MathBlockKernel, attention_with_lse
 from cp.kernels import softcap_kernels
 from cp.masks import AttnMask
-from models.family_configs import tiny_family_model
+from models.tiny.family_configs import tiny_family_model
 from models.traits import NOT_PASSED, layer_softcap, layer_window
 from tests.dist import run_distributed
 from tests.family_sweep import STYLES, family_model, reference_run, run_sweep, sharpen_qk

@@ -51,17 +51,17 @@ class ModelConfig:
     only its input hidden states [S/cp, hidden] until backward."""
     activation_offload: bool = False
     """With activation_checkpointing: keep those checkpointed layer inputs in host memory (pinned; copied on
-    a side stream on CUDA, overlapping compute) until the layer's recompute (models/activation_offload.py)."""
+    a side stream on CUDA, overlapping compute) until the layer's recompute (models/memory/activation_offload.py)."""
     chunked_head: bool = True
     """LM-head loss, log-probs and entropy in chunks of tokens, recomputed in backward: the [S/cp, vocab]
-    logits never exist in full (models/chunked_head.py; exact). A family whose head does more than a linear
+    logits never exist in full (models/memory/chunked_head.py; exact). A family whose head does more than a linear
     layer + final logit softcap (Cohere's logit_scale) keeps full logits, with a warning at startup."""
     head_chunk_tokens: Optional[int] = None
     """Tokens per LM-head chunk; null: automatic (one chunk's fp32 logits, probabilities and gradient in about
     256 MiB: 640 tokens at a 32k vocabulary, 128 at 152k)."""
     tiled_mlp: bool = False
     """Run each decoder layer's MLP (dense or MoE) over token tiles, recomputed tile by tile in backward: its
-    intermediate activations are O(tile) instead of O(S/cp) (models/tiled_mlp.py; exact). Costs one more
+    intermediate activations are O(tile) instead of O(S/cp) (models/memory/tiled_mlp.py; exact). Costs one more
     MLP forward per layer: turn it on when the MLP's [S/cp, intermediate] activations limit the length."""
     mlp_tile_tokens: Optional[int] = None
     """Tokens per MLP tile; null: automatic (ceil(S/cp / ceil(intermediate / hidden)), at least 256)."""
@@ -69,7 +69,7 @@ class ModelConfig:
     """With data.max_tokens_per_rank: each micro-batch gets its own CP degree, the smallest divisor of model.cp
     whose ranks hold its longest document within the budget (a short document runs whole on one rank, a long
     one is split over 2, 4, ... ranks of its cp group; process groups for every degree are built at startup).
-    Same loss and gradients as static CP. ulysses or ring only (trainer/token_budget.py)."""
+    Same loss and gradients as static CP. ulysses or ring only (trainer/planning/token_budget.py)."""
     tiny_hidden_size: int = 128
     """tiny:* models only: hidden size."""
     tiny_layers: int = 4
@@ -160,7 +160,7 @@ class SFTConfig:
     resume: bool = False
     """Continue from the latest complete checkpoint in output_dir. Config changes: lr, schedule, warmup,
     max_steps, clipping, AdamW settings, batch size, logging are honoured; the model, cp layout, data,
-    seq_len, seed, world size (trainer.checkpoint.RESUME_REFUSED) are refused with the diff."""
+    seq_len, seed, world size (trainer.run.checkpoint.RESUME_REFUSED) are refused with the diff."""
     overwrite: bool = False
     """A fresh run (resume=false) into an output_dir holding checkpoints is refused unless true: then the old
     checkpoints, metrics/samples and HF export are deleted first."""
@@ -183,14 +183,14 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling threshold."""
     task: str = "arithmetic"
-    """data.source=builtin only: the built-in task the prompts come from (trainer.tasks.TASKS: add, sub, mul,
+    """data.source=builtin only: the built-in task the prompts come from (trainer.rl.tasks.TASKS: add, sub, mul,
     reverse, sort, arithmetic, mixed)."""
     eval_prompts: int = 64
     """Held-out prompts scored greedily at the start and the end (0 disables). builtin: every task of the mix in
     equal shares, never in the training prompt pool; a user dataset: its LAST eval_prompts rows (not trained on)."""
     system_prompt: Optional[str] = None
     """User datasets only: a system message put before each text `prompt` (null: none; `messages` rows keep theirs).
-    Built-in tasks always use trainer.tasks.SYSTEM_PROMPT."""
+    Built-in tasks always use trainer.rl.tasks.SYSTEM_PROMPT."""
     skip_zero_advantage: Optional[bool] = None
     """Drop groups whose rewards are all equal (zero advantage: no policy gradient) before the backward.
     null: the loss's default (true for loss.type=dapo, its dynamic sampling; false otherwise)."""
@@ -201,10 +201,10 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     functions: list[str] = field(default_factory=lambda: ["correctness", "consistency", "format"])
-    """Built-in rewards (correctness, similarity, restate, consistency, format; trainer/tasks.py) or importable
+    """Built-in rewards (correctness, similarity, restate, consistency, format; trainer/rl/tasks.py) or importable
     "pkg.mod:fn" callables: batched fn(prompts, completions, **columns) -> list[float] (every dataset column as a
     keyword list), or per-sample fn(prompt, completion, answer) -> float. On a user dataset (data.source),
-    correctness and similarity read the final answer in the usual conventions (trainer.tasks.extract_final_answer);
+    correctness and similarity read the final answer in the usual conventions (trainer.rl.tasks.extract_final_answer);
     on the built-in tasks only <answer>...</answer> counts."""
     weights: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.2])
     """Weight of each reward function in the total reward."""
@@ -213,7 +213,7 @@ class RewardConfig:
 @dataclass
 class LossConfig:
     type: str = "grpo"
-    """Policy loss (trainer/policy_losses.py): grpo | dr_grpo (no std scaling, constant normaliser) | dapo (token-level,
+    """Policy loss (trainer/rl/policy_losses.py): grpo | dr_grpo (no std scaling, constant normaliser) | dapo (token-level,
     clip-higher, drops all-equal-reward groups) | gspo (sequence-level importance ratio)."""
     clip_eps_low: float = 0.2
     """Lower clip of the importance ratio: 1 - clip_eps_low."""
@@ -351,8 +351,8 @@ def _validate_builtin_prompts(cfg) -> None:
     _check(cfg.data.limit is None, f"data.limit={cfg.data.limit} is not used with data.source=builtin (GRPO draws "
                                    "rollout.task prompts): remove it, or set data.source to a prompt dataset")
     _check(r.system_prompt is None, "rollout.system_prompt is only used with a user prompt dataset (data.source): "
-                                    "the built-in tasks use trainer.tasks.SYSTEM_PROMPT; remove it")
-    from trainer.tasks import TASKS, task_components
+                                    "the built-in tasks use trainer.rl.tasks.SYSTEM_PROMPT; remove it")
+    from trainer.rl.tasks import TASKS, task_components
     _check(r.task in TASKS, f"rollout.task={r.task!r}: choose one of {', '.join(TASKS)}")
     parts = task_components(r.task)
     _check(r.eval_prompts == 0 or r.eval_prompts >= len(parts),
@@ -370,11 +370,11 @@ def validate_rl(cfg, world_size: int) -> None:
     _check(r.max_new_tokens >= 1 and r.temperature > 0 and 0 < r.top_p <= 1,
            "rollout.max_new_tokens >= 1, rollout.temperature > 0 and 0 < rollout.top_p <= 1 are required")
     _check(l.normalization in ("token", "sequence"), f"loss.normalization={l.normalization!r}: token or sequence")
-    from trainer.policy_losses import POLICY_LOSSES
+    from trainer.rl.policy_losses import POLICY_LOSSES
     _check(l.type in POLICY_LOSSES, f"loss.type={l.type!r}: choose one of {', '.join(POLICY_LOSSES)}")
     _check(l.type == "grpo" or l.normalization == "token",
            f"loss.normalization={l.normalization} is only used by loss.type=grpo; loss.type={l.type} fixes its own "
-           "normaliser (trainer/policy_losses.py): remove the override")
+           "normaliser (trainer/rl/policy_losses.py): remove the override")
     _check(l.clip_eps_low > 0 and l.clip_eps_high > 0 and l.kl_coef >= 0, "loss clip eps must be > 0, kl_coef >= 0")
     _check(len(w.functions) == len(w.weights) and len(w.functions) > 0,
            f"reward.functions ({len(w.functions)}) and reward.weights ({len(w.weights)}) must pair up")

@@ -1,9 +1,9 @@
 """What the SFT and GRPO trainers share: the training state, its build, resume, checkpoints, the optimizer
 step, global sums, finite checks, the run frame and its end (HF export, summary line).
 
-    trainer/sft.py, trainer/rl.py (entry points: the job's data and its step function)
+    trainer/sft.py, trainer/rl/loop.py (entry points: the job's data and its step function)
       with training_run(cfg, validate) as trainer:        init_distributed ─> validate ─> seed ─> tokenizer
-                                                          (trainer/tokenizer.py) ─> model ─> fits-model check
+                                                          (trainer/data/tokenizer.py) ─> model ─> fits-model check
                                                           ─> ParallelDims(dp x cp).build() ─> apply_cp + FSDP2
                                                           ─> AdamW + schedule     = Trainer (step 0)
           maybe_resume(trainer, loader)                   latest complete checkpoint (resume=true): weights,
@@ -33,10 +33,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 import cp
-from trainer import checkpoint, config, modeling, optim, runtime
-from trainer.metrics import MetricsLogger
-from trainer.token_budget import TokenBudget
-from trainer.tokenizer import check_tokenizer_fits_model, load_tokenizer, resolve_tokenizer_name
+from trainer import config, modeling, optim
+from trainer.run import checkpoint, runtime
+from trainer.run.metrics import MetricsLogger
+from trainer.planning.token_budget import TokenBudget
+from trainer.data.tokenizer import check_tokenizer_fits_model, load_tokenizer, resolve_tokenizer_name
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cp.documents import IGNORE_INDEX  # the one definition (cp.documents)
-from models.chunked_head import TokenStatsRequest, has_chunked_head
+from models.memory.chunked_head import TokenStatsRequest, has_chunked_head
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

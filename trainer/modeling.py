@@ -33,11 +33,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import cp
 import models
-from models.activation_offload import enable_activation_offload
-from models.chunked_head import ChunkedHeadUnsupported, install_chunked_head
-from models.tiled_mlp import apply_tiled_mlp
+from models.memory.activation_offload import enable_activation_offload
+from models.memory.chunked_head import ChunkedHeadUnsupported, install_chunked_head
+from models.memory.tiled_mlp import apply_tiled_mlp
 from models.tiny import tiny_model
-from trainer.tokenizer import TINY_MODEL_PREFIX as TINY_PREFIX
+from trainer.data.tokenizer import TINY_MODEL_PREFIX as TINY_PREFIX
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASTER_DTYPE = torch.float32

@@ -4,17 +4,17 @@
 
     hydra compose ─> training_run (validate, ParallelDims(dp x cp), model, apply_cp, FSDP2 over dp_cp)
     data.source ─> load_sft_records ─> tokenize_sft_records (chat template, assistant loss mask)
-                ─> PackedLoader(dp rank)                   trainer/records.py, chat.py, packing.py
+                ─> PackedLoader(dp rank)                   trainer/data/records.py, chat.py, packing.py
     per optimizer step (sft_step):
         grad_accum micro-batches [B, seq_len] (same on every rank of a cp group)
           ─> cp.setup_cp_params ─> this rank's shard + CPParams
-        or data.max_tokens_per_rank: the same documents re-planned (trainer/token_budget.py) into micro-batches
+        or data.max_tokens_per_rank: the same documents re-planned (trainer/planning/token_budget.py) into micro-batches
           within the budget per rank, balanced by cost over all dp x cp ranks, each at its own CP degree under
           model.cp_dynamic ─> cp.setup_cp_params(row, the degree's CPSubgroup)
         N = loss tokens of the whole step (all-reduce over dp_cp)
         for each micro-batch: loss_r = token_loss_sum(shard) / N; backward  (FSDP sums grads)
         clip (a non-finite total norm stops before AdamW), AdamW, schedule; metrics.jsonl + W&B;
-        checkpoint every N steps (trainer/checkpoint.py: complete-or-absent, keep_last, resume rules)
+        checkpoint every N steps (trainer/run/checkpoint.py: complete-or-absent, keep_last, resume rules)
     the end: HF export (output_dir/hf), "sft done: ..." summary
 """
 
@@ -27,14 +27,15 @@ import torch
 from omegaconf import DictConfig
 
 import cp
-from trainer import config, loss, runtime
-from trainer.chat import tokenize_sft_records
+from trainer import config, loss
+from trainer.run import runtime
+from trainer.data.chat import tokenize_sft_records
 from trainer.engine import (CONFIG_DIR, Trainer, check_finite, finish, global_sum, maybe_resume, metrics_logger,
                             optimizer_step, summary_line, training_run, training_steps)
-from trainer.packing import PackedLoader, sft_row
-from trainer.records import load_sft_records
-from trainer.token_budget import empty_pass
-from trainer.tokenizer import pad_token_id
+from trainer.data.packing import PackedLoader, sft_row
+from trainer.data.records import load_sft_records
+from trainer.planning.token_budget import empty_pass
+from trainer.data.tokenizer import pad_token_id
 
 
 def build_sft_loader(cfg: DictConfig, trainer: Trainer) -> PackedLoader:
@@ -72,7 +73,7 @@ def fixed_row_shards(trainer: Trainer, loader: PackedLoader, pad: int) -> tuple[
 
 def token_budget_shards(trainer: Trainer, loader: PackedLoader, pad: int) -> tuple[list[cp.CPBatch], dict]:
     """The same documents as fixed rows, planned into token-budget micro-batches (data.max_tokens_per_rank),
-    each at its own CP degree under model.cp_dynamic (trainer/token_budget.py); this rank's shards."""
+    each at its own CP degree under model.cp_dynamic (trainer/planning/token_budget.py); this rank's shards."""
     docs = loader.next_step_docs(trainer.cfg.optim.grad_accum)
     plan = trainer.budget.plan([len(doc) for doc in docs])
     shards = []

@@ -17,7 +17,7 @@ and only after it matched the twin there on a packed probe (documents of 1, 7 an
 forward and input gradients; cp.kernel_check). Otherwise, with a warning when a check failed, the
 twin. Both take the twin's arguments and return its layout, so the mixers never branch.
 
-Imports only downward: cp (kernel_check, documents), models.varlen_ops, models.varlen_scans; never a wrapper.
+Imports only downward: cp (kernel_check, documents), models.mixers.varlen_ops, models.mixers.varlen_scans; never a wrapper.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 
 from cp import kernel_check
 from cp.documents import cu_seqlens_from_doc_ids, seq_idx_from_doc_ids
-from models.varlen_ops import varlen_causal_conv1d
-from models.varlen_scans import ssd_scan_varlen, varlen_gated_delta_rule
+from models.mixers.varlen_ops import varlen_causal_conv1d
+from models.mixers.varlen_scans import ssd_scan_varlen, varlen_gated_delta_rule
 
 # -- fused adapters: the twin's signature in, the twin's layout out --------------------------------
 
@@ -124,7 +124,7 @@ class MixerOp:
     probe: Callable  # probe(fused, twin, device, dtype) -> None | failure
 
 
-MIXER_OPS = ("causal_conv1d", "gated_delta_rule", "ssd_scan")  # the ops a models.mixer_spec.MixerSpec can name
+MIXER_OPS = ("causal_conv1d", "gated_delta_rule", "ssd_scan")  # the ops a models.mixers.spec.MixerSpec can name
 
 
 @functools.cache

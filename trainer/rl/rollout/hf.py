@@ -27,7 +27,7 @@ from models.apply import plain_model
 from trainer.modeling import cast_parameters
 
 
-class RolloutEngine:
+class HFRolloutEngine:
     def __init__(self, policy: torch.nn.Module, tokenizer, device: torch.device, *,
                  dtype: torch.dtype = torch.float32):
         """dtype: the training compute dtype (trainer.modeling.compute_dtype(cfg.model))."""

@@ -4,9 +4,9 @@
       ─ group_advantages ─> A_i = (r_i - mean_group) [/ std_group]
       ─ pack_rollouts ─> rows [B, S]: input_ids, labels (completion tokens only, shifted),
                           old_logp, advantages, weights (token: 1, sequence: 1 / completion length)
-                          (trainer/packing.py next_fit_rows + assemble_row: the SFT loader's packing)
+                          (trainer/data/packing.py next_fit_rows + assemble_row: the SFT loader's packing)
       ─ cp.setup_cp_params + cp.shard ─> this rank's shard
-      ─ trainer.policy_losses (loss.type) on logp from the local logits ─> sum(w * loss) / N_global
+      ─ trainer.rl.policy_losses (loss.type) on logp from the local logits ─> sum(w * loss) / N_global
     seq_ids / seq_lengths: which completion each label belongs to, for sequence-level losses (GSPO)
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from cp.documents import IGNORE_INDEX  # the one definition (cp.documents)
-from trainer.packing import assemble_row, next_fit_rows
-from trainer.policy_losses import POLICY_LOSSES, LossSettings, TokenBatch
+from trainer.data.packing import assemble_row, next_fit_rows
+from trainer.rl.policy_losses import POLICY_LOSSES, LossSettings, TokenBatch
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -35,7 +35,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
 def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *, clip_low: float,
                     clip_high: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0):
     """Per-token clipped surrogate (+ k3 KL to the reference). Returns (loss, clipped mask, kl).
-    The `grpo` entry of trainer.policy_losses, kept as a function for callers of the old API."""
+    The `grpo` entry of trainer.rl.policy_losses, kept as a function for callers of the old API."""
     settings = LossSettings(clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef)
     batch = TokenBatch(logp, old_logp, advantages, torch.ones_like(logp), ref_logp=ref_logp)
     loss, stats = POLICY_LOSSES["grpo"].token_loss(batch, settings)
@@ -84,7 +84,7 @@ def _rollout_columns(r: Rollout, seq_id: int, sequence_norm: bool) -> dict[str, 
 
 def pack_rollouts(rollouts: list[Rollout], *, seq_len: int, rows_per_batch: int, pad_id: int,
                   sequence_norm: bool) -> list[RolloutRows]:
-    """Prompt+completion documents packed into rows (trainer.packing: next_fit_rows, assemble_row, as SFT),
+    """Prompt+completion documents packed into rows (trainer.data.packing: next_fit_rows, assemble_row, as SFT),
     grouped into micro-batches."""
     lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
     rows = [[rollouts[i] for i in row] for row in next_fit_rows(lengths, seq_len)]

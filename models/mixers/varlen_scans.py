@@ -1,7 +1,7 @@
 """Exact varlen scans of the packed-document mixers: plain torch, float32, autograd gives the backward.
 
-The recurrent kernels twin to the fused GPU ones (models.mixer_kernels picks between them), next to
-the varlen causal conv (models.varlen_ops). Both restart their state at every document start of
+The recurrent kernels twin to the fused GPU ones (models.mixers.fused_kernels picks between them), next to
+the varlen causal conv (models.mixers.varlen_ops). Both restart their state at every document start of
 `doc_ids` [B, S] (cp.documents), exactly as if every document ran alone:
 
     varlen_gated_delta_rule(q, k, v, g, beta, doc_ids)     Gated DeltaNet (Qwen3.5 / Qwen3-Next)
@@ -12,7 +12,7 @@ the varlen causal conv (models.varlen_ops). Both restart their state at every do
         state_t = exp(dt_t A) state_{t-1} [t not a document start] + dt_t B_t x_t^T,  y_t = C_t . state_t + D x_t
         chunked SSD form; chunk-end states carried only while the document continues
 
-Imports only downward (torch); the mixer wrappers and models.mixer_kernels import from here.
+Imports only downward (torch); the mixer wrappers and models.mixers.fused_kernels import from here.
 """
 
 from __future__ import annotations

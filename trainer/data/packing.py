@@ -13,9 +13,9 @@
       └─> PackedBatch(input_ids [B, S], labels [B, S] shifted, seq_lens [[...] per row], num_loss_tokens,
                       step_tokens: document tokens of every dp rank's rows)
               └─> cp.setup_cp_params(batch.input_ids, dims, labels=batch.labels, seq_lens=batch.seq_lens)
-    GRPO: trainer/grpo.py pack_rollouts (prompt + completion documents, same two functions)
+    GRPO: trainer/rl/grpo.py pack_rollouts (prompt + completion documents, same two functions)
 
-Labels are shifted inside each document (trainer/chat.py shifted_labels), so no token learns across
+Labels are shifted inside each document (trainer/data/chat.py shifted_labels), so no token learns across
 a document boundary and the pad never contributes. Loaders are deterministic given (seed, docs) and
 resumable from state_dict() = (epoch, cursor); every rank walks the same global stream.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from cp.documents import IGNORE_INDEX  # the one definition (cp.documents)
-from trainer.chat import TokenizedDoc, shifted_labels
+from trainer.data.chat import TokenizedDoc, shifted_labels
 
 # ---------------------------------------------------------------- packing
 
@@ -221,7 +221,7 @@ class PackedLoader:
 
     def next_step_docs(self, micro_batches: int) -> list[TokenizedDoc]:
         """Token-budget steps (data.max_tokens_per_rank): every document of the rows that `micro_batches`
-        next_batch() calls would give ALL dp ranks, in order, for trainer/token_budget.py to re-plan. Same
+        next_batch() calls would give ALL dp ranks, in order, for trainer/planning/token_budget.py to re-plan. Same
         position bookkeeping as next_batch, so a run resumes identically in either mode."""
         rows = [self._next_row() for _ in range(self.micro_batch_size * self.dp_size * micro_batches)]
         self.steps += micro_batches

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.runtime import write_atomic
+from trainer.run.runtime import write_atomic
 
 
 def _step_of_line(line: str, path: Path, number: int) -> int | None:

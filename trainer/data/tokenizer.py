@@ -2,7 +2,7 @@
 
     data.tokenizer, model.name
       ─ resolve_tokenizer_name ─> "builtin" (auto for tiny:* models) | model.name (auto) | data.tokenizer
-      ─ load_tokenizer ─> the bundled byte-level BPE (trainer/assets/tokenizer, offline) | AutoTokenizer
+      ─ load_tokenizer ─> the bundled byte-level BPE (trainer/data/assets/tokenizer, offline) | AutoTokenizer
       ─ check_tokenizer_fits_model(tok, model)   before any collective: ids < embedding rows, the bundled
                                                   tokenizer only next to a tiny:* model, eos, chat template
     pad_token_id(tok)    pad, else eos: what PackedLoader, pack_rollouts and setup_cp_params pad with
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.chat import chat_template
-from trainer.records import ASSETS_DIR
+from trainer.data.chat import chat_template
+from trainer.data.records import ASSETS_DIR
 
 TINY_MODEL_PREFIX = "tiny:"  # trainer.modeling.TINY_PREFIX (not imported: data must not import the model stack)
 BUILTIN_TOKENIZER_DIR = ASSETS_DIR / "tokenizer"

@@ -1,11 +1,11 @@
 """RL prompts: built-in tasks or a user dataset, held-out eval prompts, and the sampler that serves them.
 
-    built-in tasks (data.source=builtin, trainer/tasks.py)
+    built-in tasks (data.source=builtin, trainer/rl/tasks.py)
       make_eval_prompts(task, n, tok)   held-out prompts: every task of the mix in equal shares (bundled eval
                                         rows first, disjoint from the SFT rows; generated when they run out)
       make_prompts(task, n, seed, tok, exclude_prompts=eval) -> [Prompt(prompt, answer, input_ids, task)]
     a user dataset (.jsonl/.json/.parquet, "builtin:<asset file>", or an HF datasets name)
-      load_rl_prompts(source, tok)      trainer/records.py read_rl_rows + prompt_messages: a `prompt` (text or
+      load_rl_prompts(source, tok)      trainer/data/records.py read_rl_rows + prompt_messages: a `prompt` (text or
                                         messages) or `messages` column (trailing assistant turns dropped), the
                                         chat template applied; every other column rides along in
                                         Prompt.columns for the rewards
@@ -19,11 +19,11 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from trainer.chat import template_ids
-from trainer.packing import ShuffledCursor, check_dp, check_same
-from trainer.records import prompt_messages, read_builtin, read_rl_rows
-from trainer.tasks import SYSTEM_PROMPT, make_examples, task_components, task_messages
-from trainer.tokenizer import load_tokenizer
+from trainer.data.chat import template_ids
+from trainer.data.packing import ShuffledCursor, check_dp, check_same
+from trainer.data.records import prompt_messages, read_builtin, read_rl_rows
+from trainer.rl.tasks import SYSTEM_PROMPT, make_examples, task_components, task_messages
+from trainer.data.tokenizer import load_tokenizer
 
 _PROMPT_COLUMNS = ("prompt", "messages")  # what a dataset row's prompt is read from; other columns reach rewards
 
@@ -58,7 +58,7 @@ def _to_prompts(examples: Sequence[dict], tokenizer, system_prompt: str | None) 
 
 def make_prompts(task: str, n: int, seed: int, tokenizer=None, *, exclude_prompts: Collection[str] = (),
                  system_prompt: str | None = SYSTEM_PROMPT) -> list[Prompt]:
-    """`n` prompts of a built-in task (trainer.tasks), deterministic by seed; tokenizer None: builtin.
+    """`n` prompts of a built-in task (trainer.rl.tasks), deterministic by seed; tokenizer None: builtin.
     The system prompt is the one the bundled SFT data uses, so an SFT model knows the answer format.
     exclude_prompts: prompt texts never drawn (the held-out eval prompts)."""
     return _to_prompts(make_examples(task, n, seed, exclude_prompts=exclude_prompts), tokenizer, system_prompt)

@@ -3,20 +3,20 @@
     torchrun --nproc-per-node N -m trainer.rl model.cp=2 model.cp_style=ulysses ...
 
     per step:
-      1. RolloutEngine.sync(policy)                full weights -> a plain copy on every rank
-      2. each rank: prompts_per_step / world prompts, group_size samples each (trainer/rollout.py); prompts
-         from rollout.task (data.source=builtin) or a user dataset (trainer/prompts.py load_rl_prompts)
+      1. HFRolloutEngine.sync(policy)              full weights -> a plain copy on every rank
+      2. each rank: prompts_per_step / world prompts, group_size samples each (trainer/rl/rollout/hf.py); prompts
+         from rollout.task (data.source=builtin) or a user dataset (trainer/rl/prompts.py load_rl_prompts)
          rewards fn(prompts, completions, **columns) -> weighted sum; group advantages (complete groups,
          local); rollout.skip_zero_advantage drops all-equal-reward groups from training
          then every rank waits for the slowest generator (rollout.timeout_s, a gloo group of its own)
       3. all_gather_object inside the cp group     every cp rank holds its dp group's rollouts
       4. pack prompt+completion documents into rows; ranks pad to the same number of micro-batches
          (data.max_tokens_per_rank: every rank's rollouts gathered and planned together into token-budget
-         micro-batches, each at its own CP degree under model.cp_dynamic: trainer/token_budget.py)
+         micro-batches, each at its own CP degree under model.cp_dynamic: trainer/planning/token_budget.py)
       5. per micro-batch: cp.setup_cp_params + cp.shard(old log-probs, advantages, weights)
          log-probs at temperature T on the local shard (trainer/loss.py: the LM head in token chunks, no
          full logits) -> loss.type policy loss
-         (trainer/policy_losses.py: grpo, dr_grpo, dapo, gspo)
+         (trainer/rl/policy_losses.py: grpo, dr_grpo, dapo, gspo)
          loss_r = sum(w * loss) / N_global  (N = tokens, sequences, or dr_grpo's constant)
       6. clip, AdamW; metrics.jsonl + W&B (reward, advantages, clip fraction, KL, entropy, lengths);
          sample completions as a table
@@ -35,14 +35,16 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 import cp
-from trainer import config, grpo, modeling, policy_losses, runtime, tasks
+from trainer import config, modeling
+from trainer.rl import grpo, policy_losses, tasks
+from trainer.run import runtime
 from trainer.engine import (CONFIG_DIR, Trainer, check_finite, finish, global_sum, maybe_resume, metrics_logger,
                             optimizer_step, summary_line, training_run, training_steps)
 from trainer.loss import shard_logprobs
-from trainer.prompts import PromptSampler, load_rl_prompts, make_eval_prompts, make_prompts, split_eval_prompts
-from trainer.rollout import RolloutEngine
-from trainer.token_budget import EMPTY_PASS_TOKENS
-from trainer.tokenizer import pad_token_id
+from trainer.rl.prompts import PromptSampler, load_rl_prompts, make_eval_prompts, make_prompts, split_eval_prompts
+from trainer.rl.rollout.hf import HFRolloutEngine
+from trainer.planning.token_budget import EMPTY_PASS_TOKENS
+from trainer.data.tokenizer import pad_token_id
 
 
 def check_init_model(cfg: DictConfig) -> None:
@@ -59,7 +61,7 @@ def _columns(prompts: list) -> dict:
     return {k: [row.get(k) for row in rows] for k in names}
 
 
-def generate_rollouts(cfg, trainer: Trainer, engine: RolloutEngine, prompts, rewards) -> tuple[list, dict]:
+def generate_rollouts(cfg, trainer: Trainer, engine: HFRolloutEngine, prompts, rewards) -> tuple[list, dict]:
     """This rank's rollouts with rewards and group advantages, and reward sums for logging. rewards: batched
     fn(prompts, completions, **columns) or per-sample fn(prompt, completion, answer) (adapted)."""
     r, rank = cfg.rollout, dist.get_rank()
@@ -140,7 +142,7 @@ def micro_batches(cfg, trainer: Trainer, rollouts: list, pad_id: int) -> list[tu
 
 
 def token_budget_micro_batches(cfg, trainer: Trainer, rollouts: list, pad_id: int) -> tuple[list, dict]:
-    """data.max_tokens_per_rank: every rank's rollouts planned together (trainer/token_budget.py) into
+    """data.max_tokens_per_rank: every rank's rollouts planned together (trainer/planning/token_budget.py) into
     micro-batches within the budget per rank, each row at its CP degree (model.cp_dynamic); this rank's
     (one packed row, its CPSubgroup; None: an empty pass on this rank alone) per micro-batch, and the plan's
     metrics."""
@@ -227,7 +229,7 @@ def wait_for_generation(wait_group) -> None:
         dist.barrier(group=wait_group)
 
 
-def evaluate(cfg, engine: RolloutEngine, prompts, wait_group=None) -> float:
+def evaluate(cfg, engine: HFRolloutEngine, prompts, wait_group=None) -> float:
     """Greedy accuracy on held-out prompts, split over all ranks (built-in tasks: the <answer> tag; a user
     dataset: extract_final_answer)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -240,7 +242,7 @@ def evaluate(cfg, engine: RolloutEngine, prompts, wait_group=None) -> float:
     return float(t[0] / max(t[1], 1))
 
 
-def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards, ref_model, pad_id,
+def rl_step(cfg, trainer: Trainer, engine: HFRolloutEngine, sampler, rewards, ref_model, pad_id,
             wait_group=None) -> tuple[dict, list]:
     start = time.perf_counter()
     runtime.reset_peak_memory(trainer.device)
@@ -318,7 +320,7 @@ def run_rl(cfg: DictConfig) -> list[dict]:
         sampler = PromptSampler(prompts, batch_size=cfg.rollout.prompts_per_step // world, dp_rank=rank,
                                 dp_size=world, seed=cfg.seed)
         maybe_resume(trainer, sampler)
-        engine, pad_id = RolloutEngine(trainer.model, trainer.tokenizer, trainer.device,
+        engine, pad_id = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device,
                                        dtype=modeling.compute_dtype(cfg.model)), pad_token_id(trainer.tokenizer)
         logger = metrics_logger(trainer, "rl")
         eval_start = None

@@ -1,6 +1,6 @@
 """Data rows from where the user keeps them, and rows -> chat messages.
 
-    source: "builtin" (trainer/assets) | "builtin:<file>" (RL) | file.jsonl / .json / .parquet | HF datasets name
+    source: "builtin" (trainer/data/assets) | "builtin:<file>" (RL) | file.jsonl / .json / .parquet | HF datasets name
       ─ load_sft_records ─> [{"messages": [{"role", "content"}, ...], ...}]   (to_chat_record: prompt/completion
                                                                                pairs become user + assistant turns)
       ─ read_rl_rows ─> raw rows; prompt_messages(row) ─> the prompt as messages ending in a user turn
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 BUILTIN_SFT_FILES = {"train": ASSETS_DIR / "sft_tasks.jsonl", "eval": ASSETS_DIR / "eval_tasks.jsonl"}
-BUILTIN_ASSET_PREFIX = "builtin:"  # data.source=builtin:<file> reads trainer/assets/<file>
+BUILTIN_ASSET_PREFIX = "builtin:"  # data.source=builtin:<file> reads trainer/data/assets/<file>
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -176,7 +176,7 @@ def load_sft_records(source: str, *, split: str = "train", limit: int | None = N
 
 def read_rl_rows(source: str, *, split: str = "train", subset: str | None = None,
                  limit: int | None = None) -> list[dict]:
-    """Rows of an RL prompt dataset: "builtin:<file>" (trainer/assets), a local file, or an HF dataset."""
+    """Rows of an RL prompt dataset: "builtin:<file>" (trainer/data/assets), a local file, or an HF dataset."""
     if source.startswith(BUILTIN_ASSET_PREFIX):
         rows = _read_local(str(ASSETS_DIR / source[len(BUILTIN_ASSET_PREFIX):]))
     else:

@@ -191,7 +191,7 @@ def _shaped_conv(x, weight, bias, doc_ids, *, activation=None):
 
 
 def _shaped_delta_rule(q, k, v, g, beta, doc_ids, *, use_qk_l2norm=True, scale=None, chunk_size=64):
-    """fla's chunk_gated_delta_rule as models.mixer_kernels calls it: q / k repeated to the value heads when
+    """fla's chunk_gated_delta_rule as models.mixers.fused_kernels calls it: q / k repeated to the value heads when
     fewer, g in fp32, and the per-chunk WY matrix [B, S, Hv, chunk] fp32 kept for backward."""
     batch, seq_len, num_v, head_v = v.shape
     kept = [((batch, seq_len, num_v, q.shape[-1]), q.dtype)] * (2 if num_v != k.shape[2] else 0)
@@ -200,7 +200,7 @@ def _shaped_delta_rule(q, k, v, g, beta, doc_ids, *, use_qk_l2norm=True, scale=N
 
 
 def _shaped_ssd_scan(x, dt, A, B, C, doc_ids, *, D=None, dt_bias=None, dt_softplus=True, dt_limit=None, chunk_size=64):
-    """mamba-ssm's mamba_chunk_scan_combined: y in fp32 (as models.mixer_kernels returns it), the chunk states
+    """mamba-ssm's mamba_chunk_scan_combined: y in fp32 (as models.mixers.fused_kernels returns it), the chunk states
     [B, chunks, H, P, N] and the cumulative decays [B, H, chunks, chunk] in fp32 kept for backward."""
     batch, seq_len, heads, head_dim = x.shape
     chunks = -(-seq_len // chunk_size)
@@ -238,7 +238,7 @@ def _no_transfer(ops) -> list:
     return [_Done() for _ in ops]
 
 
-MIXER_MODULES = ("models.gated_deltanet", "models.mamba2")  # each imports mixer_kernels.pick as pick_mixer_kernel
+MIXER_MODULES = ("models.mixers.gated_deltanet", "models.mixers.mamba2")  # each imports mixer_kernels.pick as pick_mixer_kernel
 
 
 @contextlib.contextmanager
@@ -325,7 +325,7 @@ def simulate_step(model_config, dims: cp.ParallelDims, mcfg, *, seq_len: int, dt
     activation_checkpointing, activation_offload).
     trainer: "sft" (token cross-entropy) | "rl" (GRPO: log-probs and entropy of the policy).
     mixers: "fused" (DeltaNet / Mamba2 as their fused GPU kernels allocate: what a GPU run holds; fast) |
-    "twin" (the CPU twins of models/varlen_scans.py, op by op: what a CPU run holds; slow at long S)."""
+    "twin" (the CPU twins of models/mixers/varlen_scans.py, op by op: what a CPU run holds; slow at long S)."""
     from trainer.modeling import install_long_context
 
     model = models.apply_cp(meta_model(model_config, dtype), dims, attn="sdpa", chunks=mcfg.ulysses_chunks)

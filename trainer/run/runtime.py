@@ -7,7 +7,7 @@ one clear line naming the rank and the likely cause before exiting non-zero.
 Waits that are EXPECTED to be long (a slow rank still generating rollouts) go through
 `patient_group(timeout_s)`: a gloo group with its own timeout, so only that wait is patient and a
 dead rank still fails every other collective within `timeout_s`. Checkpoint writes and the HF export
-(trainer/checkpoint.py) wait the same way, on a group with `checkpoint.timeout_s`. `write_atomic` is how markers and logs are replaced on disk:
+(trainer/run/checkpoint.py) wait the same way, on a group with `checkpoint.timeout_s`. `write_atomic` is how markers and logs are replaced on disk:
 a reader sees the old file or the new one, never a torn one.
 """
 

@@ -1,12 +1,12 @@
 """SFT conversations -> token ids and the loss mask, through the tokenizer's chat template.
 
-    {"messages": [...]} (trainer/records.py)
+    {"messages": [...]} (trainer/data/records.py)
       ─ tokenize_sft_records(tok, rows, max_len) ─> [TokenizedDoc(input_ids, loss_mask)]
            tokenize_chat: the chat template; loss mask = assistant tokens incl. their <|im_end|>
            ({% generation %} blocks when the template has them, else rendered-prefix lengths)
       ─ shifted_labels(ids, mask) ─> labels[t] = ids[t+1] where t+1 is a loss token, else -100
                                      (per document: no token learns across a document boundary)
-    template_ids(tok, messages, add_generation_prompt)   the plain rendering (RL prompts: trainer/prompts.py)
+    template_ids(tok, messages, add_generation_prompt)   the plain rendering (RL prompts: trainer/rl/prompts.py)
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
-"""The registry of mixer families: one line per family (its file defines a models.mixer_spec.MixerSpec).
+"""The registry of mixer families: one line per family (its file defines a models.mixers.spec.MixerSpec).
 
     MIXER_FAMILIES ──> models.apply_cp            wraps every module a spec matches
                    ──> cp.validation (register)   the mixer classes cp accepts, under which styles
 
 Adding a family: write models/<family>.py with its wrapper and SPEC, add it below (README "Extending:
-a mixer family"; models/bamba.py is the worked example).
+a mixer family"; models/mixers/bamba.py is the worked example).
 """
 
 from __future__ import annotations
 
-from models import bamba, gated_deltanet, mamba2
-from models.mixer_spec import MixerSpec
+from models.mixers import bamba, gated_deltanet, mamba2
+from models.mixers.spec import MixerSpec
 
 MIXER_FAMILIES: tuple[MixerSpec, ...] = (
     gated_deltanet.SPEC,  # Qwen3.5 / Qwen3.5-MoE / Qwen3-Next linear attention

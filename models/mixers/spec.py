@@ -1,7 +1,7 @@
 """A mixer family described once: the HF classes it matches, how to wrap them, what CP they allow.
 
     models/<family>.py ── SPEC = MixerSpec(...)            one file per family (its wrapper + its spec)
-    models/mixer_families.py ── MIXER_FAMILIES = (...)      the registry: one line per family
+    models/mixers/registry.py ── MIXER_FAMILIES = (...)      the registry: one line per family
         └─ spec.register()  ──> cp.validation.register_sequence_mixer(class, description, cp_styles=, ...)
                                 (cp learns the supported mixer names from models/, never imports it)
     models.apply_cp(model, dims)
@@ -9,7 +9,7 @@
         for spec in MIXER_FAMILIES:                          every module spec.matches -> spec.wrap(module, dims)
 
 A wrapper keeps the HF parameter names: it adopts the mixer's children and parameters under their
-own names (models.hf_mixers.adopt), so state_dict keys, checkpoints and PEFT target_modules are
+own names (models.mixers.hf_conventions.adopt), so state_dict keys, checkpoints and PEFT target_modules are
 those of the untouched model. A wrapper is idempotent (`wrap` of a wrapper returns it, re-checked).
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from cp.dims import ParallelDims
 from cp.validation import register_sequence_mixer
-from models.mixer_kernels import MIXER_OPS
+from models.mixers.fused_kernels import MIXER_OPS
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class MixerSpec:
     wrap:            wrap(module, dims) -> wrapper; raises ValueError naming the fix for a head split
                      or CP layout it cannot run
     cp_styles:       the CP styles it runs under (a recurrence needs whole sequences: Ulysses only)
-    kernels:         the models.mixer_kernels ops it runs (torch twin everywhere, fused on CUDA)
+    kernels:         the models.mixers.fused_kernels ops it runs (torch twin everywhere, fused on CUDA)
     description:     what the wrapper class is reported as (shared by families with one wrapper)
     """
 
@@ -50,7 +50,7 @@ class MixerSpec:
     def __post_init__(self) -> None:
         unknown = [op for op in self.kernels if op not in MIXER_OPS]
         if unknown:
-            raise ValueError(f"mixer family {self.name}: kernels {unknown} are not models.mixer_kernels ops "
+            raise ValueError(f"mixer family {self.name}: kernels {unknown} are not models.mixers.fused_kernels ops "
                              f"{list(MIXER_OPS)}: add the op (torch twin, fused adapter, probe) there first")
 
     def matches(self, module: nn.Module) -> bool:

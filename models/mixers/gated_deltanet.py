@@ -27,7 +27,7 @@ j // (Hv / Hk); a rank receives exactly the key heads its value heads read, so w
 head is replicated to several ranks inside the all-to-all (gradients summed on the way back).
 The gated RMSNorm weight is per head dim, shared by all heads: nothing to slice.
 
-The kernel, `varlen_gated_delta_rule` (models.varlen_scans, re-exported here), is the chunked
+The kernel, `varlen_gated_delta_rule` (models.mixers.varlen_scans, re-exported here), is the chunked
 (WY / UT-transform) form of the recurrence
 
     S_t = exp(g_t) * (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t
@@ -37,7 +37,7 @@ cut into its own chunks (the last one zero padded), so no chunk straddles two do
 the scan starts every document from a zero state.
 
 On CUDA, fla's chunk_gated_delta_rule (cu_seqlens) and causal-conv1d (seq_idx) replace the torch
-kernels when importable and checked against them (models.mixer_kernels).
+kernels when importable and checked against them (models.mixers.fused_kernels).
 
 The wrapper adopts the mixer's children and parameters under their own names, so
 `state_dict()` keys and FSDP / optimizer names are unchanged by wrapping.
@@ -54,13 +54,13 @@ from cp.collectives import head_to_seq, seq_to_head
 from cp.documents import doc_ids_from_cu_seqlens
 from cp.params import CPParams
 from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
-from models.hf_mixers import adopt, cache_keyword, call_original, original_if_unchanged, take_cache
-from models.mixer_kernels import pick as pick_mixer_kernel
-from models.mixer_spec import MixerSpec
-from models.varlen_ops import ACTIVATIONS
+from models.mixers.hf_conventions import adopt, cache_keyword, call_original, original_if_unchanged, take_cache
+from models.mixers.fused_kernels import pick as pick_mixer_kernel
+from models.mixers.spec import MixerSpec
+from models.mixers.varlen_ops import ACTIVATIONS
 
-# The varlen kernel lives in models.varlen_scans (next to the varlen conv); these names stay importable here.
-from models.varlen_scans import (  # noqa: F401
+# The varlen kernel lives in models.mixers.varlen_scans (next to the varlen conv); these names stay importable here.
+from models.mixers.varlen_scans import (  # noqa: F401
     L2NORM_EPS,
     ChunkPlan,
     document_chunk_plan,

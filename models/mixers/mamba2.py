@@ -1,4 +1,4 @@
-"""Mamba2 mixers (NemotronH's; Bamba's through models/bamba.py) under Ulysses context parallelism, exact for
+"""Mamba2 mixers (NemotronH's; Bamba's through models/mixers/bamba.py) under Ulysses context parallelism, exact for
 packed documents.
 
 Ulysses turns the sequence-sharded activations into head-sharded ones around the SSM, so every
@@ -26,11 +26,11 @@ mamba_num_heads % P == 0 (ValueError naming the fix), no cache continuation and 
 together with cp_params (padding is a document of its own). Without cp_params every row is one
 document (same kernels, no collectives); with a cache (HF generation) or a padding mask the
 original mixer runs unchanged. The wrapper adopts the mixer's children and parameters under their own names, so
-state_dict keys, FSDP / optimizer / PEFT names are the HF names (models.hf_mixers).
+state_dict keys, FSDP / optimizer / PEFT names are the HF names (models.mixers.hf_conventions).
 
-The kernels are plain torch in float32 (`models.varlen_scans.ssd_scan_varlen`, re-exported here, and
-`models.varlen_ops.varlen_causal_conv1d`); autograd gives the backward. On CUDA, mamba-ssm's scan and causal-conv1d (with seq_idx) replace them
-when importable and checked against them (models.mixer_kernels).
+The kernels are plain torch in float32 (`models.mixers.varlen_scans.ssd_scan_varlen`, re-exported here, and
+`models.mixers.varlen_ops.varlen_causal_conv1d`); autograd gives the backward. On CUDA, mamba-ssm's scan and causal-conv1d (with seq_idx) replace them
+when importable and checked against them (models.mixers.fused_kernels).
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ from cp.collectives import head_to_seq, seq_to_head
 from cp.dims import ParallelDims
 from cp.params import CPParams
 from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
-from models.hf_mixers import adopt, cache_keyword, call_original, original_if_unchanged, take_cache
-from models.mixer_kernels import pick as pick_mixer_kernel
-from models.mixer_spec import MixerSpec
+from models.mixers.hf_conventions import adopt, cache_keyword, call_original, original_if_unchanged, take_cache
+from models.mixers.fused_kernels import pick as pick_mixer_kernel
+from models.mixers.spec import MixerSpec
 
-# The varlen scan lives in models.varlen_scans (next to the varlen conv); these names stay importable here.
-from models.varlen_scans import discretise_dt, ssd_scan_varlen  # noqa: F401
+# The varlen scan lives in models.mixers.varlen_scans (next to the varlen conv); these names stay importable here.
+from models.mixers.varlen_scans import discretise_dt, ssd_scan_varlen  # noqa: F401
 
 # Plain attributes of a Mamba2 mixer the wrapper reads (its children and parameters are adopted), and the
 # children / parameters it runs: NemotronHMamba2Mixer and transformers' Mamba2Mixer share this layout.

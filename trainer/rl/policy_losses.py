@@ -1,6 +1,6 @@
 """Pluggable RL policy losses, selected by `loss.type`: grpo, dr_grpo, dapo, gspo.
 
-    trainer/rl.py, per micro-batch on this rank's CP shard:
+    trainer/rl/loop.py, per micro-batch on this rank's CP shard:
       TokenBatch(logp, old_logp, advantages, mask, ref_logp, seq_ids, seq_lengths, cp_group)
         ─ POLICY_LOSSES[loss.type](batch, settings) ─> (per-token loss [B, S_local], stats)
         ─ rank loss = sum(per-token loss * weight * mask) / N_global          (FSDP sums the grads)
@@ -204,7 +204,7 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {loss.name: loss for loss in (GRPOLoss(),
 def get_policy_loss(name: str) -> PolicyLoss:
     if name not in POLICY_LOSSES:
         raise ValueError(f"loss.type={name!r}: choose one of {', '.join(POLICY_LOSSES)} "
-                         "(or register a PolicyLoss in trainer.policy_losses.POLICY_LOSSES)")
+                         "(or register a PolicyLoss in trainer.rl.policy_losses.POLICY_LOSSES)")
     return POLICY_LOSSES[name]
 
 

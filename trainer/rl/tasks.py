@@ -5,14 +5,14 @@
     make_examples(task, n, seed)    n examples, deterministic by seed (train and eval use other seeds)
       │
       ├─> scripts/make_assets.py     the bundled SFT rows (system + user + assistant = completion)
-      ├─> trainer.prompts.make_prompts  RL prompts (system + user, generation prompt) and their answers
-      └─> trainer.prompts.make_eval_prompts   held-out RL eval prompts: every task_components(task) in equal shares
+      ├─> trainer.rl.prompts.make_prompts  RL prompts (system + user, generation prompt) and their answers
+      └─> trainer.rl.prompts.make_eval_prompts   held-out RL eval prompts: every task_components(task) in equal shares
 
     completion from the policy ─> Reward(prompt, completion, answer) -> float
                                    correctness_reward: extract_answer(completion) == answer
                                    format_reward:      one well-formed <answer>...</answer> at the end
 
-    trainer/rl.py calls every reward batched: fn(prompts, completions, **columns) -> list[float]
+    trainer/rl/loop.py calls every reward batched: fn(prompts, completions, **columns) -> list[float]
       resolve_batched_reward(spec, open_answers)   a reward with **columns is batched already; a
                                    per-sample (prompt, completion, answer) one is adapted (columns["answer"])
       open_answers (data.source is a user dataset): correctness / similarity read extract_final_answer:

@@ -26,7 +26,7 @@ with the decoder and lm_head standing in (no layer runs, no weight is read) and 
 the returned logits are exactly lm_head's output, softcapped when the config has a softcap (SOFTCAP_FIELDS)
 (Cohere's logit_scale, Granite's logits_scaling != 1, an output multiplier, a vocabulary slice, a second
 head call: refused, reason given); every later call checks its marker the same way. At their tiny configs
-(models/family_configs.py, transformers 5.24) every causal-LM family passes the probe but cohere, cohere2,
+(models/tiny/family_configs.py, transformers 5.24) every causal-LM family passes the probe but cohere, cohere2,
 cohere2_moe (logit_scale) and rembert (its head is not fed the hidden size).
 
 FSDP2 (tests/test_chunked_head.py test_fsdp2_equals_one_process_reference): all of it runs inside the root

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from models.apply import plain_model
-from trainer.runtime import fsync_dir, write_atomic
+from trainer.run.runtime import fsync_dir, write_atomic
 
 COMPLETE = "complete.json"
 CONFIG = "config.json"
