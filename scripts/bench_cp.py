@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench package ne
 
 from bench import hotspots, report  # noqa: E402
 from bench.launch import init_rank, spawn, under_torchrun  # noqa: E402
+from bench.provenance import command_line, machine, now  # noqa: E402
 from bench.sweep import Options, run_rank  # noqa: E402
 
 FULL = {"attention": [1024, 2048, 4096], "model": [1024, 2048, 4096]}
@@ -82,11 +82,6 @@ def options(args) -> Options:
         model={} if args.model_kv_heads is None else {"kv_heads": args.model_kv_heads})
 
 
-def command_line() -> str:
-    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
-    return shlex.join(["python", script, *sys.argv[1:]])
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.report_only:
@@ -116,10 +111,10 @@ def main(argv=None) -> None:
     if args.device == "cpu" and not (args.quick or args.no_hotspots) and "attention" in args.workloads:
         hot = hotspots.run(opts.seq_lens["attention"])
     overrides = {str(w): WORLD4 for w in worlds if w == 4 and default}
-    meta = {"command": command_line(), "options": dataclasses.asdict(opts), "worlds": worlds, "note": args.note,
-            "world_overrides": overrides, "loadavg": {"start": load_start, "end": os.getloadavg()},
-            "elapsed_s": time.time() - started, "machine": report.machine(args.device),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    meta = {"command": command_line(__file__), "options": dataclasses.asdict(opts), "worlds": worlds,
+            "note": args.note, "world_overrides": overrides,
+            "loadavg": {"start": load_start, "end": os.getloadavg()}, "elapsed_s": time.time() - started,
+            "machine": machine(args.device), "date": now(),
             "mem_budget_mib": args.mem_budget_mib or (65536 if args.device == "cuda" else 256)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "cells": cells, "hotspots": hot}, indent=1))

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench package ne
 import torch  # noqa: E402
 from bench.launch import spawn  # noqa: E402
 from bench.measure import PeakMemory, StepTimer  # noqa: E402
+from bench.provenance import command_line, now  # noqa: E402
 from bench.workloads import build_model, lm_batch, model_config  # noqa: E402
 
 import cp  # noqa: E402
@@ -52,8 +53,8 @@ import models  # noqa: E402
 from trainer.loss import shard_loss_sum  # noqa: E402
 from trainer.planning.memory_sim import fake_world, simulate_step  # noqa: E402
 from trainer.modeling import install_long_context  # noqa: E402
-from trainer.plan import compose_run_config, render  # noqa: E402
-from trainer.plan import plan as plan_memory  # noqa: E402
+from trainer.planning.memory_plan import compose_run_config, render  # noqa: E402
+from trainer.planning.memory_plan import plan as plan_memory  # noqa: E402
 
 VOCAB = 49152  # a realistic vocabulary (SmolLM2's): large enough that the logits term shows
 MODEL = {"hidden": 256, "heads": 8, "kv_heads": 2, "head_dim": 64, "intermediate": 1024, "layers": 4}
@@ -288,13 +289,12 @@ def main(argv=None) -> None:
     if sizes["cp4_tokens_per_rank"]:
         plan["memory"]["4"] = {"4": sizes["cp4_tokens_per_rank"]}
     started, load_start = time.time(), os.getloadavg()[0]
-    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
-    command = shlex.join(["python", script, *sys.argv[1:]])
+    command = command_line(__file__)
     if args.retime:  # the memory cells and their command stay; the step times and the retime command are new
         data = json.loads((args.out / "results.json").read_text())
         cells = [c for c in data["cells"] if c["kind"] == "memory"]
         cells += spawn(run_rank, 2, "cpu", {**plan, "memory": {"2": {}}})
-        meta = {**data["meta"], "retime": {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        meta = {**data["meta"], "retime": {"command": command, "date": now(),
                                            "loadavg": [load_start, os.getloadavg()[0]]}}
         (args.out / "results.json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=1))
         write_report(args.out, meta, cells)
@@ -305,7 +305,7 @@ def main(argv=None) -> None:
         cells += spawn(run_rank, world, "cpu", plan)
     predict(cells)
     meta = {"command": command, "elapsed_s": time.time() - started,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "budget_mib": args.budget_mib,
+            "date": now(), "budget_mib": args.budget_mib,
             "loadavg": [load_start, os.getloadavg()[0]],
             "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "targets": plan_targets()}
     args.out.mkdir(parents=True, exist_ok=True)

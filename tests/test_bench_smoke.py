@@ -2,6 +2,9 @@
 
     test_quick_benchmark       scripts/bench_cp.py --quick (2 gloo ranks, both workloads, peers
                                measured or skipped with a reason) writes sane results and docs
+    test_quick_dynamic_cp_...  scripts/bench_dynamic_cp.py --quick, shrunk (2 gloo ranks, the real SFT trainer in
+                               every configuration): positive throughput everywhere, the same documents in every
+                               configuration, plans whose degrees divide the world and that hold every token once
     test_count_comm_...        cp.collectives.count_comm counts exactly the bytes sent to other ranks
     test_exposed_time          the interval arithmetic of the GPU comm-wait measurement
 """
@@ -60,6 +63,58 @@ def test_quick_benchmark(tmp_path):
     assert "deepspeed cp2" in skipped or any(c["peer"] == "deepspeed" for c in measured)
     readme = (out / "README.md").read_text()
     assert "bench_cp.py --quick" in readme and "## Goals" in readme and "torch_cp cp2" in readme
+
+
+def test_quick_dynamic_cp_benchmark(tmp_path):
+    out = tmp_path / "dynamic_cp"
+    # --quick (tiny_qwen3, world 2, 2 timed steps), shrunk further to fit a test: seq_len 1024, 100 documents a mix
+    command = [sys.executable, str(ROOT / "scripts" / "bench_dynamic_cp.py"), "--quick", "--seq-len", "1024",
+               "--docs", "100", "--out", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"bench_dynamic_cp.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "micro-batch counts differ" not in proc.stderr, proc.stderr[-3000:]
+    for name in ("README.md", "results.json"):
+        assert (out / name).stat().st_size > 0, f"{name} missing or empty"
+    data = json.loads((out / "results.json").read_text())
+    cells, world, seq_len = data["cells"], 2, 1024
+    assert [(c["mix"], c["config"]) for c in cells] == [
+        ("long-tail", "static"), ("long-tail", "budget"), ("long-tail", "dynamic"), ("long-tail", "dp-only"),
+        ("uniform", "static"), ("uniform", "dynamic")]
+    for c in cells:
+        s, steps = c["summary"], c["steps"]
+        assert c["world"] == world and c["seq_len"] == seq_len and len(steps) == 2 + 2, c["key"]  # warm-up, memory
+        assert all(r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"]) for r in steps), c["key"]
+        assert s["tokens_per_s"] > 0 and math.isfinite(s["tokens_per_s"]), c["key"]
+        assert s["ratio_vs_static"] > 0 and math.isfinite(s["ratio_vs_static"]), c["key"]
+        assert s["cpu_s_per_1k_tokens"] > 0 and s["step_peak_mib"] > 0, c["key"]
+        assert [r["profiled"] for r in steps] == [False, False, False, True], c["key"]
+        assert all(math.isfinite(r["loss"]) for r in steps), c["key"]
+        # every document's tokens but its first are targets, each counted once, in every configuration alike
+        assert [r["real_tokens"] for r in steps] == c["step_tokens"], c["key"]
+        assert [r["loss_tokens"] for r in steps] == [t - n for t, n in zip(c["step_tokens"], c["step_docs"])]
+        assert s["same_loss_tokens_as_static"] and s["first_loss_diff_vs_static"] < 1e-4, c["key"]
+        if c["config"] == "static":  # fixed rows: no plan, one row per micro-batch
+            assert c["plans"] is None and all(r["micro_batches"] == c["grad_accum"] for r in steps)
+            continue
+        budget = seq_len if c["config"] == "dp-only" else seq_len // world
+        allowed = {"budget": {world}, "dp-only": {1}, "dynamic": {d for d in range(1, world + 1) if world % d == 0}}
+        for plan, r in zip(c["plans"], steps):
+            where = f"{c['key']} step {r['step']}"
+            assert plan["micro_batches"] == r["micro_batches"] == len(plan["layout"]), where  # = sft_step's plan
+            for mb in plan["layout"]:
+                assert sum(degree for degree, _ in mb) == world, f"micro-batch {mb} leaves ranks out ({where})"
+                for degree, tokens in mb:
+                    assert degree in allowed[c["config"]] and tokens <= degree * budget, f"{degree, tokens} ({where})"
+            # every token of the step's documents planned, once
+            assert sum(tokens for mb in plan["layout"] for _, tokens in mb) == r["real_tokens"], where
+            assert 0 < plan["fill"] <= 1 and 0 <= plan["empty_slots"] < 1, where
+        assert math.isclose(sum(s["degree_frac"].values()), 1, abs_tol=1e-6), c["key"]
+    goals = data["goals"]
+    assert len(goals) == 3 and all(g["model"] == "tiny_qwen3" and g["world"] == world for g in goals)
+    assert all(isinstance(g["met"], bool) and math.isfinite(g["value"]) for g in goals)
+    readme = (out / "README.md").read_text()
+    assert "bench_dynamic_cp.py --quick" in readme and "## Goals (issue 13)" in readme
+    assert readme.count("| static |") == 2 and "### tiny_qwen3, long-tail, world 2" in readme
 
 
 def _count_worker(rank, world):

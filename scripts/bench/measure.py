@@ -18,10 +18,14 @@
                  workspaces, masks, communication buffers; not the weights, inputs or the
                  gradient buffers, which exist before the step).
                  CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() at the start.
+    median_se    the spread of repeated measurements: a robust standard error of their median (MAD based).
+
+Shared by the benchmarks (bench_cp.py's sweep, bench_memory.py, bench_dynamic_cp.py).
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -91,6 +95,14 @@ class CommWait:
     def __exit__(self, *exc):
         sys.setprofile(self._previous)
         return False
+
+
+def median_se(values: list[float]) -> float:
+    """A robust standard error of the median: 1.4826 x MAD x 1.25 / sqrt(n) (0 for fewer than 2 values)."""
+    if len(values) < 2:
+        return 0.0
+    med = statistics.median(values)
+    return 1.4826 * statistics.median(abs(v - med) for v in values) * 1.25 / len(values) ** 0.5
 
 
 def interval_union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:

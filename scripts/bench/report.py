@@ -1,4 +1,7 @@
-"""results -> docs/benchmarks/: README.md (command, machine, method, tables, goals) and PNG plots.
+"""bench_cp.py's results -> docs/benchmarks/: README.md (command, machine, method, tables, goals) and PNG plots.
+
+Shared by the benchmarks: markdown_table (a markdown table's lines from formatted cells). The rest is
+bench_cp.py's report (its tables, goals, plots and method):
 
     ratio_vs_seqlen.png    throughput ratio vs cp=1 (sdpa) against S, one line per config
     memory_vs_seqlen.png   peak memory per rank against S
@@ -9,9 +12,9 @@
 from __future__ import annotations
 
 import math
-import os
-import platform
 from pathlib import Path
+
+from bench.provenance import machine_line
 
 MIB = 2 ** 20
 REFERENCE = {"attention": "cp1 sdpa", "model": "cp1 hf"}  # the "cp=1" of every ratio (sweep.REFERENCE)
@@ -19,26 +22,10 @@ GOALS = {"ulysses": 0.97, "ring": 0.92}
 BYTES_GOAL, MEMORY_GOAL = 1.05, 0.55
 
 
-def machine(device: str) -> dict:
-    import torch
-    import transformers
-
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    info = {"nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "cpu": cpu,
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-    try:
-        import deepspeed
-
-        info["deepspeed"] = deepspeed.__version__
-    except Exception:
-        info["deepspeed"] = None
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+def markdown_table(head: list[str], rows: list[list]) -> list[str]:
+    """A markdown table's lines: the header row, the separator, one line per row (cells already formatted)."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
 def _measured(cells):
@@ -67,22 +54,18 @@ def _bytes_ratio(c):
 def table(cells, world, workload) -> str:
     rows = [c for c in _measured(cells) if c["world"] == world and c["workload"] == workload]
     ref = REFERENCE[workload]
-    head = (f"| S | config | step ms | throughput vs {ref} [min–max] | CPU-time ratio | vs same-kernel cp1 | "
-            f"peak MiB/rank | mem vs {ref} | MiB sent/rank | minimum | sent/min | comm wait |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
+    head = ["S", "config", "step ms", f"throughput vs {ref} [min–max]", "CPU-time ratio", "vs same-kernel cp1",
+            "peak MiB/rank", f"mem vs {ref}", "MiB sent/rank", "minimum", "sent/min", "comm wait"]
+    lines = []
     for c in rows:
         lo, hi = c["ratio_range"] or (None, None)
-        lines.append(
-            f"| {c['seq_len']} | {c['config']} | {c['median_s'] * 1e3:.0f} | "
-            f"{_fmt(c['ratio'])} [{_fmt(lo)}–{_fmt(hi)}] | "
-            f"{_fmt(c['cpu_ratio'])} | {_fmt(c['ratio_same_kernel'])} | {c['peak_mem'] / MIB:.1f} | "
-            f"{_fmt(_mem_ratio(cells, c))} | "
-            f"{_fmt(None if c['bytes_sent'] is None else c['bytes_sent'] / MIB, '.1f')} | "
-            f"{_fmt(None if c['bytes_min'] is None else c['bytes_min'] / MIB, '.1f')} | "
-            f"{_fmt(_bytes_ratio(c), '.3f')} | "
-            f"{c['comm_share'] * 100:.0f}% |")
-    return "\n".join(lines)
+        lines.append([
+            c["seq_len"], c["config"], f"{c['median_s'] * 1e3:.0f}", f"{_fmt(c['ratio'])} [{_fmt(lo)}–{_fmt(hi)}]",
+            _fmt(c["cpu_ratio"]), _fmt(c["ratio_same_kernel"]), f"{c['peak_mem'] / MIB:.1f}",
+            _fmt(_mem_ratio(cells, c)), _fmt(None if c["bytes_sent"] is None else c["bytes_sent"] / MIB, ".1f"),
+            _fmt(None if c["bytes_min"] is None else c["bytes_min"] / MIB, ".1f"), _fmt(_bytes_ratio(c), ".3f"),
+            f"{c['comm_share'] * 100:.0f}%"])
+    return "\n".join(markdown_table(head, lines))
 
 
 def goals(cells, world=2) -> list[tuple[str, str, str, str]]:
@@ -300,16 +283,16 @@ def _memory_sites(cells: list[dict]) -> list[str]:
     rows = [c for c in _measured(cells) if c["world"] == 2 and c.get("peak_mem_top")]
     if not rows:
         return []
-    lines = ["", "## What is live at the memory peak (worst rank, longest S, world 2)", "",
-             "Allocation sites (enclosing ops, innermost first) of the bytes live at the peak, largest first, from "
-             "the same profiled step as the peak column.", "", "| workload | config | peak MiB | largest sites (MiB) |",
-             "|---|---|---|---|"]
+    table_rows = []
     for workload in ("attention", "model"):
         longest = max((c["seq_len"] for c in rows if c["workload"] == workload), default=None)
         for c in (c for c in rows if c["workload"] == workload and c["seq_len"] == longest):
             sites = "; ".join(f"{site} {size / MIB:.1f}" for site, size in c["peak_mem_top"])
-            lines.append(f"| {workload} S={longest} | {c['config']} | {c['peak_mem'] / MIB:.1f} | {sites} |")
-    return lines
+            table_rows.append([f"{workload} S={longest}", c["config"], f"{c['peak_mem'] / MIB:.1f}", sites])
+    return ["", "## What is live at the memory peak (worst rank, longest S, world 2)", "",
+            "Allocation sites (enclosing ops, innermost first) of the bytes live at the peak, largest first, from "
+            "the same profiled step as the peak column.", "",
+            *markdown_table(["workload", "config", "peak MiB", "largest sites (MiB)"], table_rows)]
 
 
 def _op_lines(cells: list[dict]) -> list[str]:
@@ -317,15 +300,14 @@ def _op_lines(cells: list[dict]) -> list[str]:
     rows = [c for c in _measured(cells) if c["world"] == 2 and c.get("ops_rank0")]
     if not rows:
         return []
-    lines = ["", "## Op profile (rank 0, one profiled step, longest S, world 2)", "",
-             "Self time per op (ms, number of calls) from torch.profiler; time a rank spends blocked inside an "
-             "autograd Function waiting for its peer shows as that Function's self time (e.g. "
-             "`LseAttentionBackward` (the ring), `_AllToAllBackward`).", "", "| workload | config | top ops by self time |",
-             "|---|---|---|"]
-    for c in rows:
-        ops = "; ".join(f"{name.replace('aten::', '')} {ms:.0f} ({calls})" for name, ms, calls in c["ops_rank0"])
-        lines.append(f"| {c['workload']} S={c['seq_len']} | {c['config']} | {ops} |")
-    return lines
+    ops = [[f"{c['workload']} S={c['seq_len']}", c["config"],
+            "; ".join(f"{name.replace('aten::', '')} {ms:.0f} ({calls})" for name, ms, calls in c["ops_rank0"])]
+           for c in rows]
+    return ["", "## Op profile (rank 0, one profiled step, longest S, world 2)", "",
+            "Self time per op (ms, number of calls) from torch.profiler; time a rank spends blocked inside an "
+            "autograd Function waiting for its peer shows as that Function's self time (e.g. "
+            "`LseAttentionBackward` (the ring), `_AllToAllBackward`).", "",
+            *markdown_table(["workload", "config", "top ops by self time"], ops)]
 
 
 def write(out: Path, meta: dict, cells: list[dict], hot: dict | None = None) -> None:
@@ -339,10 +321,7 @@ def write(out: Path, meta: dict, cells: list[dict], hot: dict | None = None) -> 
     m, opts = meta["machine"], meta["options"]
     lines = ["# cptrain CP benchmarks", "",
              f"Generated by `{meta['command']}` on {meta['date']} in {meta['elapsed_s'] / 60:.1f} min.", "",
-             f"Machine: {m['nproc']} CPUs ({m['usable_cpus']} usable), {m['cpu']}, {m['memory_gib']} GiB"
-             + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-             + f"; torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}"
-             + (f", deepspeed {m['deepspeed']}" if m.get("deepspeed") else "") + ".",
+             f"Machine: {machine_line(m)}.",
              f"Device {opts['device']}, {opts['dtype']}, {opts['threads']} intra-op thread(s) per rank, worlds "
              f"{meta['worlds']}, {opts['repeats']} timed rounds, {opts['warmup']} warm-up, "
              f"{opts['instrumented']} instrumented."]
@@ -361,9 +340,8 @@ def write(out: Path, meta: dict, cells: list[dict], hot: dict | None = None) -> 
               "(random lengths in [S/16, S/2], causal), H=8, Hkv=2, D=64; **model** = a Qwen3-style decoder "
               f"(models.tiny's qwen3 widened: hidden 256, 8 heads x 64, {kv_heads} KV heads, MLP 512, 2 layers, all "
               "full attention, vocab 256), one document per row, forward + loss + backward.",
-              "", "## Goals (2 ranks, longest S of each workload)", "", "| goal | measured | met | where |",
-              "|---|---|---|---|"]
-    lines += [f"| {g} | {v} | {ok} | {w} |" for g, v, ok, w in goals(cells)]
+              "", "## Goals (2 ranks, longest S of each workload)", "",
+              *markdown_table(["goal", "measured", "met", "where"], goals(cells))]
     skipped = {(c["config"], c["skipped"]) for c in cells if c.get("skipped")}
     if skipped:
         lines += ["", "## Peers not measured here", ""] + [f"- **{n}**: {r}" for n, r in sorted(skipped)]
