@@ -50,6 +50,9 @@ REFUSED_ATTENTION = {
 SOFTCAP_KERNELS = ("sdpa", "eager", "math", "lse")  # inner kernels whose CP path can apply a softcap (math)
 _SOFTCAP_FIELDS = ("softcap", "attn_logit_softcapping", "logit_softcapping", "attention_logit_softcapping")
 _CHUNK_FIELDS = ("attention_chunk_size",)
+# config fields that size a window or a chunk of attention (HF's masks or attention calls may apply them)
+WINDOW_FIELDS = ("sliding_window", "sliding_window_size", "attention_window_size", "window_size",
+                 "local_attention_window_len", "attention_chunk_size", "local_attention")
 _SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
@@ -59,6 +62,8 @@ def _config_of(module: nn.Module):
 
 
 NOT_PASSED = object()  # the attention call had no sliding_window kwarg (not even None)
+# a window only HF's mask function applies (PhiMoE), learned per module by models.mask_probe at apply_cp
+MASK_WINDOW_ATTR = "cptrain_mask_window"
 
 
 def layer_window(module: nn.Module, kwarg=NOT_PASSED) -> int | None:
@@ -68,7 +73,11 @@ def layer_window(module: nn.Module, kwarg=NOT_PASSED) -> int | None:
     `module.sliding_window` on full layers and passes None there). Without one (Qwen2-MoE: the
     window lives on the module / config only): not a full layer by `module.is_sliding` or the
     config's `layer_types`, then the module's `sliding_window`, else the config's window on a layer
-    the config's `layer_types` marks as sliding."""
+    the config's `layer_types` marks as sliding. A window models.mask_probe learned from HF's own mask
+    (set on the module by apply_cp, where none of these gives one) comes first."""
+    learned = getattr(module, MASK_WINDOW_ATTR, None)
+    if learned is not None:
+        return learned
     if kwarg is not NOT_PASSED:
         return kwarg
     config, layer = _config_of(module), getattr(module, "layer_idx", None)

@@ -18,6 +18,7 @@ scripts/family_sweep.py writes docs/support_matrix.md from the same results).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import random
@@ -29,10 +30,12 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from transformers import CONFIG_MAPPING
 
 import cp
 import models
-from models.tiny.family_configs import NotTiny, tiny_family_model
+from models.tiny.family_configs import WINDOW, NotTiny, causal_lm_families, tiny_family_model
+from models.traits import WINDOW_FIELDS
 from tests.reference import random_doc_lens
 
 STYLES = ("ulysses", "ring")
@@ -55,10 +58,7 @@ _QK_NORM = re.compile(r"(^|\.)(q_norm|k_norm|q_layernorm|k_layernorm|query_norm|
 
 # Trait variants: "<family>+<trait>" = the family's tiny config with these fields on top (the default
 # configs of some families leave a trait off; the sweep turns it on where the family declares it).
-VARIANTS = {
-    # Qwen2-style windows declared on the config (use_sliding_window + max_window_layers), not passed as a kwarg
-    "qwen2_moe+window": ("qwen2_moe", {"use_sliding_window": True, "max_window_layers": 1, "layer_types": None}),
-    "qwen2+window": ("qwen2", {"use_sliding_window": True, "max_window_layers": 1, "layer_types": None}),
+MANUAL_VARIANTS = {
     # RoPE frequencies that depend on the sequence length: refused
     "llama+dynamic_rope": ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
                                      "max_position_embeddings": 16}),
@@ -69,9 +69,43 @@ VARIANTS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def window_variants() -> dict:
+    """"<family>+window" for every family whose default config declares a window and leaves it off (the field is
+    None, or use_sliding_window is False): the window set to WINDOW, smaller than the sweep's documents, so a
+    dropped window changes the numbers. Qwen2-style configs window the layers from max_window_layers on: 1."""
+    from transformers.utils import logging as hf_logging
+
+    variants, verbosity = {}, hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    for family in causal_lm_families():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                defaults = CONFIG_MAPPING[family]().to_dict()
+        except Exception:
+            continue  # the family's own entry reports it as not buildable tiny
+        fields = [f for f in WINDOW_FIELDS if f in defaults]
+        if not fields or not (any(defaults[f] is None for f in fields) or defaults.get("use_sliding_window") is False):
+            continue
+        variant = {f: WINDOW for f in fields}
+        if "use_sliding_window" in defaults:
+            variant["use_sliding_window"] = True
+        if "max_window_layers" in defaults:
+            variant.update(max_window_layers=1, layer_types=None)
+        variants[f"{family}+window"] = (family, variant)
+    hf_logging.set_verbosity(verbosity)
+    return variants
+
+
+def variants() -> dict:
+    """Every trait variant the sweep builds: name -> (family, config fields on top of its tiny config)."""
+    return {**window_variants(), **MANUAL_VARIANTS}
+
+
 def family_model(name: str, *, seed: int = 0):
-    """The tiny eager model of a family or a VARIANTS entry (NotTiny with the reason when impossible)."""
-    family, variant = VARIANTS.get(name, (name, {}))
+    """The tiny eager model of a family or a variants() entry (NotTiny with the reason when impossible)."""
+    family, variant = variants().get(name, (name, {}))
     return tiny_family_model(family, attn="eager", seed=seed, **variant)
 
 

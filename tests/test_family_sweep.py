@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from models.tiny.family_configs import causal_lm_families
-from tests.family_sweep import STYLES, VARIANTS, matrix_outcomes, run_sweep
+from tests.family_sweep import STYLES, matrix_outcomes, run_sweep, variants
 
 MATRIX = Path(__file__).resolve().parent.parent / "docs" / "support_matrix.md"
 
@@ -34,7 +34,7 @@ TRAIT_FAMILIES = {
 }
 REFUSAL_WORDS = {"llama+dynamic_rope": "RoPE type", "phi3+longrope": "RoPE type", "roberta": "position ids",
                  "stablelm": "kwargs", "doge": "dynamic mask", "qwen3_next": "cp_style=ulysses"}
-SWEEP_REST = [f for f in [*causal_lm_families(), *VARIANTS] if f not in TRAIT_FAMILIES]
+SWEEP_REST = [f for f in [*causal_lm_families(), *variants()] if f not in TRAIT_FAMILIES]
 
 
 @pytest.fixture(scope="module")

@@ -91,9 +91,9 @@ def test_trait_families_are_exact_or_refused_at_cp1():
                                         ("qwen2_moe+window", {"use_sliding_window": False})])
 def test_sweep_logits_are_large_enough_for_a_dropped_trait_to_show(name, trait):
     """The sweep's sharpened q/k make the trait matter far beyond its tolerance (a silent drop fails)."""
-    from tests.family_sweep import VARIANTS, labels_for
+    from tests.family_sweep import labels_for, variants
 
-    family, variant = VARIANTS.get(name, (name, {}))
+    family, variant = variants().get(name, (name, {}))
     with_trait = family_model(name)
     without = tiny_family_model(family, **{**variant, **trait})
     without.load_state_dict(with_trait.state_dict())

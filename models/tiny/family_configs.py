@@ -19,6 +19,8 @@ import warnings
 from transformers import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from models.traits import WINDOW_FIELDS
+
 VOCAB = 256
 WINDOW = 8
 PARAM_LIMIT = 16_000_000
@@ -55,8 +57,7 @@ _SIZES = {
     **dict.fromkeys(["mamba_d_state", "ssm_state_size", "state_size"], 8),
     **dict.fromkeys(["mamba_chunk_size", "chunk_size"], 16),
     **dict.fromkeys(["mamba_expand", "expand"], 1),  # SSM inner size = heads x head dim = 64
-    **dict.fromkeys(["sliding_window", "sliding_window_size", "attention_window_size", "window_size",
-                     "local_attention_window_len", "attention_chunk_size", "local_attention"], WINDOW),
+    **dict.fromkeys(WINDOW_FIELDS, WINDOW),
     "qk_rope_head_dim": 16,
     "rotary_dim": 16,
     "vocab_size": VOCAB,
@@ -103,8 +104,9 @@ def _distinct(values: list) -> list:
     return out
 
 
-def _shrink(defaults: dict) -> dict:
-    """The overrides that make one config dict tiny (recursing into a text sub-config)."""
+def shrink_config_dict(defaults: dict, *, keep_layers: bool = False) -> dict:
+    """The overrides that make one config dict tiny (recursing into a text sub-config). keep_layers: leave the
+    layer count and the per-layer lists as they are (models.mask_probe's twin: the same layers, tiny)."""
     out = {}
     for key, tiny in _SIZES.items():
         if isinstance(defaults.get(key), (int, float)) and not isinstance(defaults.get(key), bool):
@@ -116,17 +118,18 @@ def _shrink(defaults: dict) -> dict:
     for key in _KV_HEADS:
         if isinstance(defaults.get(key), int):
             out[key] = 4 if heads is not None and defaults[key] >= heads else 2  # keep MHA families MHA
-    lists = {k: defaults[k] for k in _LAYER_LISTS if isinstance(defaults.get(k), list) and defaults[k]}
-    n_layers = max([2] + [len(_distinct(v)) for v in lists.values()])
-    for key in _LAYER_COUNTS:
-        if isinstance(defaults.get(key), int):
-            out[key] = n_layers
-    for key, values in lists.items():
-        kinds = _distinct(values)
-        out[key] = [kinds[i % len(kinds)] for i in range(n_layers)]
-    for key in ("mlp_only_layers", "moe_layers", "full_attn_idxs"):
-        if isinstance(defaults.get(key), list):
-            out[key] = [i for i in defaults[key] if isinstance(i, int) and i < n_layers]
+    if not keep_layers:
+        lists = {k: defaults[k] for k in _LAYER_LISTS if isinstance(defaults.get(k), list) and defaults[k]}
+        n_layers = max([2] + [len(_distinct(v)) for v in lists.values()])
+        for key in _LAYER_COUNTS:
+            if isinstance(defaults.get(key), int):
+                out[key] = n_layers
+        for key, values in lists.items():
+            kinds = _distinct(values)
+            out[key] = [kinds[i % len(kinds)] for i in range(n_layers)]
+        for key in ("mlp_only_layers", "moe_layers", "full_attn_idxs"):
+            if isinstance(defaults.get(key), list):
+                out[key] = [i for i in defaults[key] if isinstance(i, int) and i < n_layers]
     vocab = out.get("vocab_size", defaults.get("vocab_size"))
     for key in _TOKEN_IDS:
         value = defaults.get(key)
@@ -135,7 +138,7 @@ def _shrink(defaults: dict) -> dict:
         elif isinstance(value, list) and vocab is not None:
             out[key] = [min(v, vocab - 1) for v in value]
     if isinstance(defaults.get("text_config"), dict):
-        out["text_config"] = {**defaults["text_config"], **_shrink(defaults["text_config"])}
+        out["text_config"] = {**defaults["text_config"], **shrink_config_dict(defaults["text_config"], keep_layers=keep_layers)}
     return out
 
 
@@ -154,7 +157,7 @@ def tiny_family_config(family: str, **variant):
         multimodal = [k for k in _MULTIMODAL if defaults.get(k)]
         if multimodal:
             raise NotTiny(f"multimodal model ({', '.join(multimodal)}): the sweep builds text-only families")
-        overrides = {**_shrink(defaults), **_FAMILY_FIXES.get(family, {}), **variant}
+        overrides = {**shrink_config_dict(defaults), **_FAMILY_FIXES.get(family, {}), **variant}
         for key in _RANDOM_PER_CALL:  # dropout and router jitter: no two runs agree, CP or not
             if isinstance(defaults.get(key), float) and key not in variant:
                 overrides[key] = 0.0
