@@ -5,7 +5,8 @@
       2. check the attention heads against the Ulysses degree and chunks (fail at startup, not step 900)
          and the attention traits (models.traits: RoPE, chunking, softcap vs kernel); HF's own mask per
          layer, probed on a tiny twin (models.mask_probe): a window only the mask carries is learned,
-         any other restriction CP attention would not reproduce is refused
+         any other restriction CP attention would not reproduce is refused; a forward pre-hook refuses
+         the inputs that would reshape HF's mask at call time (models.mask_inputs: token_type_ids, masks)
       3. register "cptrain_cp_<attn>" with AttentionInterface and switch the model to it (style
          options such as Ulysses' chunks go with the registration: "cptrain_cp_<attn>_chunks2")
       4. for every registered mixer family (models.mixers.registry: Gated DeltaNet, NemotronH Mamba2,
@@ -28,6 +29,7 @@ from torch import nn
 import cp
 from cp.ulysses import check_ulysses_heads
 from models.attention import check_inner_kernel, inner_kernel_of, register_cp_attention
+from models.mask_inputs import install_mask_input_guard
 from models.mask_probe import check_masks_match
 from models.mixers.registry import MIXER_FAMILIES
 from models.traits import check_attention_traits
@@ -80,6 +82,7 @@ def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None
     _check_heads(model, dims, chunks)
     check_attention_traits(model, attn)
     check_masks_match(model)  # HF's own mask per layer vs what CP applies: learned or refused
+    install_mask_input_guard(model)  # inputs that would reshape HF's mask: refused per call
     # The wrappers check each mixer's head split against the Ulysses degree as they are installed.
     for spec in MIXER_FAMILIES:
         _replace_modules(model, spec.matches, lambda m, spec=spec: spec.wrap(m, dims))

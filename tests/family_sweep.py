@@ -74,17 +74,11 @@ def window_variants() -> dict:
     """"<family>+window" for every family whose default config declares a window and leaves it off (the field is
     None, or use_sliding_window is False): the window set to WINDOW, smaller than the sweep's documents, so a
     dropped window changes the numbers. Qwen2-style configs window the layers from max_window_layers on: 1."""
-    from transformers.utils import logging as hf_logging
-
-    variants, verbosity = {}, hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    variants = {}
     for family in causal_lm_families():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                defaults = CONFIG_MAPPING[family]().to_dict()
-        except Exception:
-            continue  # the family's own entry reports it as not buildable tiny
+        defaults = _default_config(family)
+        if defaults is None:
+            continue
         fields = [f for f in WINDOW_FIELDS if f in defaults]
         if not fields or not (any(defaults[f] is None for f in fields) or defaults.get("use_sliding_window") is False):
             continue
@@ -94,13 +88,50 @@ def window_variants() -> dict:
         if "max_window_layers" in defaults:
             variant.update(max_window_layers=1, layer_types=None)
         variants[f"{family}+window"] = (family, variant)
-    hf_logging.set_verbosity(verbosity)
     return variants
+
+
+# Mask-shaping switches a family's config declares and leaves off: "<family>+<name>" turns the field on with the
+# first of its values the config class accepts (Gemma 1-3: a bool; Gemma4: "all" | "vision" | None).
+MASK_SWITCHES = {"bidirectional": ("use_bidirectional_attention", (True, "all"))}
+
+
+@functools.lru_cache(maxsize=None)
+def switch_variants() -> dict:
+    """"<family>+<name>" for every family whose default config declares a MASK_SWITCHES field and leaves it off
+    (Gemma-style use_bidirectional_attention: HF's mask turns bidirectional, windows symmetric): whatever HF's
+    mask becomes must be reproduced or refused, never dropped."""
+    variants = {}
+    for family in causal_lm_families():
+        defaults = _default_config(family)
+        for name, (field, values) in MASK_SWITCHES.items():
+            if defaults is None or field not in defaults or defaults[field] not in (None, False):
+                continue
+            accepted = [v for v in values if _default_config(family, **{field: v}) is not None]
+            if accepted:
+                variants[f"{family}+{name}"] = (family, {field: accepted[0]})
+    return variants
+
+
+def _default_config(family: str, **fields) -> dict | None:
+    """The family's default config as a dict (with `fields` set), None where it does not construct."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return CONFIG_MAPPING[family](**fields).to_dict()
+    except Exception:
+        return None  # the family's own entry reports it as not buildable tiny
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def variants() -> dict:
     """Every trait variant the sweep builds: name -> (family, config fields on top of its tiny config)."""
-    return {**window_variants(), **MANUAL_VARIANTS}
+    return {**window_variants(), **switch_variants(), **MANUAL_VARIANTS}
 
 
 def family_model(name: str, *, seed: int = 0):

@@ -31,9 +31,11 @@ TRAIT_FAMILIES = {
     "roberta": ("refused", "refused"),  # position ids derived from input_ids (padding offset)
     "stablelm": ("refused", "refused"),  # kwargs not passed down to attention
     "doge": ("refused", "refused"),  # dynamic mask built inside attention
+    "gemma3_text+bidirectional": ("refused", "refused"),  # HF's mask: symmetric windows (models.mask_probe)
 }
 REFUSAL_WORDS = {"llama+dynamic_rope": "RoPE type", "phi3+longrope": "RoPE type", "roberta": "position ids",
-                 "stablelm": "kwargs", "doge": "dynamic mask", "qwen3_next": "cp_style=ulysses"}
+                 "stablelm": "kwargs", "doge": "dynamic mask", "qwen3_next": "cp_style=ulysses",
+                 "gemma3_text+bidirectional": "cannot reproduce"}
 SWEEP_REST = [f for f in [*causal_lm_families(), *variants()] if f not in TRAIT_FAMILIES]
 
 
