@@ -7,6 +7,7 @@
 # On CPU, DeepSpeed JIT-builds its shared-memory comm op (deepspeed_shm_comm_op) the first time it
 # initialises (about a minute on 2 cores, cached in ~/.cache/torch_extensions); the last line builds
 # it now so a benchmark run does not spend that time.
+# TRL (the GRPO rollout peer, scripts/bench/rollout/trl_peer.py) has its own venv: scripts/install_trl_peer.sh.
 set -euo pipefail
 python -m pip install matplotlib
 python -m pip install --no-deps "deepspeed==0.19.8"

@@ -6,6 +6,8 @@
     trainer.rl.tasks ──make_examples(seed)──> task rows ─┬─> assets/sft_tasks.jsonl   (chat rows)
                                                       ├─> assets/eval_tasks.jsonl  (prompts not in the SFT rows)
     generated generic sentences ──────────────────────┴─> BPE training ─> assets/tokenizer/
+    small arithmetic (a + b, a - b up to 20, a * b up to 12 x 12) ─> assets/small_arith.jsonl: GRPO prompts for a
+        real small model (configs/data/small_arith.yaml; SmolLM2-135M-Instruct answers ~28% greedily)
 
 The tokenizer is byte-level BPE (every string encodes, nothing is unknown) with digits split one
 per token (arithmetic stays learnable by a tiny model), ChatML special tokens and a chat template
@@ -34,6 +36,7 @@ SFT_ROWS, SFT_SEED = 4000, 1234
 EVAL_ROWS_PER_TASK, EVAL_SEED = 64, 98765
 EVAL_TASKS = ("add", "sub", "mul", "reverse", "sort")
 GENERIC_SENTENCES, GENERIC_SEED = 3000, 7
+SMALL_ARITH_SEED = 2468
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|pad|>"
@@ -96,6 +99,18 @@ def eval_rows(per_task: int, seed: int, exclude_prompts: set[str]) -> list[dict]
     return rows
 
 
+def small_arith_rows(seed: int) -> list[dict]:
+    """Every distinct prompt "What is a + b?" (a, b in 0-20: 441), "a - b" (0 <= b <= a <= 20: 231) and "a * b"
+    (a, b in 1-12: 144), shuffled: RL prompts with numeric answers (rewarded by the final number). Distinct, so
+    the last rows held out for eval (rollout.eval_prompts) are never trained on. SmolLM2-135M-Instruct, greedy:
+    ~28% right (it often talks past the answer); sampled at T=0.7, 4 tries find the answer for ~40-80%."""
+    rows = [(a, "+", b, a + b) for a in range(21) for b in range(21)]
+    rows += [(a, "-", b, a - b) for a in range(21) for b in range(a + 1)]
+    rows += [(a, "*", b, a * b) for a in range(1, 13) for b in range(1, 13)]
+    random.Random(seed).shuffle(rows)
+    return [{"prompt": f"What is {a} {op} {b}?", "answer": str(result), "op": op} for a, op, b, result in rows]
+
+
 def chatml_texts(rows: list[dict]) -> list[str]:
     """The rows as ChatML text, the way the template renders them (for tokenizer training)."""
     return ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in row["messages"]) for row in rows]
@@ -142,6 +157,7 @@ def make_assets(out: Path) -> None:
     evals = eval_rows(EVAL_ROWS_PER_TASK, EVAL_SEED, train_prompts)
     write_jsonl(sft, out / "sft_tasks.jsonl")
     write_jsonl(evals, out / "eval_tasks.jsonl")
+    write_jsonl(small_arith_rows(SMALL_ARITH_SEED), out / "small_arith.jsonl")
     # the tokenizer sees the chat text of all tasks, not only the mixture's sample
     extra = [row for task in TASKS for row in sft_rows(task, 200, GENERIC_SEED)]
     texts = chatml_texts(sft + extra) + generic_text(GENERIC_SENTENCES, GENERIC_SEED)

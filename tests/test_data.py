@@ -118,6 +118,9 @@ def test_builtin_data_matches_a_fresh_generation_and_eval_is_disjoint():
 
     fresh = make_assets.sft_rows("mixed", make_assets.SFT_ROWS, make_assets.SFT_SEED)
     assert load_sft_records("builtin") == fresh, "run `python scripts/make_assets.py`"
+    arith = [json.loads(line) for line in (script.parents[1] / "trainer" / "data" / "assets" / "small_arith.jsonl").open()]
+    assert arith == make_assets.small_arith_rows(make_assets.SMALL_ARITH_SEED), "run `python scripts/make_assets.py`"
+    assert len({row["prompt"] for row in arith}) == len(arith), "held-out rows must not repeat training prompts"
     train_prompts = {row["messages"][1]["content"] for row in fresh}
     evals = load_sft_records("builtin", split="eval")
     assert evals and not train_prompts & {row["prompt"] for row in evals}

@@ -132,6 +132,8 @@ def test_weights_gradients_optimizer_follow_the_parameters():
     assert state["gradients"] == 4 * shard + 2 * counts.root + 4 * counts.largest_layer
     rl = plan.state_bytes(counts, world=4, compute_bytes=2, trainer="rl", reference=True)
     assert rl["weights"] == state["weights"] + 2 * counts.total + 4 * shard
+    vllm = plan.state_bytes(counts, world=4, compute_bytes=2, trainer="rl", reference=True, rollout_copy=False)
+    assert vllm["weights"] == state["weights"] + 4 * shard, "rollout.engine=vllm: no model copy on the ranks"
 
 
 def test_command_line_table_and_smallest_cp(capsys):

@@ -178,7 +178,7 @@ def _rollout_mismatch_worker(rank, world, engine_dtypes):
     for engine_dtype in engine_dtypes:
         dtype = modeling.compute_dtype(cfg.model) if engine_dtype is None else modeling.DTYPES[engine_dtype]
         engine = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device, dtype=dtype)
-        engine.sync(trainer.model)
+        engine.sync(trainer.model, trainer.step)
         rollouts, _ = generate_rollouts(cfg, trainer, engine, prompts, rewards)
         diffs = []
         pad = pad_token_id(trainer.tokenizer)

@@ -28,7 +28,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 class ModelConfig:
     name: str = "tiny:qwen3_5"
     """HF hub id or local path (from_pretrained), or "tiny:<family>" for a built-in random-init config
-    (families: qwen3, glm4_moe, gpt_oss, qwen3_5, qwen3_next, nemotron_h)."""
+    (families: llama, qwen3, glm4_moe, gpt_oss, qwen3_5, qwen3_next, nemotron_h, bamba)."""
     cp: int = 2
     """Context-parallel degree: ranks that share one sequence. Must divide the world size."""
     cp_style: str = "ulysses"
@@ -170,6 +170,51 @@ class SFTConfig:
     """Collective timeout: if a rank dies, the others fail with an error within this many seconds."""
 
 
+ROLLOUT_ENGINES = ("hf", "vllm")
+OLD_LOGPROBS = ("engine", "trainer")
+IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+@dataclass
+class VLLMConfig:
+    """rollout.engine=vllm: where the vLLM servers come from and how weights reach them."""
+
+    urls: list[str] = field(default_factory=list)
+    """Existing servers (http://host:port), started with the flags trainer/rl/rollout/vllm_server.py ServerSpec
+    lists; requests are spread over them (data-parallel inference). Empty: rank 0 starts and owns one server."""
+    python: Optional[str] = None
+    """The python of the vLLM environment (null: $CPTRAIN_VLLM_PYTHON, else .venv-vllm from scripts/install_vllm.sh)."""
+    model: Optional[str] = None
+    """What the owned server loads at startup (null: model.name; a tiny:* model's initial weights are exported
+    first). Only its architecture, config and tokenizer matter: the policy's weights are synced before step 1."""
+    host: str = "127.0.0.1"
+    """Interface the owned server binds. Its dev-mode control plane can replace the weights: keep it on
+    localhost or a private interface."""
+    port: int = 0
+    """Port of the owned server (0: a free one)."""
+    gpu_memory_utilization: float = 0.15
+    """vLLM's --gpu-memory-utilization: the share of the server's GPU memory for weights + KV cache (on a GPU
+    ~0.85 of a GPU of its own); on CPU the share of host memory for the KV cache (0.15 fits 24 GB hosts)."""
+    enforce_eager: bool = True
+    """No CUDA graphs (vLLM's --enforce-eager): required on CPU (no triton-cpu); on GPUs false is faster."""
+    startup_timeout_s: int = 600
+    """How long the owned server may take to become healthy (a 135M model on CPU: ~40 s)."""
+    request_timeout_s: int = 900
+    """One generate request (a whole group of samples) may take this long before the step fails."""
+    max_concurrent_requests: int = 64
+    """Requests in flight per trainer rank (each is one prompt's group)."""
+    sync_dir: Optional[str] = None
+    """Directory the weight buckets pass through, readable by the server (null: /dev/shm, else the temp dir;
+    a shared filesystem for servers on other nodes)."""
+    sync_bucket_mb: float = 256.0
+    """Weights gathered and sent per bucket: rank 0 holds at most this much beyond its shard."""
+    extra_args: list[str] = field(default_factory=list)
+    """More command-line flags for the owned server (e.g. ["--tensor-parallel-size", "2"])."""
+    env: dict[str, str] = field(default_factory=dict)
+    """More environment for the owned server (e.g. {CUDA_VISIBLE_DEVICES: "7"}). On a CPU host the server's OpenMP
+    threads are bound to every core by default (VLLM_CPU_OMP_THREADS_BIND): the trainer waits while it generates."""
+
+
 @dataclass
 class RolloutConfig:
     prompts_per_step: int = 8
@@ -188,6 +233,9 @@ class RolloutConfig:
     eval_prompts: int = 64
     """Held-out prompts scored greedily at the start and the end (0 disables). builtin: every task of the mix in
     equal shares, never in the training prompt pool; a user dataset: its LAST eval_prompts rows (not trained on)."""
+    eval_every: int = 0
+    """Also score the held-out prompts every N steps (0: only at the start and the end); output_dir/eval.jsonl
+    gets (step, accuracy, seconds since the run started) for every eval."""
     system_prompt: Optional[str] = None
     """User datasets only: a system message put before each text `prompt` (null: none; `messages` rows keep theirs).
     Built-in tasks always use trainer.rl.tasks.SYSTEM_PROMPT."""
@@ -196,6 +244,20 @@ class RolloutConfig:
     null: the loss's default (true for loss.type=dapo, its dynamic sampling; false otherwise)."""
     timeout_s: int = 1800
     """How long ranks wait for the slowest one to finish generating (rollouts, eval); timeout_s guards the rest."""
+    engine: str = "hf"
+    """hf: transformers.generate on a plain copy of the policy on every rank (no dependency); vllm: vLLM servers
+    (rollout.vllm.*; scripts/install_vllm.sh), no copy on the trainer ranks."""
+    old_logprobs: str = "engine"
+    """The log-probs the importance ratio divides by. engine: the sampling engine's own (the ratio also absorbs
+    the engine-trainer mismatch); trainer: the policy's own at the sampling weights (the training forward's,
+    detached: the ratio is exactly 1 at the first update), the mismatch corrected by rollout.is_correction."""
+    is_correction: str = "none"
+    """rollout.old_logprobs=trainer: importance-sampling weight w = p_trainer / p_engine on the loss, per token
+    or per sequence (the product over its tokens); truncate: min(w, is_cap); mask: 0 where w > is_cap or
+    w < 1 / is_cap. none: no weight."""
+    is_cap: float = 3.0
+    """The cap of rollout.is_correction (TRL's default)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -390,6 +452,34 @@ def validate_rl(cfg, world_size: int) -> None:
                f"data.limit={cfg.data.limit} leaves no training rows after the last rollout.eval_prompts="
                f"{r.eval_prompts} rows held out for eval: raise data.limit or lower rollout.eval_prompts")
     _check(r.timeout_s >= 10, f"rollout.timeout_s={r.timeout_s} must be >= 10")
+    _check(r.eval_every >= 0, f"rollout.eval_every={r.eval_every} must be >= 0 (0: start and end only)")
+    validate_rollout_engine(cfg)
     prompt_budget = cfg.data.seq_len - r.max_new_tokens
     _check(prompt_budget >= 16, f"data.seq_len={cfg.data.seq_len} leaves {prompt_budget} tokens for the prompt after "
                                 f"rollout.max_new_tokens={r.max_new_tokens}: raise data.seq_len")
+
+
+def validate_rollout_engine(cfg) -> None:
+    """rollout.engine, old_logprobs, is_correction and the vllm keys."""
+    r, v = cfg.rollout, cfg.rollout.vllm
+    _check(r.engine in ROLLOUT_ENGINES, f"rollout.engine={r.engine!r}: choose one of {ROLLOUT_ENGINES}")
+    _check(r.old_logprobs in OLD_LOGPROBS, f"rollout.old_logprobs={r.old_logprobs!r}: choose one of {OLD_LOGPROBS}")
+    _check(r.is_correction in IS_CORRECTIONS,
+           f"rollout.is_correction={r.is_correction!r}: choose one of {IS_CORRECTIONS}")
+    _check(r.is_correction == "none" or r.old_logprobs == "trainer",
+           f"rollout.is_correction={r.is_correction} weighs the loss by p_trainer / p_engine, which needs the "
+           "trainer's own old log-probs: set rollout.old_logprobs=trainer (with old_logprobs=engine the ratio "
+           "already divides by the engine's)")
+    _check(r.is_cap > 1, f"rollout.is_cap={r.is_cap} must be > 1")
+    if r.engine != "vllm":
+        return
+    _check(0 < v.gpu_memory_utilization <= 1, f"rollout.vllm.gpu_memory_utilization={v.gpu_memory_utilization} "
+                                              "must be in (0, 1]")
+    _check(v.startup_timeout_s >= 10 and v.request_timeout_s >= 1,
+           "rollout.vllm.startup_timeout_s must be >= 10 and rollout.vllm.request_timeout_s >= 1")
+    _check(v.sync_bucket_mb > 0 and v.max_concurrent_requests >= 1,
+           "rollout.vllm.sync_bucket_mb must be > 0 and rollout.vllm.max_concurrent_requests >= 1")
+    _check(0 <= v.port < 65536, f"rollout.vllm.port={v.port} must be a port number (0: a free one)")
+    for url in v.urls:
+        _check(re.match(r"^https?://[^/]+(:\d+)?/?$", url) is not None,
+               f"rollout.vllm.urls: {url!r} is not http(s)://host:port")

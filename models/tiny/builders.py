@@ -16,6 +16,7 @@ from transformers import (
     BambaConfig,
     Glm4MoeConfig,
     GptOssConfig,
+    LlamaConfig,
     NemotronHConfig,
     Qwen3_5TextConfig,
     Qwen3Config,
@@ -34,6 +35,12 @@ def _layer_types(num_layers: int, mixer: str, attention: str = "full_attention")
 
 def _alternating(num_layers: int) -> list[str]:
     return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+
+
+def _llama(common: dict, ffn: int, num_layers: int):
+    """Llama (SmolLM2's architecture): plain RoPE attention, no window; what any inference engine runs (the vLLM
+    engine's tests). Heads of 32 dims: vLLM's CPU attention kernels take 32, 64, 80, ... but not 16."""
+    return LlamaConfig(**{**common, "head_dim": 32}, intermediate_size=ffn, num_hidden_layers=num_layers)
 
 
 def _qwen3(common: dict, ffn: int, num_layers: int):
@@ -86,6 +93,7 @@ def _bamba(common: dict, ffn: int, num_layers: int):
 
 
 TINY_BUILDERS = {
+    "llama": _llama,
     "qwen3": _qwen3,
     "glm4_moe": _glm4_moe,
     "gpt_oss": _gpt_oss,

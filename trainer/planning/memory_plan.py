@@ -13,7 +13,8 @@
         gradients    fp32 gradient shard + the root's gathered gradients (reduced after backward) + one
                      layer's gathered gradient in fp32 (its reduce-scatter)
         optimizer    AdamW: two fp32 moments of the shard
-        rl only      the reference model's shard (loss.kl_coef > 0) and the rollout copy (full model, model.dtype)
+        rl only      the reference model's shard (loss.kl_coef > 0) and, with rollout.engine=hf, the rollout copy
+                     (full model, model.dtype; rollout.engine=vllm holds none on the trainer ranks)
         activations  | one micro-batch's fwd + loss + bwd, simulated on the meta device with the trainer's
         attention    | own code (trainer/planning/memory_sim.py): the peak bytes above the step's start, split by what
         logits       | was live at the peak
@@ -93,12 +94,13 @@ class Estimate:
 
 
 def state_bytes(params: ParamCounts, *, world: int, compute_bytes: int, trainer: str = "sft",
-                reference: bool = False) -> dict[str, int]:
-    """Weights, gradients and optimizer state per rank (bytes): FSDP2 over all `world` ranks, fp32 masters."""
+                reference: bool = False, rollout_copy: bool = True) -> dict[str, int]:
+    """Weights, gradients and optimizer state per rank (bytes): FSDP2 over all `world` ranks, fp32 masters.
+    rollout_copy: the hf engine's plain copy of the model on every rank (rl only)."""
     shard = -(-params.total // world)
     weights = 4 * shard + compute_bytes * (params.root + 2 * params.largest_layer)
     if trainer == "rl":
-        weights += compute_bytes * params.total + (4 * shard if reference else 0)  # rollout copy, reference shard
+        weights += (compute_bytes * params.total if rollout_copy else 0) + (4 * shard if reference else 0)
     gradients = 4 * shard + compute_bytes * params.root + 4 * params.largest_layer
     return {"weights": weights, "gradients": gradients, "optimizer": 8 * shard}
 
@@ -162,7 +164,8 @@ def plan(cfg, *, world: int, trainer: str = "sft", techniques=None, all_styles: 
     model = meta_model(model_config, dtype)
     params = ParamCounts.of(model)
     state = state_bytes(params, world=world, compute_bytes=torch.finfo(dtype).bits // 8, trainer=trainer,
-                        reference=trainer == "rl" and bool(cfg.loss.kl_coef))
+                        reference=trainer == "rl" and bool(cfg.loss.kl_coef),
+                        rollout_copy=trainer == "rl" and cfg.rollout.engine == "hf")
     kv_heads = getattr(model_config, "num_key_value_heads", None) or getattr(model_config, "num_attention_heads", 1)
     budget = cfg.data.max_tokens_per_rank
     estimates, refusals = [], []

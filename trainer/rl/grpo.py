@@ -48,9 +48,10 @@ class Rollout:
 
     prompt_ids: list[int]
     completion_ids: list[int]
-    old_logp: list[float]  # log-prob of each completion token under the sampling policy
+    old_logp: list[float]  # the sampling engine's log-prob of each completion token
     reward: float
     advantage: float = 0.0
+    version: int = 0  # the weight version that sampled it (trainer.rl.rollout.base.check_versions)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class RolloutRows:
 
     input_ids: torch.Tensor  # [B, S]
     labels: torch.Tensor  # [B, S], completion tokens only, already shifted
-    old_logp: torch.Tensor  # [B, S] at label positions, 0 elsewhere
+    old_logp: torch.Tensor  # [B, S] the engine's log-probs at label positions, 0 elsewhere
     advantages: torch.Tensor  # [B, S]
     weights: torch.Tensor  # [B, S] loss weight per label position (0 where no label)
     seq_lens: list[list[int]]

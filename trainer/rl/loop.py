@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 
 import hydra
@@ -42,7 +43,9 @@ from trainer.engine import (CONFIG_DIR, Trainer, check_finite, finish, global_su
                             optimizer_step, summary_line, training_run, training_steps)
 from trainer.loss import shard_logprobs
 from trainer.rl.prompts import PromptSampler, load_rl_prompts, make_eval_prompts, make_prompts, split_eval_prompts
-from trainer.rl.rollout.hf import HFRolloutEngine
+from trainer.rl.logprob_mismatch import is_weights, mismatch_sums
+from trainer.rl.rollout import build_engine
+from trainer.rl.rollout.base import RolloutEngine, SamplingSettings, check_versions
 from trainer.planning.token_budget import EMPTY_PASS_TOKENS
 from trainer.data.tokenizer import pad_token_id
 
@@ -61,37 +64,45 @@ def _columns(prompts: list) -> dict:
     return {k: [row.get(k) for row in rows] for k in names}
 
 
-def generate_rollouts(cfg, trainer: Trainer, engine: HFRolloutEngine, prompts, rewards) -> tuple[list, dict]:
-    """This rank's rollouts with rewards and group advantages, and reward sums for logging. rewards: batched
-    fn(prompts, completions, **columns) or per-sample fn(prompt, completion, answer) (adapted)."""
+def sampling_settings(cfg, trainer: Trainer) -> SamplingSettings:
     r, rank = cfg.rollout, dist.get_rank()
+    return SamplingSettings(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                            top_p=r.top_p, seed=cfg.seed * 1_000_003 + trainer.step * 10_007 + rank * 101)
+
+
+def generate_rollouts(cfg, trainer: Trainer, engine: RolloutEngine, prompts, rewards) -> tuple[list, dict]:
+    """This rank's rollouts with rewards and group advantages, and reward sums for logging. All of the rank's
+    prompts go to the engine at once; every completion must carry this step's weight version. rewards: batched
+    fn(prompts, completions, **columns) or per-sample fn(prompt, completion, answer) (adapted)."""
     rewards = [tasks.as_batched(fn) for fn in rewards]
-    sampled = []  # (prompt, completion ids, old log-probs), group by group
-    for i, prompt in enumerate(prompts):
-        seed = cfg.seed * 1_000_003 + trainer.step * 10_007 + rank * 101 + i
-        group = engine.sample(prompt.input_ids, r.group_size, max_new_tokens=r.max_new_tokens,
-                              temperature=r.temperature, top_p=r.top_p, seed=seed)
-        sampled += [(prompt, completion_ids, logp) for completion_ids, logp in group]
-    texts = [engine.decode(ids) for _, ids, _ in sampled]
-    owners = [prompt for prompt, _, _ in sampled]
+    groups = engine.sample([p.input_ids for p in prompts], sampling_settings(cfg, trainer))
+    check_versions([c for group in groups for c in group], expected=trainer.step)
+    sampled = [(prompt, c) for prompt, group in zip(prompts, groups) for c in group]  # group by group
+    texts = [engine_decode(trainer.tokenizer, c.token_ids) for _, c in sampled]
+    owners = [prompt for prompt, _ in sampled]
     scores = tasks.score(rewards, [p.prompt for p in owners], texts, _columns(owners))  # [reward][completion]
     rollouts, sums, samples = [], {"reward": 0.0, "reward_sq": 0.0, "n": 0.0, "length": 0.0, "max_length": 0.0,
                                    **{f"reward_{name}": 0.0 for name in cfg.reward.functions}}, []
-    for j, ((prompt, completion_ids, logp), text) in enumerate(zip(sampled, texts)):
+    for j, ((prompt, completion), text) in enumerate(zip(sampled, texts)):
         parts = [values[j] for values in scores]
         total = sum(w * p for w, p in zip(cfg.reward.weights, parts))
-        rollouts.append(grpo.Rollout(prompt.input_ids, completion_ids, logp, total))
+        rollouts.append(grpo.Rollout(prompt.input_ids, completion.token_ids, completion.logprobs, total,
+                                     version=completion.version))
         for name, p in zip(cfg.reward.functions, parts):
             sums[f"reward_{name}"] += p
         sums["reward"] += total
         sums["reward_sq"] += total * total
         sums["n"] += 1
-        sums["length"] += len(completion_ids)
-        sums["max_length"] = max(sums["max_length"], len(completion_ids))
+        sums["length"] += len(completion.token_ids)
+        sums["max_length"] = max(sums["max_length"], len(completion.token_ids))
         if len(samples) < 4:
             samples.append([prompt.prompt, text, prompt.answer, total])
     assign_advantages(cfg, rollouts)
     return rollouts, {**sums, "samples": samples}
+
+
+def engine_decode(tokenizer, tokens: list[int]) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def assign_advantages(cfg, rollouts: list) -> None:
@@ -166,8 +177,11 @@ def token_budget_micro_batches(cfg, trainer: Trainer, rollouts: list, pad_id: in
 
 def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, object]], ref_model=None) -> dict:
     """Forward + backward of every micro-batch (rows, the ParallelDims / CPSubgroup it runs under; None: this
-    rank alone) with the loss.type policy loss; returns globally reduced statistics."""
-    device, T, chunk = trainer.device, cfg.rollout.temperature, cfg.model.head_chunk_tokens
+    rank alone) with the loss.type policy loss; returns globally reduced statistics, the engine-trainer log-prob
+    mismatch among them. rollout.old_logprobs=trainer: the ratio divides by the policy's own log-probs at the
+    sampling weights, i.e. this forward's, detached (this step's weights sampled the rollouts); the loss is then
+    weighted by rollout.is_correction (trainer/rl/logprob_mismatch.py)."""
+    device, T, chunk, r = trainer.device, cfg.rollout.temperature, cfg.model.head_chunk_tokens, cfg.rollout
     policy_loss = policy_losses.get_policy_loss(cfg.loss.type)
     settings = policy_losses.LossSettings(clip_low=cfg.loss.clip_eps_low, clip_high=cfg.loss.clip_eps_high,
                                           kl_coef=cfg.loss.kl_coef)
@@ -179,8 +193,10 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, o
         seq_ids = cp.shard(rows.seq_ids.to(device), batch.params, pad_value=-1)
         shards.append((batch, seq_ids, rows.seq_lengths.to(device), *extra))
     norm = policy_loss.normalizer(global_sum(sum(float(w.sum()) for *_, w in shards), trainer), cfg)
-    stats = dict.fromkeys(("loss", "clipped", "kl", "entropy", "tokens"), 0.0)
-    for i, (batch, seq_ids, seq_lengths, old_logp, adv, weight) in enumerate(shards):
+    stats = dict.fromkeys(("loss", "clipped", "kl", "entropy", "tokens", "mismatch_abs", "mismatch_k3",
+                           "is_weight", "is_capped"), 0.0)
+    ratio_max = 0.0
+    for i, (batch, seq_ids, seq_lengths, engine_logp, adv, weight) in enumerate(shards):
         trainer.model.set_requires_gradient_sync(i == len(shards) - 1)
         logp, entropy = shard_logprobs(trainer.model, batch, temperature=T, entropy=True, chunk_tokens=chunk)
         ref_logp = None
@@ -188,11 +204,21 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, o
             with torch.no_grad():
                 ref_logp, _ = shard_logprobs(ref_model, batch, temperature=T, chunk_tokens=chunk)
         mask = (batch.labels != grpo.IGNORE_INDEX).float()
+        old_logp = logp.detach() if r.old_logprobs == "trainer" else engine_logp
         tokens = policy_losses.TokenBatch(logp, old_logp, adv, mask, ref_logp=ref_logp, seq_ids=seq_ids,
                                           seq_lengths=seq_lengths, cp_group=batch.params.cp_group)
         loss_tok, loss_stats = policy_loss.token_loss(tokens, settings)
+        if r.is_correction != "none":
+            is_w, capped = is_weights(tokens, engine_logp, r.is_correction, r.is_cap)
+            loss_tok = loss_tok * is_w
+            stats["is_weight"] += float(is_w.sum())
+            stats["is_capped"] += capped
         loss = policy_losses.rank_loss(loss_tok, weight, mask, norm)
         loss.backward()
+        mismatch = mismatch_sums(logp, engine_logp, mask)
+        ratio_max = max(ratio_max, mismatch.pop("mismatch_ratio_max"))
+        for key, value in mismatch.items():
+            stats[key] += value
         stats["loss"] += loss.item()
         stats["clipped"] += float((loss_stats["clipped"] * mask).sum())
         stats["kl"] += float((loss_stats["kl"] * mask).sum())
@@ -200,8 +226,20 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, o
         stats["tokens"] += float(mask.sum())
     reduced = {k: global_sum(v, trainer) for k, v in stats.items()}
     tokens = max(reduced["tokens"], 1.0)
-    return {"loss": reduced["loss"], "clip_frac": reduced["clipped"] / tokens, "kl": reduced["kl"] / tokens,
-            "entropy": reduced["entropy"] / tokens, "train_tokens": int(reduced["tokens"])}
+    metrics = {"loss": reduced["loss"], "clip_frac": reduced["clipped"] / tokens, "kl": reduced["kl"] / tokens,
+               "entropy": reduced["entropy"] / tokens, "train_tokens": int(reduced["tokens"]),
+               "logp_mismatch_abs_mean": reduced["mismatch_abs"] / tokens,
+               "logp_mismatch_kl": reduced["mismatch_k3"] / tokens,
+               "logp_mismatch_ratio_max": global_max(ratio_max)}
+    if r.is_correction != "none":
+        metrics.update(is_weight_mean=reduced["is_weight"] / tokens, is_capped_frac=reduced["is_capped"] / tokens)
+    return metrics
+
+
+def global_max(value: float) -> float:
+    t = torch.tensor(value, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def reward_metrics(sums: dict, trainer: Trainer, rollouts: list, cfg) -> dict:
@@ -229,27 +267,37 @@ def wait_for_generation(wait_group) -> None:
         dist.barrier(group=wait_group)
 
 
-def evaluate(cfg, engine: HFRolloutEngine, prompts, wait_group=None) -> float:
-    """Greedy accuracy on held-out prompts, split over all ranks (built-in tasks: the <answer> tag; a user
-    dataset: extract_final_answer)."""
+def evaluate(cfg, trainer: Trainer, engine: RolloutEngine, prompts, wait_group=None) -> float:
+    """Greedy accuracy on held-out prompts, split over all ranks, each rank's share in one engine call (built-in
+    tasks: the <answer> tag; a user dataset: extract_final_answer)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     grade = tasks.correctness_reward if cfg.data.source == "builtin" else tasks.open_correctness_reward
-    correct = sum(grade(p.prompt, engine.greedy(p.input_ids, max_new_tokens=cfg.rollout.max_new_tokens), p.answer)
-                  for p in prompts[rank::world])
+    mine = prompts[rank::world]
+    completions = engine.greedy([p.input_ids for p in mine], max_new_tokens=cfg.rollout.max_new_tokens)
+    correct = sum(grade(p.prompt, engine_decode(trainer.tokenizer, c), p.answer) for p, c in zip(mine, completions))
     wait_for_generation(wait_group)
-    t = torch.tensor([correct, len(prompts[rank::world])], dtype=torch.float64)
+    t = torch.tensor([correct, len(mine)], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t[0] / max(t[1], 1))
 
 
-def rl_step(cfg, trainer: Trainer, engine: HFRolloutEngine, sampler, rewards, ref_model, pad_id,
+def sync_engine(engine: RolloutEngine, trainer: Trainer) -> dict:
+    """The policy's weights to the engine as version trainer.step (optimizer steps applied), unless it has them."""
+    if engine.version == trainer.step:
+        return {}
+    return engine.sync(trainer.model, trainer.step)
+
+
+def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards, ref_model, pad_id,
             wait_group=None) -> tuple[dict, list]:
+    """sync (weights -> engine, version = this step) | generate | train; the three times are logged apart."""
     start = time.perf_counter()
     runtime.reset_peak_memory(trainer.device)
-    engine.sync(trainer.model)
+    sync = sync_engine(engine, trainer)
+    synced = time.perf_counter()
     rollouts, sums = generate_rollouts(cfg, trainer, engine, sampler.next_prompts(), rewards)
     wait_for_generation(wait_group)
-    generate_s = time.perf_counter() - start
+    generated = time.perf_counter()
     metrics = reward_metrics(sums, trainer, rollouts, cfg)
     train, groups, dropped = drop_zero_advantage_groups(cfg, rollouts)
     if policy_losses.skip_zero_advantage(cfg):
@@ -264,9 +312,12 @@ def rl_step(cfg, trainer: Trainer, engine: HFRolloutEngine, sampler, rewards, re
     check_finite(metrics["loss"], trainer.step + 1)
     metrics.update(lr=lr, grad_norm=optimizer_step(trainer))
     trainer.step += 1
-    elapsed = time.perf_counter() - start
-    metrics.update(step_time_s=elapsed, generate_s=generate_s, tokens_per_s=metrics["train_tokens"] / elapsed,
-                   peak_mem_gb=runtime.peak_memory_gb(trainer.device))
+    end = time.perf_counter()
+    metrics.update(step_time_s=end - start, sync_s=synced - start, generate_s=generated - synced,
+                   train_s=end - generated, tokens_per_s=metrics["train_tokens"] / (end - start),
+                   train_tokens_per_s=metrics["train_tokens"] / (end - generated),
+                   peak_mem_gb=runtime.peak_memory_gb(trainer.device),
+                   **{k: v for k, v in sync.items() if k in ("sync_bytes", "sync_buckets")})
     return metrics, sums["samples"]
 
 
@@ -320,22 +371,30 @@ def run_rl(cfg: DictConfig) -> list[dict]:
         sampler = PromptSampler(prompts, batch_size=cfg.rollout.prompts_per_step // world, dp_rank=rank,
                                 dp_size=world, seed=cfg.seed)
         maybe_resume(trainer, sampler)
-        engine, pad_id = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device,
-                                       dtype=modeling.compute_dtype(cfg.model)), pad_token_id(trainer.tokenizer)
+        pad_id = pad_token_id(trainer.tokenizer)
         logger = metrics_logger(trainer, "rl")
-        eval_start = None
-        if eval_prompts:
-            engine.sync(trainer.model)
-            eval_start = evaluate(cfg, engine, eval_prompts, wait_group)
-        for _ in training_steps(trainer, sampler):
-            metrics, samples = rl_step(cfg, trainer, engine, sampler, rewards, ref_model, pad_id, wait_group)
-            logger.log(trainer.step, metrics)
-            logger.log_table("samples", ["prompt", "completion", "answer", "reward"], samples, trainer.step)
-        summary = summary_line("rl", cfg, logger.history, reward_progress)
-        if eval_prompts:
-            engine.sync(trainer.model)
-            eval_end = evaluate(cfg, engine, eval_prompts, wait_group)
-            summary += f"; greedy eval accuracy {eval_start:.3f} -> {eval_end:.3f}"
+        run_start = time.perf_counter()
+
+        def held_out_eval() -> float:
+            """Greedy accuracy at the current weights; a line of output_dir/eval.jsonl (step, accuracy, run time)."""
+            sync_engine(engine, trainer)
+            accuracy = evaluate(cfg, trainer, engine, eval_prompts, wait_group)
+            logger.log_table("eval", ["accuracy", "elapsed_s"], [[accuracy, time.perf_counter() - run_start]],
+                             trainer.step)
+            return accuracy
+
+        with closing(build_engine(cfg, trainer, wait_group)) as engine:
+            eval_start = held_out_eval() if eval_prompts else None
+            for _ in training_steps(trainer, sampler):
+                metrics, samples = rl_step(cfg, trainer, engine, sampler, rewards, ref_model, pad_id, wait_group)
+                every = cfg.rollout.eval_every
+                if eval_prompts and every and trainer.step % every == 0 and trainer.step < cfg.max_steps:
+                    metrics["eval_accuracy"] = held_out_eval()
+                logger.log(trainer.step, metrics)
+                logger.log_table("samples", ["prompt", "completion", "answer", "reward"], samples, trainer.step)
+            summary = summary_line("rl", cfg, logger.history, reward_progress)
+            if eval_prompts:
+                summary += f"; greedy eval accuracy {eval_start:.3f} -> {held_out_eval():.3f}"
         finish(trainer, logger, summary)
     return logger.history
 

@@ -238,17 +238,17 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
 
 
 def export_hf(output_dir: str, model, tokenizer, dtype: torch.dtype | None = None, *,
-              group=None) -> Path | None:
-    """Gather the full weights and write a transformers-loadable directory (rank 0 writes).
+              group=None, name: str = "hf") -> Path | None:
+    """Gather the full weights and write a transformers-loadable directory output_dir/<name> (rank 0 writes).
     dtype: the exported weights' dtype (None: as held, i.e. the fp32 master weights).
 
-    Rank 0 writes into output_dir/hf.tmp and renames it over output_dir/hf once complete (a crash
+    Rank 0 writes into output_dir/<name>.tmp and renames it over output_dir/<name> once complete (a crash
     leaves the previous export whole). The other ranks wait for it on `group`, a gloo group with its
     own timeout (runtime.patient_group(checkpoint.timeout_s); None: the default group): writing a large
     model can take longer than the collective timeout, which keeps guarding every other collective."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    path = Path(output_dir) / "hf"
-    staging = path.with_name("hf.tmp")
+    path = Path(output_dir) / name
+    staging = path.with_name(f"{name}.tmp")
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         plain = plain_model(model)

@@ -45,7 +45,7 @@ class MetricsLogger:
         if rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for path in (self.path, self.path.parent / "samples.jsonl"):
+        for path in (self.path, self.path.parent / "samples.jsonl", self.path.parent / "eval.jsonl"):
             keep_steps_up_to(path, start_step)
         self.path.touch()
         if cfg.wandb.mode != "disabled":
@@ -61,7 +61,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if self.rank != 0:
             return
-        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in metrics.items()}}
         self.history.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

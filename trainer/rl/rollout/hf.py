@@ -1,23 +1,27 @@
-"""Rollouts for GRPO: generation OUTSIDE context parallelism.
+"""The `hf` rollout engine: transformers.generate on a plain copy of the policy, in process (no dependency).
 
     policy (FSDP shards, CP attention) ──sync(): full weights gathered on every rank──> plain HF copy
-    each rank: its own prompts ──plain copy.generate (KV cache, no collectives)──> completions + log-probs
+    each rank: ALL its prompts x n, left-padded into one batch ──copy.generate (KV cache, no collectives)──>
+        completions + the log-prob of each sampled token
 
 Why a plain copy: generating with the FSDP/CP model would put collectives inside every decoding
 step, and ranks whose completions end at different lengths would call forward a different number
 of times and deadlock (the FSDP lock-step trap). The copy has the policy's exact weights (gathered
 once per step, the only collective), runs transformers' own attention with a KV cache, and each
-rank is free to stop when its sequences end. CP is for the training forward/backward.
+rank is free to stop when its sequences end. CP is for the training forward/backward. The cost: every
+rank holds the whole model in the compute dtype; rollout.engine=vllm holds none (trainer/rl/rollout/vllm.py).
 
-Old log-probs: the log-softmax of the generation logits at temperature T, at the sampled tokens;
-the training pass computes the new ones the same way (logits / T), so the first ratio is 1 up to
-rounding. Precision: the copy computes in the training compute dtype (model.dtype): sync() loads
-the fp32 master weights and its parameters are held in that dtype (buffers stay fp32, as under
-FSDP2's param_dtype), so sampling and the training forward round the same way; an fp32 copy next
-to a bf16 policy would be a different policy (old/new log-probs apart by ~1e-3 before any update).
+One generate call per rank and step: prompts of different lengths are left-padded (pad tokens masked, positions
+counted from each row's first real token), so the batch is the rank's whole share. Log-probs: the log-softmax of
+the generation logits at temperature T, at the sampled tokens; the training pass computes the new ones the same
+way (logits / T). Precision: the copy computes in the training compute dtype (model.dtype): sync() loads the fp32
+master weights and its parameters are held in that dtype (buffers stay fp32, as under FSDP2's param_dtype), so
+sampling and the training forward round the same way.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -25,55 +29,70 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from models.apply import plain_model
 from trainer.modeling import cast_parameters
+from trainer.rl.rollout.base import Completion, RolloutEngine, SamplingSettings, cut_at_end, end_of_turn_id
 
 
-class HFRolloutEngine:
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids [N, L], attention mask [N, L]) with each prompt right-aligned behind pad tokens."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class HFRolloutEngine(RolloutEngine):
     def __init__(self, policy: torch.nn.Module, tokenizer, device: torch.device, *,
-                 dtype: torch.dtype = torch.float32):
-        """dtype: the training compute dtype (trainer.modeling.compute_dtype(cfg.model))."""
-        self.dtype = dtype
+                 dtype: torch.dtype = torch.float32, batch_rows: int = 256):
+        """dtype: the training compute dtype (trainer.modeling.compute_dtype(cfg.model)); batch_rows: the most
+        sequences one generate call holds (a rank's larger share runs in several)."""
+        self.dtype, self.batch_rows = dtype, batch_rows
         self.model = cast_parameters(plain_model(policy), dtype)
         self.model = self.model.to(device).eval()
         self.tokenizer, self.device = tokenizer, device
-        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() \
-            else tokenizer.eos_token_id
+        self.eos_id = end_of_turn_id(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
-    def sync(self, policy: torch.nn.Module) -> None:
+    def sync(self, policy: torch.nn.Module, version: int) -> dict:
         """Copy the policy's current weights (a collective: every rank calls it); load_state_dict casts
         the fp32 master weights to the copy's compute dtype."""
+        start = time.perf_counter()
         full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
         self.model.load_state_dict(full, strict=True)
+        self.version = version
+        return {"sync_s": time.perf_counter() - start,
+                "sync_bytes": float(sum(t.numel() * t.element_size() for t in self.model.state_dict().values()))}
 
-    def _cut(self, tokens: list[int]) -> list[int]:
-        """Completion up to and including the first end-of-turn token."""
-        return tokens[:tokens.index(self.eos_id) + 1] if self.eos_id in tokens else tokens
-
-    @torch.no_grad()
-    def sample(self, prompt_ids: list[int], n: int, *, max_new_tokens: int, temperature: float, top_p: float,
-               seed: int) -> list[tuple[list[int], list[float]]]:
-        """n sampled completions of one prompt: [(completion ids, log-prob of each token)]."""
-        torch.manual_seed(seed)
-        prompt = torch.tensor([prompt_ids] * n, device=self.device)  # same prompt: no padding needed
-        out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                  temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id, output_logits=True,
-                                  return_dict_in_generate=True)
-        tokens = out.sequences[:, prompt.shape[1]:]  # [n, T]
-        logits = torch.stack(out.logits, dim=1).float() / temperature  # T x [n, V] -> [n, T, V]
-        logp = F.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)  # [n, T]
-        results = []
-        for row_tokens, row_logp in zip(tokens.tolist(), logp.tolist()):
-            kept = self._cut(row_tokens)
-            results.append((kept, row_logp[:len(kept)]))
-        return results
+    def _generate(self, prompts: list[list[int]], **kwargs):
+        ids, mask = left_padded(prompts, self.pad_id, self.device)
+        out = self.model.generate(ids, attention_mask=mask, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                                  return_dict_in_generate=True, **kwargs)
+        return out, ids.shape[1]
 
     @torch.no_grad()
-    def greedy(self, prompt_ids: list[int], *, max_new_tokens: int) -> str:
-        prompt = torch.tensor([prompt_ids], device=self.device)
-        out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                  max_new_tokens=max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-        return self.decode(self._cut(out[0, prompt.shape[1]:].tolist()))
+    def sample(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
+        torch.manual_seed(settings.seed)
+        rows = [p for p in prompts for _ in range(settings.n)]  # prompt-major: group i = rows[i*n:(i+1)*n]
+        results: list[Completion] = []
+        for start in range(0, len(rows), self.batch_rows):
+            out, width = self._generate(rows[start:start + self.batch_rows], do_sample=True,
+                                        temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+                                        max_new_tokens=settings.max_new_tokens, output_logits=True)
+            tokens = out.sequences[:, width:]  # [N, T]
+            logits = torch.stack(out.logits, dim=1).float() / settings.temperature  # T x [N, V] -> [N, T, V]
+            logp = F.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)  # [N, T]
+            for row_tokens, row_logp in zip(tokens.tolist(), logp.tolist()):
+                kept = cut_at_end(row_tokens, self.eos_id)
+                results.append(Completion(kept, row_logp[:len(kept)], self.version))
+        return [results[i * settings.n:(i + 1) * settings.n] for i in range(len(prompts))]
 
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], *, max_new_tokens: int) -> list[list[int]]:
+        completions = []
+        for start in range(0, len(prompts), self.batch_rows):
+            out, width = self._generate(prompts[start:start + self.batch_rows], do_sample=False,
+                                        max_new_tokens=max_new_tokens)
+            completions += [cut_at_end(row, self.eos_id) for row in out.sequences[:, width:].tolist()]
+        return completions

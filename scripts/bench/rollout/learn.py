@@ -1,0 +1,68 @@
+"""The real-model GRPO runs: cptrain with each engine, and TRL's GRPOTrainer on the same model, prompts and settings.
+
+    cptrain   torchrun --nproc-per-node 2 -m trainer.rl experiment=smollm2_arith rollout.engine=<engine>
+              max_steps=<steps> output_dir=<out>/run_<engine>   (cp=2 Ulysses, held-out greedy accuracy on the
+              last 100 prompts at the start, every 5 steps and at the end: eval.jsonl)
+              -> its metrics.jsonl and eval.jsonl are copied to <out>/learn_<engine>/
+    trl       scripts/bench/rollout/trl_peer.py in the TRL venv (scripts/install_trl_peer.sh): GRPOTrainer, one
+              process, its own transformers generation, `trl_steps` optimizer steps -> <out>/trl.json
+One after the other, each alone on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.rollout.common import ROOT, REAL_MODEL
+
+TRL_PYTHON = Path(os.environ.get("TRL_VENV", ROOT / ".venv-trl")) / "bin" / "python"
+
+
+def run_cptrain(engine: str, steps: int, out: Path, log) -> dict:
+    run_dir = out / f"run_{engine}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "trainer.rl",
+           "experiment=smollm2_arith", f"rollout.engine={engine}", f"max_steps={steps}", f"output_dir={run_dir}",
+           "overwrite=true", "checkpoint.export_hf=false", "wandb.mode=disabled"]
+    log(f"  {' '.join(cmd[2:])}")
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the {engine} run failed:\n{done.stderr[-3000:]}")
+    seconds = time.perf_counter() - start
+    keep = out / f"learn_{engine}"
+    keep.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        shutil.copy(run_dir / name, keep / name)
+    summary = next((line for line in done.stdout.splitlines() if line.startswith("rl done")), "")
+    log(f"  {summary} ({seconds:.0f} s)")
+    return {"engine": engine, "steps": steps, "wall_s": seconds, "summary": summary, "command": " ".join(cmd[2:])}
+
+
+def run_trl(steps: int, out: Path, log) -> dict | None:
+    if not TRL_PYTHON.exists():
+        log(f"  TRL peer skipped: {TRL_PYTHON} missing (scripts/install_trl_peer.sh)")
+        return None
+    result = out / "trl.json"
+    cmd = [str(TRL_PYTHON), str(ROOT / "scripts" / "bench" / "rollout" / "trl_peer.py"), "--model", str(REAL_MODEL),
+           "--data", str(ROOT / "trainer" / "data" / "assets" / "small_arith.jsonl"), "--steps", str(steps),
+           "--out", str(result)]
+    log(f"  {' '.join(cmd)}")
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the TRL peer failed:\n{done.stderr[-3000:]}")
+    return json.loads(result.read_text())
+
+
+def read_run(out: Path, engine: str) -> dict | None:
+    """The copied metrics and evals of a finished run (None if that run was not made)."""
+    keep = out / f"learn_{engine}"
+    if not (keep / "metrics.jsonl").exists():
+        return None
+    load = lambda name: [json.loads(line) for line in (keep / name).read_text().splitlines() if line.strip()]
+    return {"metrics": load("metrics.jsonl"), "evals": load("eval.jsonl")}

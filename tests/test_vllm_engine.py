@@ -1,0 +1,285 @@
+"""rollout.engine=vllm against real vLLM servers (the vLLM venv of scripts/install_vllm.sh; skipped without it).
+
+    module server: a tiny Llama (head dim 32: vLLM's CPU kernels) exported with the bundled tokenizer, started
+                   once (~40 s) and used by the engine tests as an external server (rollout.vllm.urls)
+    sync          cp=2 trainer (FSDP2 shards) -> several buckets through the weight-transfer protocol: vLLM's
+                  greedy completions equal the trainer's plain copy at the same weights, its sampled log-probs
+                  the trainer's CP forward within 1e-4 (fp32; different kernels), every token tagged with the version
+    stale         a server whose weights carry another version: its rollouts are refused
+    failures      taken port, missing model, a python without vLLM: startup errors naming the key; a server killed
+                  mid-run: the next request fails with its exit code and log lines; a request timeout; no process
+                  left behind
+    end to end    torchrun-style GRPO with an owned server; resume from a checkpoint reproduces the next step;
+                  SIGTERM to the trainer stops its server
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+from tests.test_rl import RL_FAST, compose_rl
+from trainer.rl.rollout.vllm_server import ServerSpec, VLLMServer, VLLMStartupError, resolve_python
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    VLLM_PYTHON = resolve_python(None)
+    _probe = subprocess.run([VLLM_PYTHON, "-c", "import vllm, cptrain_vllm_plugin"], capture_output=True, timeout=120)
+    SKIP = None if _probe.returncode == 0 else f"{VLLM_PYTHON} cannot import vllm and the plugin (scripts/install_vllm.sh)"
+except (ValueError, subprocess.TimeoutExpired) as exc:
+    VLLM_PYTHON, SKIP = None, f"no vLLM environment ({exc}); build one with scripts/install_vllm.sh"
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=str(SKIP))
+
+VLLM_FAST = ["model.cp=2", "rollout.engine=vllm", "rollout.vllm.sync_bucket_mb=0.05", "rollout.prompts_per_step=2",
+             "rollout.group_size=4", "rollout.max_new_tokens=12", "data.seq_len=256"]
+
+
+def _export_tiny_llama(path: Path) -> Path:
+    from models.tiny import tiny_model
+    from trainer.data.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer("builtin")
+    tiny_model("llama", vocab_size=len(tokenizer), seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _spec(model: Path, log: Path, **kw) -> ServerSpec:
+    from trainer.rl.rollout.vllm_engine import cpu_thread_env
+    return ServerSpec(model=str(model), python=VLLM_PYTHON, log_file=str(log), max_model_len=512,
+                      cpu=not torch.cuda.is_available(), env=cpu_thread_env(), startup_timeout_s=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return _export_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    started = VLLMServer(_spec(tiny_dir, tmp_path_factory.mktemp("logs") / "server.log")).start()
+    yield started
+    started.stop()
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _sync_worker(rank, world, url, model_dir):
+    """cp=2 trainer on the tiny Llama with perturbed weights; sync to the server; compare with the trainer."""
+    import torch.distributed as dist
+
+    from trainer import config
+    from trainer.engine import build_trainer
+    from trainer.rl import grpo
+    from trainer.rl.loop import grpo_backward, micro_batches
+    from trainer.rl.prompts import make_prompts
+    from trainer.rl.rollout.base import SamplingSettings, StaleRolloutError, check_versions
+    from trainer.rl.rollout.hf import HFRolloutEngine
+    from trainer.rl.rollout.vllm_engine import VLLMRolloutEngine
+    cfg = compose_rl(RL_FAST + VLLM_FAST + [f"model.name={model_dir}", f"rollout.vllm.urls=[{url}]"])
+    trainer = build_trainer(cfg, validate=config.validate_rl)
+    generator = torch.Generator().manual_seed(rank)
+    with torch.no_grad():  # other weights than the server loaded: only a working sync makes them agree
+        for p in trainer.model.parameters():
+            local = p.to_local()
+            local.add_(torch.randn(local.shape, generator=generator) * 0.05)
+    engine = VLLMRolloutEngine(cfg.rollout.vllm, model_path=model_dir, tokenizer=trainer.tokenizer,
+                               dtype=torch.float32, max_model_len=256, seed=0, log_dir=str(model_dir))
+    stats = engine.sync(trainer.model, version=1)
+    hf = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device)
+    hf.sync(trainer.model, version=1)
+    prompts = [p.input_ids for p in make_prompts("add", 4, seed=rank, tokenizer=trainer.tokenizer)]
+    greedy_equal = engine.greedy(prompts, max_new_tokens=12) == hf.greedy(prompts, max_new_tokens=12)
+    groups = engine.sample(prompts, SamplingSettings(n=4, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=rank))
+    completions = [c for g in groups for c in g]
+    check_versions(completions, expected=1)
+    rollouts = [grpo.Rollout(p, c.token_ids, c.logprobs, 0.0, advantage=0.0, version=c.version)
+                for p, g in zip(prompts, groups) for c in g]
+    parts = [None] * world
+    dist.all_gather_object(parts, rollouts)
+    mismatch = grpo_backward(cfg, trainer, micro_batches(cfg, trainer, [r for part in parts for r in part], 0))
+    if rank == 0:  # another version on the server (as if another trainer synced it): refused
+        engine.clients[0].post("/update_weight_version", {"new_version": "7"})
+    dist.barrier()
+    stale = None
+    try:
+        check_versions([c for g in engine.sample(prompts[:1], SamplingSettings(2, 4, 1.0, 1.0, 0)) for c in g], 1)
+    except StaleRolloutError as exc:
+        stale = str(exc)
+    dist.barrier()
+    if rank == 0:
+        engine.clients[0].post("/update_weight_version", {"new_version": "1"})
+    engine.close()
+    dist.destroy_process_group()
+    return {"stats": stats, "greedy_equal": greedy_equal, "versions": {c.version for c in completions},
+            "mismatch": mismatch, "stale": stale, "tokens": sum(len(c.token_ids) for c in completions)}
+
+
+def test_synced_weights_sample_like_the_trainer(server, tiny_dir):
+    results = run_distributed(_sync_worker, 2, server.url, str(tiny_dir), timeout=600)
+    first = results[0]
+    assert first["stats"]["sync_buckets"] > 1, first["stats"]  # bucket by bucket, not the whole model at once
+    assert first["stats"]["sync_bytes"] > 0
+    assert all(r["greedy_equal"] for r in results), "vLLM's greedy completions differ from the trainer's"
+    assert all(r["versions"] == {1} for r in results)
+    m = first["mismatch"]
+    # fp32, different kernels (vLLM's CPU attention vs the CP forward): ~1e-6 per token, 1e-4 at most
+    assert m["train_tokens"] > 50
+    assert m["logp_mismatch_abs_mean"] < 1e-5 and 1.0 <= m["logp_mismatch_ratio_max"] < 1 + 1e-4, m
+    assert all(r["stale"] and "weight version(s) [7]" in r["stale"] for r in results), results
+
+
+def test_request_timeout_is_an_error_naming_the_key(server):
+    from trainer.rl.rollout.vllm_client import VLLMClient, VLLMError
+    client = VLLMClient(server.url, timeout_s=0.05)
+    with pytest.raises(VLLMError, match="rollout.vllm.request_timeout_s"):
+        client.generate([5, 6, 7], {"n": 8, "max_tokens": 400, "temperature": 1.0, "ignore_eos": True})
+
+
+def test_startup_failures_name_the_cause_and_the_key(tmp_path, tiny_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match="rollout.vllm.port"):
+            VLLMServer(_spec(tiny_dir, tmp_path / "a.log", port=port)).start()
+    start = time.monotonic()
+    with pytest.raises(VLLMStartupError, match="model.name") as err:
+        VLLMServer(_spec(tmp_path / "no_such_model", tmp_path / "b.log")).start()
+    assert time.monotonic() - start < 200 and "ends with" in str(err.value)
+    with pytest.raises(VLLMStartupError, match="rollout.vllm.python"):
+        VLLMServer(ServerSpec(model=str(tiny_dir), python=sys.executable, log_file=str(tmp_path / "c.log"),
+                              startup_timeout_s=60)).start()
+    with pytest.raises(ValueError, match="scripts/install_vllm.sh"):
+        resolve_python(str(tmp_path / "missing" / "python"))
+
+
+def test_a_server_that_dies_mid_run_is_named_with_its_log_and_leaves_nothing(tmp_path, tiny_dir):
+    from trainer.rl.rollout.vllm_client import VLLMError
+    owned = VLLMServer(_spec(tiny_dir, tmp_path / "server.log")).start()
+    pid = owned.process.pid
+    client = owned.client(timeout_s=30)
+    assert client.generate([5, 6, 7], {"n": 1, "max_tokens": 3})
+    owned.process.kill()  # the API server dies (its engine core follows)
+    owned.process.wait()
+    with pytest.raises(VLLMError, match="exited with code -9") as err:
+        client.generate([5, 6, 7], {"n": 1, "max_tokens": 3})
+    assert "server.log ends with" in str(err.value)
+    owned.stop()
+    deadline = time.monotonic() + 30
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _group_alive(pid), "a process of the server's group outlived stop()"
+
+
+def _rl_worker(rank, overrides):
+    from trainer.rl.loop import run_rl
+    return run_rl(compose_rl(RL_FAST + VLLM_FAST + overrides))
+
+
+def _server_processes(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "vllm" in line and "pgrep" not in line]
+
+
+def test_grpo_with_an_owned_server_runs_resumes_and_cleans_up(tmp_path):
+    from tests.test_checkpoints import run_with_own_group
+    run_dir = tmp_path / "run"
+    common = ["model.name=tiny:llama", "checkpoint.every=1", "checkpoint.keep_last=0", "rollout.eval_prompts=4"]
+    history = run_with_own_group(_rl_worker, 2, common + [f"output_dir={run_dir}"], timeout=900)[0]
+    assert [h["step"] for h in history] == [1, 2]
+    assert not _server_processes(str(run_dir)), "the owned server outlived the run"
+    for h in history:
+        assert h["sync_s"] >= 0 and h["generate_s"] > 0 and h["train_s"] > 0
+        assert h["logp_mismatch_ratio_max"] < 1 + 1e-4, h  # fp32 engine vs trainer
+    assert history[1]["sync_bytes"] > 0 and history[1]["sync_buckets"] > 1
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2]
+    # resume from the step-1 checkpoint in a copy: step 2 again, with a fresh server, the same numbers
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed_dir, ignore=shutil.ignore_patterns("step_000002", "latest", "vllm_server.log"))
+    again = run_with_own_group(_rl_worker, 2, common + [f"output_dir={resumed_dir}", "resume=true"], timeout=900)[0]
+    assert [h["step"] for h in again] == [2]
+    for key in ("reward_mean", "completion_len_mean", "entropy", "loss", "grad_norm", "train_tokens"):
+        assert math.isclose(again[0][key], history[1][key], rel_tol=1e-6, abs_tol=1e-9), (key, again[0], history[1])
+
+    def samples(path):  # the step-2 completions, as sampled by the server
+        return [line for line in (path / "samples.jsonl").read_text().splitlines() if json.loads(line)["step"] == 2]
+    assert samples(resumed_dir) == samples(run_dir)
+
+
+def test_sigterm_to_the_trainer_stops_its_server(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "trainer.rl",
+           *RL_FAST, *VLLM_FAST, "model.cp=1", "model.name=tiny:llama", "max_steps=1000", f"output_dir={out_dir}"]
+    trainer = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        metrics = out_dir / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+            assert trainer.poll() is None, "the trainer exited before its first step"
+            time.sleep(1)
+        assert _server_processes(str(out_dir)), "no server was running during the run"
+        trainer.send_signal(signal.SIGTERM)
+        trainer.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while _server_processes(str(out_dir)) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not _server_processes(str(out_dir)), "SIGTERM to the trainer left its vLLM server running"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+
+
+def test_a_dead_server_stops_the_run_with_its_log_and_keeps_the_checkpoint(tmp_path):
+    """The owned server dies mid-run (SIGKILL): the trainer exits non-zero within the request timeout, naming the
+    dead server with its log lines; nothing of the server is left; the last checkpoint is complete (resume works
+    from it: the resume test above)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "trainer.rl",
+           *RL_FAST, *VLLM_FAST, "model.cp=1", "model.name=tiny:llama", "max_steps=1000", "checkpoint.every=1",
+           "rollout.vllm.request_timeout_s=60", f"output_dir={out_dir}"]
+    log = tmp_path / "trainer.log"
+    with log.open("w") as sink:
+        trainer = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 400
+        while not (out_dir / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
+            assert trainer.poll() is None, "the trainer exited before its first checkpoint"
+            time.sleep(1)
+        api = [line.split()[0] for line in _server_processes(str(out_dir)) if "api_server" in line]
+        assert api, "no server was running during the run"
+        os.kill(int(api[0]), signal.SIGKILL)
+        trainer.wait(timeout=300)
+        output = log.read_text()
+        assert trainer.returncode != 0
+        assert "vLLM server" in output and ("exited with code" in output or "unreachable" in output), output[-3000:]
+        deadline = time.monotonic() + 60
+        while _server_processes(str(out_dir)) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not _server_processes(str(out_dir)), "the dead server's engine processes outlived the run"
+        latest = (out_dir / "checkpoints" / "latest").read_text().strip()
+        assert (out_dir / "checkpoints" / latest / "complete.json").exists()
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()

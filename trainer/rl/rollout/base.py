@@ -1,0 +1,87 @@
+"""The rollout engine interface (DESIGN rule 13): the GRPO loop talks to this, never to an engine's internals.
+
+    loop, every step (all trainer ranks):
+      engine.sync(policy, version)           collective: the policy's weights become the engine's, tagged
+                                             `version` (= optimizer steps applied; hf: a plain copy,
+                                             vllm: buckets through vLLM's weight-transfer protocol)
+      engine.sample(prompts, settings)       this rank's prompts, ALL submitted at once ->
+                                             per prompt, settings.n Completion(token_ids, logprobs, version)
+      check_versions(completions, version)   a completion sampled with other weights is refused, never trained on
+    eval: engine.greedy(prompts, max_new_tokens) -> completion token ids per prompt
+    end:  engine.close()                     stops what the engine owns (servers), also on failure
+
+Log-probs are the engine's own, of each sampled token at the sampling temperature over the full vocabulary
+(top_p < 1 samples from the truncated distribution, whose log-prob the engine reports), in the engine's
+numerics: the trainer compares them with its own (trainer/rl/logprob_mismatch.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int  # completions per prompt (the GRPO group)
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int  # this rank's step seed; engines derive one per prompt from it
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # up to and including the end-of-turn token, if sampled
+    logprobs: list[float]  # the engine's log-prob of each token
+    version: int  # weight version that sampled EVERY token (an engine reports mixed versions as an error)
+
+
+class StaleRolloutError(RuntimeError):
+    """A rollout sampled with other weights than the step trains: never used for a loss."""
+
+
+def check_versions(completions: list[Completion], expected: int) -> None:
+    """Refuse completions not sampled with weight version `expected` (the synchronous loop: this step's)."""
+    stale = sorted({c.version for c in completions if c.version != expected})
+    if stale:
+        raise StaleRolloutError(f"{sum(c.version != expected for c in completions)} of {len(completions)} rollouts "
+                                f"were sampled with weight version(s) {stale}, this step trains version {expected}: "
+                                "refusing to train on them (did a weight sync fail, or another trainer share the "
+                                "server? rollout.vllm.urls must name servers this run alone updates)")
+
+
+class RolloutEngine(ABC):
+    """A step's prompts (token ids) in; completions, their log-probs and weight version out; weights in after each
+    optimizer step."""
+
+    version: int = -1  # the weight version the engine holds (-1: never synced)
+
+    @abstractmethod
+    def sync(self, policy: torch.nn.Module, version: int) -> dict:
+        """Make the policy's current weights the engine's (a collective over every trainer rank); returns
+        statistics (bytes, seconds) for the step's metrics."""
+
+    @abstractmethod
+    def sample(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
+        """settings.n completions of each prompt, all prompts submitted together."""
+
+    @abstractmethod
+    def greedy(self, prompts: list[list[int]], *, max_new_tokens: int) -> list[list[int]]:
+        """The greedy completion (token ids) of each prompt."""
+
+    def close(self) -> None:
+        """Release what the engine owns (idempotent)."""
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends a completion: ChatML's <|im_end|> where the vocabulary has it, else eos."""
+    vocab = tokenizer.get_vocab()
+    return vocab["<|im_end|>"] if "<|im_end|>" in vocab else tokenizer.eos_token_id
+
+
+def cut_at_end(tokens: list[int], end_id: int) -> list[int]:
+    """A completion up to and including the first end-of-turn token."""
+    return tokens[:tokens.index(end_id) + 1] if end_id in tokens else tokens

@@ -1,0 +1,114 @@
+"""Weights from the FSDP2 policy to vLLM servers, bucket by bucket, through vLLM's weight-transfer protocol.
+
+    every trainer rank, same order:   policy.state_dict() (DTensor shards, HF names: apply_cp renames nothing)
+      per tensor: full_tensor()       an all-gather over dp_cp; rank 0 keeps the full tensor (cast to the
+                                      server's dtype), the others drop it at once
+      ~bucket_mb gathered             rank 0 writes sync_dir/bucket-<k>.safetensors, POSTs /update_weights to
+                                      every server, deletes the file: at most one bucket held at a time
+    rank 0 before / after:            /start_weight_update; /finish_weight_update {weight_version}: every token
+                                      the server samples afterwards carries that version
+
+The servers run the `cptrain_files` engine (vllm_plugin/: registered in vLLM's weight-transfer registry through
+vLLM's plugin entry points), which reads a bucket file and hands its tensors to the model's own load_weights
+(HF checkpoint names; vLLM fuses q/k/v and gate/up itself) inside vLLM's layerwise reload. Files, because
+vLLM's built-in engines are NCCL and CUDA IPC and neither runs on CPU: in /dev/shm a bucket costs one memory
+copy each way; sync_dir on a shared filesystem reaches servers on other nodes (prime-rl's filesystem backend
+does the same). Memory: rank 0 holds one bucket beyond its shard; the others one tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+BACKEND = "cptrain_files"  # vllm_plugin/cptrain_vllm_plugin (the server side's registry name)
+
+
+def default_sync_dir() -> str:
+    """Shared memory where the OS has it (same host: no disk), else the temp directory."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def gathered_buckets(policy: torch.nn.Module, *, bucket_bytes: int, dtype: torch.dtype,
+                     keep: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """The policy's full state dict in buckets of about `bucket_bytes` (a collective: every rank iterates it in
+    lock-step). keep=False (every rank but the sender): the tensors are gathered and dropped, buckets are empty."""
+    bucket, size = {}, 0
+    for name, tensor in policy.state_dict().items():
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # all-gather of the shards
+        if not keep:
+            continue
+        full = full.detach().to("cpu", dtype=dtype if full.is_floating_point() else full.dtype).contiguous()
+        bucket[name] = full
+        size += full.numel() * full.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = {}, 0
+    if bucket or not keep:
+        yield bucket
+
+
+class FileWeightSender:
+    """Rank 0's side of the `cptrain_files` protocol over one or more servers (VLLMClient each)."""
+
+    def __init__(self, clients: list, sync_dir: str):
+        self.clients = clients
+        self.directory = Path(tempfile.mkdtemp(prefix="cptrain-weights-", dir=sync_dir))
+        for client in clients:
+            client.post("/init_weight_transfer_engine", {"init_info": {"directory": str(self.directory)}})
+
+    def send(self, buckets: Iterator[dict[str, torch.Tensor]], version: int) -> dict:
+        from safetensors.torch import save_file
+
+        start, sent, count = time.perf_counter(), 0, 0
+        for client in self.clients:
+            client.post("/start_weight_update")
+        for bucket in buckets:
+            if not bucket:
+                continue
+            path = self.directory / f"bucket-{count}.safetensors"
+            save_file(bucket, str(path))
+            try:
+                for client in self.clients:
+                    client.post("/update_weights", {"update_info": {"file": str(path)}})
+            finally:
+                path.unlink(missing_ok=True)
+            sent += sum(t.numel() * t.element_size() for t in bucket.values())
+            count += 1
+        for client in self.clients:
+            client.post("/finish_weight_update", {"weight_version": str(version)})
+        return {"sync_s": time.perf_counter() - start, "sync_bytes": float(sent), "sync_buckets": float(count)}
+
+    def close(self) -> None:
+        for path in self.directory.glob("*"):
+            path.unlink(missing_ok=True)
+        self.directory.rmdir() if self.directory.exists() else None
+
+
+def sync_policy(policy: torch.nn.Module, sender: FileWeightSender | None, version: int, *, bucket_bytes: int,
+                dtype: torch.dtype, group=None) -> dict:
+    """Every trainer rank: gather bucket by bucket; rank 0 (sender not None) sends. Then every rank learns the
+    statistics (and any failure) of the sender, so a failed sync stops every rank with the same error."""
+    stats, error = {}, None
+    buckets = gathered_buckets(policy, bucket_bytes=bucket_bytes, dtype=dtype, keep=sender is not None)
+    if sender is None:
+        for _ in buckets:  # lock-step all-gathers
+            pass
+    else:
+        try:
+            stats = sender.send(buckets, version)
+        except Exception as exc:  # the other ranks must still finish the gathers, then hear about it
+            error = f"{type(exc).__name__}: {exc}"
+            for _ in buckets:
+                pass
+    shared = [{"stats": stats, "error": error}]
+    dist.broadcast_object_list(shared, src=0, group=group)
+    if shared[0]["error"]:
+        raise RuntimeError(f"weight sync to vLLM failed: {shared[0]['error']}")
+    return shared[0]["stats"]

@@ -1,0 +1,16 @@
+"""cptrain's plugin for vLLM servers: the `cptrain_files` weight-transfer engine (see file_engine.py).
+
+Installed into the vLLM venv (scripts/install_vllm.sh: pip install ./vllm_plugin); vLLM calls register() in
+every process it starts (entry point group vllm.general_plugins). It imports nothing from cptrain: the two
+sides share only the protocol (names and files), since they live in different environments.
+"""
+
+BACKEND = "cptrain_files"
+
+
+def register() -> None:
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if BACKEND not in WeightTransferEngineFactory._registry:  # plugins may load more than once per process
+        WeightTransferEngineFactory.register_engine(BACKEND, "cptrain_vllm_plugin.file_engine",
+                                                    "FileWeightTransferEngine")
