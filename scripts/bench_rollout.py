@@ -65,8 +65,11 @@ def main(argv=None) -> None:
     results["meta"] = {"command": command_line(__file__, argv), "date": now(), "machine": machine(),
                        "code_state": code_state(("trainer/rl/loop.py", "trainer/rl/rollout/vllm_engine.py",
                                                  "trainer/rl/rollout/weight_sync.py"))}
+    made = results.setdefault("made_by", {})  # part -> the command, date and commit that measured it
     for part in args.parts:
         log(f"{part}:")
+        made[part] = {"command": results["meta"]["command"], "date": now(),
+                      "commit": results["meta"]["code_state"]["commit"]}
         if part == "engines":
             results["engines"] = engines.measure(n_prompts=4, group=8, max_new_tokens=128, log=log)
         elif part == "learn":

@@ -1,7 +1,7 @@
 """The real-model GRPO runs: cptrain with each engine, and TRL's GRPOTrainer on the same model, prompts and settings.
 
     cptrain   torchrun --nproc-per-node 2 -m trainer.rl experiment=smollm2_arith rollout.engine=<engine>
-              max_steps=<steps> output_dir=<out>/run_<engine>   (cp=2 Ulysses, held-out greedy accuracy on the
+              max_steps=<steps> output_dir=outputs/bench_rollout/run_<engine>   (cp=2 Ulysses, held-out accuracy on the
               last 100 prompts at the start, every 5 steps and at the end: eval.jsonl)
               -> its metrics.jsonl and eval.jsonl are copied to <out>/learn_<engine>/
     trl       scripts/bench/rollout/trl_peer.py in the TRL venv (scripts/install_trl_peer.sh): GRPOTrainer, one
@@ -25,7 +25,7 @@ TRL_PYTHON = Path(os.environ.get("TRL_VENV", ROOT / ".venv-trl")) / "bin" / "pyt
 
 
 def run_cptrain(engine: str, steps: int, out: Path, log) -> dict:
-    run_dir = out / f"run_{engine}"
+    run_dir = ROOT / "outputs" / "bench_rollout" / f"run_{engine}"  # checkpoints: never under docs/
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "trainer.rl",
            "experiment=smollm2_arith", f"rollout.engine={engine}", f"max_steps={steps}", f"output_dir={run_dir}",
            "overwrite=true", "checkpoint.export_hf=false", "wandb.mode=disabled"]

@@ -35,8 +35,10 @@ class SamplingSettings:
 @dataclass
 class Completion:
     token_ids: list[int]  # up to and including the end-of-turn token, if sampled
-    logprobs: list[float]  # the engine's log-prob of each token
-    version: int  # weight version that sampled EVERY token (an engine reports mixed versions as an error)
+    logprobs: list[float]  # the engine's log-prob of each token, under the weights that sampled it
+    version: int  # the weight version that sampled its FIRST token (its oldest: what its lag is measured from)
+    newest: int | None = None  # the version of its last token when weights changed mid-completion (async GRPO's
+                               # in-flight updates); None: every token has `version`
 
 
 class StaleRolloutError(RuntimeError):
@@ -44,10 +46,11 @@ class StaleRolloutError(RuntimeError):
 
 
 def check_versions(completions: list[Completion], expected: int) -> None:
-    """Refuse completions not sampled with weight version `expected` (the synchronous loop: this step's)."""
-    stale = sorted({c.version for c in completions if c.version != expected})
-    if stale:
-        raise StaleRolloutError(f"{sum(c.version != expected for c in completions)} of {len(completions)} rollouts "
+    """Refuse completions not sampled entirely with weight version `expected` (the synchronous loop: this step's)."""
+    off = [c for c in completions if c.version != expected or c.newest not in (None, expected)]
+    stale = sorted({v for c in off for v in (c.version, c.newest) if v is not None and v != expected})
+    if off:
+        raise StaleRolloutError(f"{len(off)} of {len(completions)} rollouts "
                                 f"were sampled with weight version(s) {stale}, this step trains version {expected}: "
                                 "refusing to train on them (did a weight sync fail, or another trainer share the "
                                 "server? rollout.vllm.urls must name servers this run alone updates)")

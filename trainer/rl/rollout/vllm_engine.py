@@ -52,16 +52,13 @@ def _completion(choice: dict, end_id: int, expected_version: int) -> Completion:
     logprobs = [entry["logprob"] for entry in (choice.get("logprobs") or {}).get("content") or []]
     if len(logprobs) != len(tokens):
         raise VLLMError(f"the server returned {len(tokens)} tokens but {len(logprobs)} log-probs")
-    spans = choice.get("weight_versions") or []
-    versions = {span["version"] for span in spans if span["end"] > span["start"]}
-    if len(versions) > 1:
-        raise VLLMError(f"one completion was sampled by weight versions {sorted(versions)}: a weight update "
-                        "overlapped generation (two trainers on one server?)")
-    version = int(versions.pop()) if versions and next(iter(versions)).lstrip("-").isdigit() else -1
-    if not tokens:
-        version = expected_version  # nothing sampled: no span, nothing to attribute
     kept = cut_at_end(tokens, end_id)
-    return Completion(kept, logprobs[:len(kept)], version)
+    spans = sorted((span["start"], span["version"]) for span in choice.get("weight_versions") or []
+                   if span["end"] > span["start"] and span["start"] < len(kept))  # the kept tokens' spans
+    versions = [int(v) if str(v).lstrip("-").isdigit() else -1 for _, v in spans]  # "default": never synced
+    if not versions:
+        return Completion(kept, logprobs[:len(kept)], expected_version)  # nothing sampled: nothing to attribute
+    return Completion(kept, logprobs[:len(kept)], versions[0], versions[-1] if len(set(versions)) > 1 else None)
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -106,9 +103,11 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RuntimeError(outcome[0]["error"])
         return [outcome[0]["url"]]
 
-    def sync(self, policy: torch.nn.Module, version: int) -> dict:
+    def sync(self, policy: torch.nn.Module, version: int, *, in_flight: bool = False) -> dict:
+        """in_flight: requests may be running (async GRPO): they are frozen for the transfer and continue on the
+        new weights (vLLM's /pause?mode=keep ... /resume); their tokens' versions say which weights sampled them."""
         stats = sync_policy(policy, self.sender, version, bucket_bytes=int(self.vcfg.sync_bucket_mb * 2**20),
-                            dtype=self.dtype, group=self.group)
+                            dtype=self.dtype, group=self.group, pause=in_flight)
         self.version = version
         return stats
 

@@ -1,6 +1,7 @@
 """Weights from the FSDP2 policy to vLLM servers, bucket by bucket, through vLLM's weight-transfer protocol.
 
-    every trainer rank, same order:   policy.state_dict() (DTensor shards, HF names: apply_cp renames nothing)
+    every trainer rank, same order:   policy.state_dict() (DTensor shards, HF names: apply_cp renames nothing;
+                                      a tied weight once: vLLM ties lm_head to the embedding itself)
       per tensor: full_tensor()       an all-gather over dp_cp; rank 0 keeps the full tensor (cast to the
                                       server's dtype), the others drop it at once
       ~bucket_mb gathered             rank 0 writes sync_dir/bucket-<k>.safetensors, POSTs /update_weights to
@@ -39,12 +40,16 @@ def gathered_buckets(policy: torch.nn.Module, *, bucket_bytes: int, dtype: torch
                      keep: bool) -> Iterator[dict[str, torch.Tensor]]:
     """The policy's full state dict in buckets of about `bucket_bytes` (a collective: every rank iterates it in
     lock-step). keep=False (every rank but the sender): the tensors are gathered and dropped, buckets are empty."""
-    bucket, size = {}, 0
-    for name, tensor in policy.state_dict().items():
+    bucket, size, seen = {}, 0, set()
+    for name, tensor in policy.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # a tied weight (lm_head = embed_tokens): sent once, under its first name
+            continue
+        seen.add(id(tensor))
+        tensor = tensor.detach()
         full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # all-gather of the shards
         if not keep:
             continue
-        full = full.detach().to("cpu", dtype=dtype if full.is_floating_point() else full.dtype).contiguous()
+        full = full.to("cpu", dtype=dtype if full.is_floating_point() else full.dtype).contiguous()
         bucket[name] = full
         size += full.numel() * full.element_size()
         if size >= bucket_bytes:
@@ -63,12 +68,29 @@ class FileWeightSender:
         for client in clients:
             client.post("/init_weight_transfer_engine", {"init_info": {"directory": str(self.directory)}})
 
-    def send(self, buckets: Iterator[dict[str, torch.Tensor]], version: int) -> dict:
+    def send(self, buckets: Iterator[dict[str, torch.Tensor]], version: int, *, pause: bool = False) -> dict:
+        """pause: requests are in flight (async GRPO): the servers freeze them for the transfer (/pause?mode=keep)
+        and go on with them on the new weights afterwards (/resume): each token keeps the version that sampled it."""
         from safetensors.torch import save_file
 
         start, sent, count = time.perf_counter(), 0, 0
-        for client in self.clients:
-            client.post("/start_weight_update")
+        if pause:
+            for client in self.clients:
+                client.post("/pause?mode=keep")
+        try:
+            for client in self.clients:
+                client.post("/start_weight_update")
+            count, sent = self._send_buckets(buckets, save_file)
+            for client in self.clients:
+                client.post("/finish_weight_update", {"weight_version": str(version)})
+        finally:
+            if pause:
+                for client in self.clients:
+                    client.post("/resume")
+        return {"sync_s": time.perf_counter() - start, "sync_bytes": float(sent), "sync_buckets": float(count)}
+
+    def _send_buckets(self, buckets, save_file) -> tuple[int, int]:
+        sent, count = 0, 0
         for bucket in buckets:
             if not bucket:
                 continue
@@ -81,9 +103,7 @@ class FileWeightSender:
                 path.unlink(missing_ok=True)
             sent += sum(t.numel() * t.element_size() for t in bucket.values())
             count += 1
-        for client in self.clients:
-            client.post("/finish_weight_update", {"weight_version": str(version)})
-        return {"sync_s": time.perf_counter() - start, "sync_bytes": float(sent), "sync_buckets": float(count)}
+        return count, sent
 
     def close(self) -> None:
         for path in self.directory.glob("*"):
@@ -92,7 +112,7 @@ class FileWeightSender:
 
 
 def sync_policy(policy: torch.nn.Module, sender: FileWeightSender | None, version: int, *, bucket_bytes: int,
-                dtype: torch.dtype, group=None) -> dict:
+                dtype: torch.dtype, group=None, pause: bool = False) -> dict:
     """Every trainer rank: gather bucket by bucket; rank 0 (sender not None) sends. Then every rank learns the
     statistics (and any failure) of the sender, so a failed sync stops every rank with the same error."""
     stats, error = {}, None
@@ -102,7 +122,7 @@ def sync_policy(policy: torch.nn.Module, sender: FileWeightSender | None, versio
             pass
     else:
         try:
-            stats = sender.send(buckets, version)
+            stats = sender.send(buckets, version, pause=pause)
         except Exception as exc:  # the other ranks must still finish the gathers, then hear about it
             error = f"{type(exc).__name__}: {exc}"
             for _ in buckets:
