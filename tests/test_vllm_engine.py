@@ -48,10 +48,17 @@ VLLM_FAST = ["model.cp=2", "rollout.engine=vllm", "rollout.vllm.sync_bucket_mb=0
 
 
 def _export_tiny_llama(path: Path) -> Path:
-    from models.tiny import tiny_model
+    """A tiny Llama with TIED embeddings (as SmolLM2): a sync must reach lm_head too (vLLM's layerwise reload does
+    not keep the tie), which an untied model would not show."""
+    from transformers import AutoModelForCausalLM
+
+    from models.tiny import tiny_config
     from trainer.data.tokenizer import load_tokenizer
     tokenizer = load_tokenizer("builtin")
-    tiny_model("llama", vocab_size=len(tokenizer), seed=1).save_pretrained(path)
+    config = tiny_config("llama", vocab_size=len(tokenizer))
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -1,7 +1,7 @@
 """Weights from the FSDP2 policy to vLLM servers, bucket by bucket, through vLLM's weight-transfer protocol.
 
     every trainer rank, same order:   policy.state_dict() (DTensor shards, HF names: apply_cp renames nothing;
-                                      a tied weight once: vLLM ties lm_head to the embedding itself)
+                                      a tied weight gathered once, sent under each name)
       per tensor: full_tensor()       an all-gather over dp_cp; rank 0 keeps the full tensor (cast to the
                                       server's dtype), the others drop it at once
       ~bucket_mb gathered             rank 0 writes sync_dir/bucket-<k>.safetensors, POSTs /update_weights to
@@ -39,17 +39,30 @@ def default_sync_dir() -> str:
 def gathered_buckets(policy: torch.nn.Module, *, bucket_bytes: int, dtype: torch.dtype,
                      keep: bool) -> Iterator[dict[str, torch.Tensor]]:
     """The policy's full state dict in buckets of about `bucket_bytes` (a collective: every rank iterates it in
-    lock-step). keep=False (every rank but the sender): the tensors are gathered and dropped, buckets are empty."""
-    bucket, size, seen = {}, 0, set()
-    for name, tensor in policy.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:  # a tied weight (lm_head = embed_tokens): sent once, under its first name
-            continue
-        seen.add(id(tensor))
-        tensor = tensor.detach()
-        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # all-gather of the shards
+    lock-step). keep=False (every rank but the sender): the tensors are gathered and dropped, buckets are empty.
+    A tied weight (lm_head = embed_tokens) is gathered once and sent under each of its names: vLLM's layerwise
+    reload does not keep the tie, so a name left out would keep its old values (measured: a stale lm_head)."""
+    params = policy.state_dict(keep_vars=True)
+    names_of: dict[int, int] = {}
+    for tensor in params.values():
+        names_of[id(tensor)] = names_of.get(id(tensor), 0) + 1
+    bucket, size, gathered, tied = {}, 0, set(), {}
+    for name, tensor in params.items():
+        key = id(tensor)
+        if key in gathered:  # the same collectives on every rank: a tied weight's second name gathers nothing
+            names_of[key] -= 1
+            full = tied.pop(key, None) if names_of[key] == 1 else tied.get(key)
+            full = None if full is None else full.clone()  # safetensors refuses two names on one storage
+        else:
+            gathered.add(key)
+            tensor = tensor.detach()
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # all-gather of the shards
+            if keep:
+                full = full.to("cpu", dtype=dtype if full.is_floating_point() else full.dtype).contiguous()
+                if names_of[key] > 1:
+                    tied[key] = full  # held until its other names are sent (the embedding: one tensor)
         if not keep:
             continue
-        full = full.to("cpu", dtype=dtype if full.is_floating_point() else full.dtype).contiguous()
         bucket[name] = full
         size += full.numel() * full.element_size()
         if size >= bucket_bytes:
