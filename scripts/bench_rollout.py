@@ -15,6 +15,8 @@ two learning runs):
     train     the GRPO training half vs SFT on the same tokens                                (~5 min)
     sync      weight sync time and bytes vs model size                                         (~8 min)
     mismatch  engine vs trainer log-probs, fp32 and bf16                                       (~10 min)
+    async     async GRPO: rollout.max_off_policy_steps = 1, 2 with the vllm engine (k = 0 is learn's vllm run):
+              step time, idle shares, the time to +15 points                                  (~40 min)
 The parts are scripts/bench/rollout/; results.json keeps each part's numbers and the command that made them.
 """
 
@@ -34,14 +36,14 @@ from bench.rollout import engines, learn, mismatch, report, sync, train  # noqa:
 from bench.rollout.common import require_real_model  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "rollout"
-PARTS = ("engines", "learn", "trl", "train", "sync", "mismatch")
+PARTS = ("engines", "learn", "trl", "train", "sync", "mismatch", "async")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--learn-steps", type=int, default=25, help="optimizer steps of each learning run")
+    p.add_argument("--learn-steps", type=int, default=15, help="optimizer steps of each learning run")
     p.add_argument("--learn-engines", nargs="+", choices=("vllm", "hf"), default=["vllm", "hf"])
     p.add_argument("--trl-steps", type=int, default=3)
     p.add_argument("--sizes", nargs="+", choices=sorted(sync.SIZES), default=list(sync.SIZES))
@@ -68,12 +70,15 @@ def main(argv=None) -> None:
     made = results.setdefault("made_by", {})  # part -> the command, date and commit that measured it
     for part in args.parts:
         log(f"{part}:")
-        made[part] = {"command": results["meta"]["command"], "date": now(),
+        key = part if part != "learn" else f"learn {' '.join(args.learn_engines)}"
+        made[key] = {"command": results["meta"]["command"], "date": now(),
                       "commit": results["meta"]["code_state"]["commit"]}
         if part == "engines":
             results["engines"] = engines.measure(n_prompts=4, group=8, max_new_tokens=128, log=log)
         elif part == "learn":
-            results["learning"] = [learn.run_cptrain(e, args.learn_steps, args.out, log) for e in args.learn_engines]
+            kept = [r for r in results.get("learning", []) if r["engine"] not in args.learn_engines]
+            results["learning"] = kept + [learn.run_cptrain(e, args.learn_steps, args.out, log)
+                                          for e in args.learn_engines]
         elif part == "trl":
             results["trl"] = learn.run_trl(args.trl_steps, args.out, log)
         elif part == "train":
@@ -81,6 +86,8 @@ def main(argv=None) -> None:
         elif part == "sync":
             results["sync"] = sync.measure(args.sizes, repeats=3, bucket_mb=args.sync_bucket_mb, log=log)
             results["sync_bucket_mb"] = args.sync_bucket_mb
+        elif part == "async":
+            results["async"] = [learn.run_cptrain("vllm", args.learn_steps, args.out, log, k=k) for k in (1, 2)]
         elif part == "mismatch":
             results["mismatch"] = mismatch.measure([("float32", 4, 8, 48), ("bfloat16", 1, 4, 24)], log=log)
         path.write_text(json.dumps(results, indent=1))  # after every part: an interrupted run keeps what it made

@@ -257,6 +257,11 @@ class RolloutConfig:
     w < 1 / is_cap. none: no weight."""
     is_cap: float = 3.0
     """The cap of rollout.is_correction (TRL's default)."""
+    max_off_policy_steps: int = 0
+    """Async GRPO (trainer/rl/async_rollouts.py): the engine generates up to k steps ahead while the trainer trains,
+    from weights at most k versions older than the policy that trains on them (a group with an older rollout is
+    dropped and counted); weights reach the engine after every optimizer step with its requests in flight (their
+    later tokens carry the new version). 0: the synchronous loop. Needs rollout.engine=vllm."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -471,6 +476,11 @@ def validate_rollout_engine(cfg) -> None:
            "trainer's own old log-probs: set rollout.old_logprobs=trainer (with old_logprobs=engine the ratio "
            "already divides by the engine's)")
     _check(r.is_cap > 1, f"rollout.is_cap={r.is_cap} must be > 1")
+    _check(r.max_off_policy_steps >= 0, f"rollout.max_off_policy_steps={r.max_off_policy_steps} must be >= 0 "
+                                         "(0: synchronous; k: rollouts at most k weight versions old)")
+    _check(r.max_off_policy_steps == 0 or r.engine == "vllm",
+           f"rollout.max_off_policy_steps={r.max_off_policy_steps} generates while the trainer trains, in another "
+           "process: set rollout.engine=vllm (the hf engine generates on the trainer ranks themselves)")
     if r.engine != "vllm":
         return
     _check(0 < v.gpu_memory_utilization <= 1, f"rollout.vllm.gpu_memory_utilization={v.gpu_memory_utilization} "

@@ -51,7 +51,7 @@ class Rollout:
     old_logp: list[float]  # the sampling engine's log-prob of each completion token
     reward: float
     advantage: float = 0.0
-    version: int = 0  # the weight version that sampled it (trainer.rl.rollout.base.check_versions)
+    version: int = 0  # the weight version that sampled its first token (trainer.rl.rollout.base.check_versions)
 
 
 @dataclass
@@ -66,6 +66,7 @@ class RolloutRows:
     seq_lens: list[list[int]]
     seq_ids: torch.Tensor | None = None  # [B, S] long: the completion's index in the micro-batch, -1 elsewhere
     seq_lengths: torch.Tensor | None = None  # [completions in the micro-batch]: tokens of each
+    versions: torch.Tensor | None = None  # [B, S] long: the weight version that sampled the completion, -1 elsewhere
 
 
 def _rollout_columns(r: Rollout, seq_id: int, sequence_norm: bool) -> dict[str, list]:
@@ -73,14 +74,16 @@ def _rollout_columns(r: Rollout, seq_id: int, sequence_norm: bool) -> dict[str, 
     and seq_ids only at the positions that predict a completion token."""
     n, p = len(r.prompt_ids) + len(r.completion_ids), len(r.prompt_ids)
     labels, old, adv, weight, seq_ids = [IGNORE_INDEX] * n, [0.0] * n, [0.0] * n, [0.0] * n, [-1] * n
+    versions = [-1] * n
     for i, token in enumerate(r.completion_ids):  # position p-1+i predicts completion token i
         labels[p - 1 + i] = token
         old[p - 1 + i] = r.old_logp[i]
         adv[p - 1 + i] = r.advantage
         weight[p - 1 + i] = 1.0 / len(r.completion_ids) if sequence_norm else 1.0
         seq_ids[p - 1 + i] = seq_id
+        versions[p - 1 + i] = r.version
     return {"input_ids": r.prompt_ids + r.completion_ids, "labels": labels, "old_logp": old, "advantages": adv,
-            "weights": weight, "seq_ids": seq_ids}
+            "weights": weight, "seq_ids": seq_ids, "versions": versions}
 
 
 def pack_rollouts(rollouts: list[Rollout], *, seq_len: int, rows_per_batch: int, pad_id: int,
@@ -90,7 +93,7 @@ def pack_rollouts(rollouts: list[Rollout], *, seq_len: int, rows_per_batch: int,
     lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
     rows = [[rollouts[i] for i in row] for row in next_fit_rows(lengths, seq_len)]
     pad = {"input_ids": pad_id, "labels": IGNORE_INDEX, "old_logp": 0.0, "advantages": 0.0, "weights": 0.0,
-           "seq_ids": -1}
+           "seq_ids": -1, "versions": -1}
     batches = []
     for start in range(0, len(rows), rows_per_batch):
         chunk = rows[start:start + rows_per_batch]
@@ -105,6 +108,6 @@ def pack_rollouts(rollouts: list[Rollout], *, seq_len: int, rows_per_batch: int,
 
 def empty_rows(seq_len: int, rows: int, pad_id: int) -> RolloutRows:
     """A micro-batch that trains nothing (all pad): keeps ranks in lock-step when they have fewer rows."""
-    zeros = torch.zeros(rows, seq_len)
+    zeros, none = torch.zeros(rows, seq_len), torch.full((rows, seq_len), -1)
     return RolloutRows(torch.full((rows, seq_len), pad_id), torch.full((rows, seq_len), IGNORE_INDEX), zeros, zeros,
-                       zeros, [[seq_len]] * rows, torch.full((rows, seq_len), -1), torch.zeros(0, dtype=torch.long))
+                       zeros, [[seq_len]] * rows, none, torch.zeros(0, dtype=torch.long), none)

@@ -45,6 +45,7 @@ from trainer.loss import shard_logprobs
 from trainer.rl.prompts import PromptSampler, load_rl_prompts, make_eval_prompts, make_prompts, split_eval_prompts
 from trainer.rl.logprob_mismatch import is_weights, mismatch_sums
 from trainer.rl.rollout import build_engine
+from trainer.rl.async_rollouts import RolloutProducer, lag_histogram, split_stale
 from trainer.rl.rollout.base import RolloutEngine, SamplingSettings, check_versions
 from trainer.planning.token_budget import EMPTY_PASS_TOKENS
 from trainer.data.tokenizer import pad_token_id
@@ -64,19 +65,24 @@ def _columns(prompts: list) -> dict:
     return {k: [row.get(k) for row in rows] for k in names}
 
 
-def sampling_settings(cfg, trainer: Trainer) -> SamplingSettings:
+def sampling_settings(cfg, step: int) -> SamplingSettings:
+    """Sampling for the rollouts of step `step` + 1 (a seed per step and rank, the same in sync and async runs)."""
     r, rank = cfg.rollout, dist.get_rank()
     return SamplingSettings(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                            top_p=r.top_p, seed=cfg.seed * 1_000_003 + trainer.step * 10_007 + rank * 101)
+                            top_p=r.top_p, seed=cfg.seed * 1_000_003 + step * 10_007 + rank * 101)
 
 
-def generate_rollouts(cfg, trainer: Trainer, engine: RolloutEngine, prompts, rewards) -> tuple[list, dict]:
-    """This rank's rollouts with rewards and group advantages, and reward sums for logging. All of the rank's
-    prompts go to the engine at once; every completion must carry this step's weight version. rewards: batched
-    fn(prompts, completions, **columns) or per-sample fn(prompt, completion, answer) (adapted)."""
+def generate_rollouts(cfg, trainer: Trainer, engine: RolloutEngine, prompts, rewards, *,
+                      step: int | None = None, synchronous: bool = True) -> tuple[list, dict]:
+    """This rank's rollouts for step `step` + 1 (default: the trainer's next) with rewards and group advantages, and
+    reward sums for logging. All of the rank's prompts go to the engine at once; in the synchronous loop every
+    completion must carry this step's weight version (async: the consumer measures and bounds the lag).
+    rewards: batched fn(prompts, completions, **columns) or per-sample fn(prompt, completion, answer) (adapted)."""
+    step = trainer.step if step is None else step
     rewards = [tasks.as_batched(fn) for fn in rewards]
-    groups = engine.sample([p.input_ids for p in prompts], sampling_settings(cfg, trainer))
-    check_versions([c for group in groups for c in group], expected=trainer.step)
+    groups = engine.sample([p.input_ids for p in prompts], sampling_settings(cfg, step))
+    if synchronous:
+        check_versions([c for group in groups for c in group], expected=step)
     sampled = [(prompt, c) for prompt, group in zip(prompts, groups) for c in group]  # group by group
     texts = [engine_decode(trainer.tokenizer, c.token_ids) for _, c in sampled]
     owners = [prompt for prompt, _ in sampled]
@@ -190,13 +196,13 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, o
         batch = cp.setup_cp_params(rows.input_ids.to(device), dims, labels=rows.labels.to(device),
                                    seq_lens=rows.seq_lens, style=None if dims else "ulysses")
         extra = [cp.shard(t.to(device), batch.params) for t in (rows.old_logp, rows.advantages, rows.weights)]
-        seq_ids = cp.shard(rows.seq_ids.to(device), batch.params, pad_value=-1)
-        shards.append((batch, seq_ids, rows.seq_lengths.to(device), *extra))
+        seq_ids, versions = (cp.shard(t.to(device), batch.params, pad_value=-1) for t in (rows.seq_ids, rows.versions))
+        shards.append((batch, seq_ids, versions, rows.seq_lengths.to(device), *extra))
     norm = policy_loss.normalizer(global_sum(sum(float(w.sum()) for *_, w in shards), trainer), cfg)
     stats = dict.fromkeys(("loss", "clipped", "kl", "entropy", "tokens", "mismatch_abs", "mismatch_k3",
-                           "is_weight", "is_capped"), 0.0)
+                           "is_weight", "is_capped", "lagged_tokens", "lagged_abs", "lagged_k3"), 0.0)
     ratio_max = 0.0
-    for i, (batch, seq_ids, seq_lengths, engine_logp, adv, weight) in enumerate(shards):
+    for i, (batch, seq_ids, versions, seq_lengths, engine_logp, adv, weight) in enumerate(shards):
         trainer.model.set_requires_gradient_sync(i == len(shards) - 1)
         logp, entropy = shard_logprobs(trainer.model, batch, temperature=T, entropy=True, chunk_tokens=chunk)
         ref_logp = None
@@ -219,6 +225,10 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, o
         ratio_max = max(ratio_max, mismatch.pop("mismatch_ratio_max"))
         for key, value in mismatch.items():
             stats[key] += value
+        lagged = mask * (versions < trainer.step).float()  # sampled by older weights (async GRPO)
+        lag = mismatch_sums(logp, engine_logp, lagged)
+        stats.update(lagged_tokens=stats["lagged_tokens"] + float(lagged.sum()),
+                     lagged_abs=stats["lagged_abs"] + lag["mismatch_abs"], lagged_k3=stats["lagged_k3"] + lag["mismatch_k3"])
         stats["loss"] += loss.item()
         stats["clipped"] += float((loss_stats["clipped"] * mask).sum())
         stats["kl"] += float((loss_stats["kl"] * mask).sum())
@@ -233,6 +243,13 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, o
                "logp_mismatch_ratio_max": global_max(ratio_max)}
     if r.is_correction != "none":
         metrics.update(is_weight_mean=reduced["is_weight"] / tokens, is_capped_frac=reduced["is_capped"] / tokens)
+    if r.max_off_policy_steps:  # the mismatch apart for lag 0 (the engine's numerics alone) and lag >= 1 (+ the lag)
+        lagged, fresh = reduced["lagged_tokens"], tokens - reduced["lagged_tokens"]
+        metrics.update(lagged_token_frac=lagged / tokens,
+                       logp_mismatch_abs_mean_lag0=(reduced["mismatch_abs"] - reduced["lagged_abs"]) / max(fresh, 1),
+                       logp_mismatch_kl_lag0=(reduced["mismatch_k3"] - reduced["lagged_k3"]) / max(fresh, 1),
+                       logp_mismatch_abs_mean_lagged=reduced["lagged_abs"] / max(lagged, 1),
+                       logp_mismatch_kl_lagged=reduced["lagged_k3"] / max(lagged, 1))
     return metrics
 
 
@@ -289,16 +306,25 @@ def sync_engine(engine: RolloutEngine, trainer: Trainer) -> dict:
 
 
 def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards, ref_model, pad_id,
-            wait_group=None) -> tuple[dict, list]:
-    """sync (weights -> engine, version = this step) | generate | train; the three times are logged apart."""
+            wait_group=None, producer: RolloutProducer | None = None) -> tuple[dict, list]:
+    """One optimizer step; its rollouts come from the synchronous path (sync weights | generate) or, with
+    rollout.max_off_policy_steps >= 1, from the producer that generated them while earlier steps trained (the
+    weights go to the engine right after the optimizer step). Times: sync, generate, train apart."""
     start = time.perf_counter()
     runtime.reset_peak_memory(trainer.device)
-    sync = sync_engine(engine, trainer)
-    synced = time.perf_counter()
-    rollouts, sums = generate_rollouts(cfg, trainer, engine, sampler.next_prompts(), rewards)
-    wait_for_generation(wait_group)
-    generated = time.perf_counter()
+    if producer is None:
+        sync = sync_engine(engine, trainer)
+        synced = time.perf_counter()
+        rollouts, sums = generate_rollouts(cfg, trainer, engine, sampler.next_prompts(), rewards)
+        wait_for_generation(wait_group)
+        generated = time.perf_counter()
+        timing = {"sync_s": synced - start, "generate_s": generated - synced}
+        extra = {}
+    else:
+        rollouts, sums, timing, extra = take_async_batch(cfg, trainer, producer, sampler, wait_group)
+        generated = time.perf_counter()
     metrics = reward_metrics(sums, trainer, rollouts, cfg)
+    metrics.update(extra)
     train, groups, dropped = drop_zero_advantage_groups(cfg, rollouts)
     if policy_losses.skip_zero_advantage(cfg):
         metrics["groups_skipped_frac"] = global_sum(dropped, trainer) / max(global_sum(groups, trainer), 1.0)
@@ -312,13 +338,40 @@ def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards, ref_
     check_finite(metrics["loss"], trainer.step + 1)
     metrics.update(lr=lr, grad_norm=optimizer_step(trainer))
     trainer.step += 1
+    trained = time.perf_counter()
+    if producer is not None:  # the new weights to the engine now: the producer's requests go on with them
+        sync = engine.sync(trainer.model, trainer.step, in_flight=True)
+        producer.notify_version()
+        timing["sync_s"] = time.perf_counter() - trained
     end = time.perf_counter()
-    metrics.update(step_time_s=end - start, sync_s=synced - start, generate_s=generated - synced,
-                   train_s=end - generated, tokens_per_s=metrics["train_tokens"] / (end - start),
-                   train_tokens_per_s=metrics["train_tokens"] / (end - generated),
+    metrics.update(step_time_s=end - start, train_s=trained - generated, **timing,
+                   tokens_per_s=metrics["train_tokens"] / (end - start),
+                   train_tokens_per_s=metrics["train_tokens"] / (trained - generated),
                    peak_mem_gb=runtime.peak_memory_gb(trainer.device),
                    **{k: v for k, v in sync.items() if k in ("sync_bytes", "sync_buckets")})
     return metrics, sums["samples"]
+
+
+def take_async_batch(cfg, trainer: Trainer, producer: RolloutProducer, sampler,
+                     wait_group=None) -> tuple[list, dict, dict, dict]:
+    """The producer's rollouts for this step (trainer/rl/async_rollouts.py): waited for (trainer idle time), the
+    prompts checked against the checkpointed sampler, groups older than rollout.max_off_policy_steps dropped and
+    counted, the lag histogram over every rank's rollouts."""
+    k, step = cfg.rollout.max_off_policy_steps, trainer.step + 1
+    batch, waited = producer.take(step, cfg.rollout.timeout_s)
+    wait_for_generation(wait_group)  # the slowest rank's producer, before the step's collectives
+    expected = [p.prompt for p in sampler.next_prompts()]  # the sampler as consumed: what a checkpoint resumes
+    if [p.prompt for p in batch.prompts] != expected:
+        raise RuntimeError(f"step {step}: the producer's prompts differ from the sampler's (out of order)")
+    rollouts, dropped = split_stale(batch.rollouts, cfg.rollout.group_size, trains_at=trainer.step, k=k)
+    lags = lag_histogram(rollouts, trains_at=trainer.step, k=k)
+    totals = {j: global_sum(n, trainer) for j, n in lags.items()}
+    count = max(sum(totals.values()), 1.0)
+    engine_idle = producer.pop_engine_idle()
+    extra = {**{f"off_policy_lag_{j}_frac": n / count for j, n in totals.items()},
+             "stale_dropped": global_sum(dropped, trainer), "trainer_idle_s": waited,
+             "engine_idle_s": engine_idle, "batch_age_s": time.perf_counter() - batch.ready_at}
+    return rollouts, batch.sums, {"generate_s": batch.generate_s}, extra
 
 
 def build_reference(cfg, trainer: Trainer):
@@ -385,18 +438,37 @@ def run_rl(cfg: DictConfig) -> list[dict]:
 
         with closing(build_engine(cfg, trainer, wait_group)) as engine:
             eval_start = held_out_eval() if eval_prompts else None
-            for _ in training_steps(trainer, sampler):
-                metrics, samples = rl_step(cfg, trainer, engine, sampler, rewards, ref_model, pad_id, wait_group)
-                every = cfg.rollout.eval_every
-                if eval_prompts and every and trainer.step % every == 0 and trainer.step < cfg.max_steps:
-                    metrics["eval_accuracy"] = held_out_eval()
-                logger.log(trainer.step, metrics)
-                logger.log_table("samples", ["prompt", "completion", "answer", "reward"], samples, trainer.step)
+            producer = start_producer(cfg, trainer, engine, sampler, rewards)
+            try:
+                for _ in training_steps(trainer, sampler):
+                    metrics, samples = rl_step(cfg, trainer, engine, sampler, rewards, ref_model, pad_id,
+                                               wait_group, producer)
+                    every = cfg.rollout.eval_every
+                    if eval_prompts and every and trainer.step % every == 0 and trainer.step < cfg.max_steps:
+                        metrics["eval_accuracy"] = held_out_eval()
+                    logger.log(trainer.step, metrics)
+                    logger.log_table("samples", ["prompt", "completion", "answer", "reward"], samples, trainer.step)
+            finally:
+                if producer is not None:
+                    producer.close()
             summary = summary_line("rl", cfg, logger.history, reward_progress)
             if eval_prompts:
                 summary += f"; greedy eval accuracy {eval_start:.3f} -> {held_out_eval():.3f}"
         finish(trainer, logger, summary)
     return logger.history
+
+
+def start_producer(cfg, trainer: Trainer, engine: RolloutEngine, sampler, rewards) -> RolloutProducer | None:
+    """rollout.max_off_policy_steps >= 1: the thread generating the next steps' rollouts (None: synchronous)."""
+    k = cfg.rollout.max_off_policy_steps
+    if not k:
+        return None
+
+    def make_batch(step: int, prompts):
+        return generate_rollouts(cfg, trainer, engine, prompts, rewards, step=step - 1, synchronous=False)
+
+    sync_engine(engine, trainer)  # a resumed run's weights (the server started from model.name's): the gate needs them
+    return RolloutProducer(make_batch, engine, sampler, first_step=trainer.step + 1, k=k).start()
 
 
 def reward_progress(history: list[dict]) -> str:

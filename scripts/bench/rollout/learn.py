@@ -24,24 +24,27 @@ from bench.rollout.common import ROOT, REAL_MODEL
 TRL_PYTHON = Path(os.environ.get("TRL_VENV", ROOT / ".venv-trl")) / "bin" / "python"
 
 
-def run_cptrain(engine: str, steps: int, out: Path, log) -> dict:
-    run_dir = ROOT / "outputs" / "bench_rollout" / f"run_{engine}"  # checkpoints: never under docs/
+def run_cptrain(engine: str, steps: int, out: Path, log, *, k: int = 0) -> dict:
+    """One learning run; k = rollout.max_off_policy_steps (async GRPO), its results in learn_<engine>[_k<k>]."""
+    name = engine if not k else f"{engine}_k{k}"
+    run_dir = ROOT / "outputs" / "bench_rollout" / f"run_{name}"  # checkpoints: never under docs/
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "trainer.rl",
            "experiment=smollm2_arith", f"rollout.engine={engine}", f"max_steps={steps}", f"output_dir={run_dir}",
-           "overwrite=true", "checkpoint.export_hf=false", "wandb.mode=disabled"]
+           "overwrite=true", "checkpoint.export_hf=false", "wandb.mode=disabled", f"rollout.max_off_policy_steps={k}"]
     log(f"  {' '.join(cmd[2:])}")
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the {engine} run failed:\n{done.stderr[-3000:]}")
     seconds = time.perf_counter() - start
-    keep = out / f"learn_{engine}"
+    keep = out / f"learn_{name}"
     keep.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "eval.jsonl"):
-        shutil.copy(run_dir / name, keep / name)
+    for file in ("metrics.jsonl", "eval.jsonl"):
+        shutil.copy(run_dir / file, keep / file)
     summary = next((line for line in done.stdout.splitlines() if line.startswith("rl done")), "")
     log(f"  {summary} ({seconds:.0f} s)")
-    return {"engine": engine, "steps": steps, "wall_s": seconds, "summary": summary, "command": " ".join(cmd[2:])}
+    return {"engine": engine, "k": k, "steps": steps, "wall_s": seconds, "summary": summary,
+            "command": " ".join(cmd[2:])}
 
 
 def run_trl(steps: int, out: Path, log) -> dict | None:
@@ -59,9 +62,9 @@ def run_trl(steps: int, out: Path, log) -> dict | None:
     return json.loads(result.read_text())
 
 
-def read_run(out: Path, engine: str) -> dict | None:
-    """The copied metrics and evals of a finished run (None if that run was not made)."""
-    keep = out / f"learn_{engine}"
+def read_run(out: Path, name: str) -> dict | None:
+    """The copied metrics and evals of a finished run ("vllm", "hf", "vllm_k1", ...; None if it was not made)."""
+    keep = out / f"learn_{name}"
     if not (keep / "metrics.jsonl").exists():
         return None
     load = lambda name: [json.loads(line) for line in (keep / name).read_text().splitlines() if line.strip()]

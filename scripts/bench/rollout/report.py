@@ -71,6 +71,53 @@ def _learning_lines(out: Path, results: dict) -> list[str]:
     return lines
 
 
+def phase_shares(metrics: list[dict], k: int) -> dict:
+    """Median step time and the trainer's and engine's idle shares of it. k = 0 (synchronous): the trainer waits
+    through sync + generation, the engine through training + sync; k >= 1: what the run measured (trainer_idle_s:
+    waiting for the producer's batch; engine_idle_s: the producer at its gate or blocked on a full queue)."""
+    rows = metrics[1:] or metrics  # the first step includes warm-up (and, async, the first batch's generation)
+    step = statistics.median(m["step_time_s"] for m in rows)
+    if k == 0:
+        trainer_idle = statistics.median((m["sync_s"] + m["generate_s"]) / m["step_time_s"] for m in rows)
+        engine_idle = statistics.median((m["train_s"] + m["sync_s"]) / m["step_time_s"] for m in rows)
+    else:
+        trainer_idle = statistics.median(m["trainer_idle_s"] / m["step_time_s"] for m in rows)
+        engine_idle = statistics.median(min(m["engine_idle_s"] / m["step_time_s"], 1.0) for m in rows)
+    return {"step_s": step, "trainer_idle": trainer_idle, "engine_idle": engine_idle,
+            "generate_s": statistics.median(m["generate_s"] for m in rows),
+            "train_s": statistics.median(m["train_s"] for m in rows),
+            "sync_s": statistics.median(m["sync_s"] for m in rows)}
+
+
+def _async_lines(out: Path) -> list[str]:
+    runs = {k: run for k, name in ((0, "vllm"), (1, "vllm_k1"), (2, "vllm_k2")) if (run := read_run(out, name))}
+    if len(runs) < 2:
+        return ["(async runs not made: python scripts/bench_rollout.py --parts async)"]
+    base = phase_shares(runs[0]["metrics"], 0)
+    rows = []
+    for k, run in runs.items():
+        p = phase_shares(run["metrics"], k)
+        lags = {j: statistics.mean(m.get(f"off_policy_lag_{j}_frac", 1.0 if j == 0 else 0.0) for m in run["metrics"])
+                for j in range(k + 1)}
+        rows.append([k, f"{p['step_s']:.1f}", f"{base['step_s'] / p['step_s']:.2f}x", f"{100 * p['trainer_idle']:.0f}%",
+                     f"{100 * p['engine_idle']:.0f}%", " / ".join(f"{100 * lags[j]:.0f}%" for j in range(k + 1)),
+                     _fmt(minutes_to_gain(run["evals"], 0.15), ".1f"),
+                     f"{100 * run['evals'][-1]['accuracy']:.0f}%"])
+    g, t, s = base["generate_s"], base["train_s"], base["sync_s"]
+    bound = (g + t + s) / max(g, t + s)
+    lines = markdown_table(["k", "step s (median)", "speed vs k=0", "trainer idle", "engine idle",
+                            "rollouts at lag 0 / 1 / 2", "min to +15 pts", "final accuracy"], rows)
+    lines += ["", f"The synchronous step's phases (k=0, medians): generate {g:.1f} s, train {t:.1f} s, sync {s:.1f} s. "
+              f"Perfect overlap would make a step max(generate, train + sync): a {bound:.2f}x bound. On these 2 cores the "
+              "two sides share the cores (generation and training each use both when alone), so overlapping them "
+              "mostly trades one for the other; the measured gain above is what is left after that contention.",
+              "", f"**Projected, not measured**, for a GPU layout where the vLLM server has GPUs of its own (the two "
+              f"sides no longer share compute), with the same phase times: a step takes max(generate, train + sync) "
+              f"= {max(g, t + s):.1f} s instead of {g + t + s:.1f} s, {bound:.2f}x; when generation dominates (long "
+              "completions) the async step approaches the generation time alone and k = 1 already reaches the bound."]
+    return lines
+
+
 def _trl_lines(results: dict, out: Path) -> list[str]:
     trl = results.get("trl")
     if not trl:
@@ -123,6 +170,10 @@ def render(out: Path) -> None:
               "number is the answer, lr 1e-5; greedy accuracy on the 100 held-out prompts. Step times: sync = "
               "weights to the engine, generate = sampling + rewards, train = the policy-gradient half.", ""]
     lines += _learning_lines(out, results)
+    lines += ["", "## Async GRPO: rollouts of the next steps while this one trains", "",
+              "`rollout.max_off_policy_steps=k` with the vllm engine, the same recipe and steps as above; k = 0 is "
+              "the synchronous vllm run. Idle shares are medians over steps 2+ of the step time.", ""]
+    lines += _async_lines(out)
     lines += ["", "## The peer: TRL's GRPOTrainer, same model and settings", ""] + _trl_lines(results, out)
     t = results.get("train")
     if t:

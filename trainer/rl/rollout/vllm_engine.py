@@ -10,8 +10,9 @@
     sample(prompts, s):      every prompt of this rank in flight at once (one request per prompt, n samples,
                              a seed per prompt), spread round-robin over the servers by global prompt index;
                              vLLM batches concurrent requests (continuous batching)
-        -> Completion(token ids, the server's log-prob of each token at T, version): the weight version spans
-           the server returns must be ONE version for the whole completion, else an error (a sync overlapped)
+        -> Completion(token ids, the server's log-prob of each token at T, version, newest): from the weight
+           version spans the server returns, the version of the first token and, when a sync overlapped the
+           request (async GRPO), of the last; the synchronous loop refuses anything but its own version
     greedy(prompts):         temperature 0, same path
 
 Log-probs: the server runs --logprobs-mode processed_logprobs, the log-prob under the distribution it sampled
