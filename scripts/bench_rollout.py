@@ -17,6 +17,7 @@ two learning runs):
     mismatch  engine vs trainer log-probs, fp32 and bf16                                       (~10 min)
     async     async GRPO: rollout.max_off_policy_steps = 1, 2 with the vllm engine (k = 0 is learn's vllm run):
               step time, idle shares, the time to +15 points                                  (~40 min)
+    lora      the vllm learning run with LoRA (rank 16, alpha 32, lr 1e-4; adapters-only sync)  (~17 min)
 The parts are scripts/bench/rollout/; results.json keeps each part's numbers and the command that made them.
 """
 
@@ -36,7 +37,7 @@ from bench.rollout import engines, learn, mismatch, report, sync, train  # noqa:
 from bench.rollout.common import require_real_model  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "rollout"
-PARTS = ("engines", "learn", "trl", "train", "sync", "mismatch", "async")
+PARTS = ("engines", "learn", "trl", "train", "sync", "mismatch", "async", "lora")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,6 +89,9 @@ def main(argv=None) -> None:
             results["sync_bucket_mb"] = args.sync_bucket_mb
         elif part == "async":
             results["async"] = [learn.run_cptrain("vllm", args.learn_steps, args.out, log, k=k) for k in (1, 2)]
+        elif part == "lora":
+            results["lora"] = [learn.run_cptrain("vllm", args.learn_steps, args.out, log, extra=learn.LORA_RUN,
+                                                 name="vllm_lora16")]
         elif part == "mismatch":
             results["mismatch"] = mismatch.measure([("float32", 4, 8, 48), ("bfloat16", 1, 4, 24)], log=log)
         path.write_text(json.dumps(results, indent=1))  # after every part: an interrupted run keeps what it made

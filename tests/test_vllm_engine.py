@@ -89,8 +89,9 @@ def _group_alive(pid: int) -> bool:
         return False
 
 
-def _sync_worker(rank, world, url, model_dir):
-    """cp=2 trainer on the tiny Llama with perturbed weights; sync to the server; compare with the trainer."""
+def _sync_worker(rank, world, url, model_dir, extra=()):
+    """cp=2 trainer on the tiny Llama with perturbed weights (LoRA: base and adapters); sync to the server;
+    compare with the trainer."""
     import torch.distributed as dist
 
     from trainer import config
@@ -101,7 +102,7 @@ def _sync_worker(rank, world, url, model_dir):
     from trainer.rl.rollout.base import SamplingSettings, StaleRolloutError, check_versions
     from trainer.rl.rollout.hf import HFRolloutEngine
     from trainer.rl.rollout.vllm_engine import VLLMRolloutEngine
-    cfg = compose_rl(RL_FAST + VLLM_FAST + [f"model.name={model_dir}", f"rollout.vllm.urls=[{url}]"])
+    cfg = compose_rl(RL_FAST + VLLM_FAST + [f"model.name={model_dir}", f"rollout.vllm.urls=[{url}]", *extra])
     trainer = build_trainer(cfg, validate=config.validate_rl)
     generator = torch.Generator().manual_seed(rank)
     with torch.no_grad():  # other weights than the server loaded: only a working sync makes them agree
@@ -140,8 +141,14 @@ def _sync_worker(rank, world, url, model_dir):
             "mismatch": mismatch, "stale": stale, "tokens": sum(len(c.token_ids) for c in completions)}
 
 
-def test_synced_weights_sample_like_the_trainer(server, tiny_dir):
-    results = run_distributed(_sync_worker, 2, server.url, str(tiny_dir), timeout=600)
+@pytest.mark.parametrize("extra", [[], ["model.lora.rank=4", "rollout.vllm.lora_sync=merged"]],
+                         ids=["full", "lora_merged"])
+def test_synced_weights_sample_like_the_trainer(server, tiny_dir, extra):
+    """LoRA merged: every adapted projection reaches vLLM as W + scale B A under its HF name (the adapter-only
+    sync: tests/test_vllm_lora.py)."""
+    if extra:
+        pytest.importorskip("peft")
+    results = run_distributed(_sync_worker, 2, server.url, str(tiny_dir), extra, timeout=600)
     first = results[0]
     assert first["stats"]["sync_buckets"] > 1, first["stats"]  # bucket by bucket, not the whole model at once
     assert first["stats"]["sync_bytes"] > 0

@@ -25,6 +25,23 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
+class LoraConfig:
+    rank: Optional[int] = None
+    """LoRA rank r (null: full fine-tuning). With a rank the base weights are frozen and held in model.dtype (no
+    fp32 master copy), the adapters are fp32 masters with AdamW state, and checkpoints hold only the adapters
+    (models/adapters/lora.py; `pip install -e .[lora]` for peft)."""
+    alpha: float = 16.0
+    """LoRA alpha: the adapter's update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input. Must be 0 under model.cp > 1: PEFT draws a mask per rank's shard, so the
+    numbers would differ from cp=1."""
+    target_modules: Optional[list[str]] = None
+    """Module names (PEFT target_modules: the last name components) that get adapters. null: every linear
+    projection of the decoder layers (attention, MLP, the Gated DeltaNet / Mamba2 mixers' in/out projections),
+    read from the model itself; MoE routers, experts held as 3D tensors, embeddings and the LM head excluded."""
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny:qwen3_5"
     """HF hub id or local path (from_pretrained), or "tiny:<family>" for a built-in random-init config
@@ -70,6 +87,8 @@ class ModelConfig:
     whose ranks hold its longest document within the budget (a short document runs whole on one rank, a long
     one is split over 2, 4, ... ranks of its cp group; process groups for every degree are built at startup).
     Same loss and gradients as static CP. ulysses or ring only (trainer/planning/token_budget.py)."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig())
+    """LoRA adapters (peft) instead of full fine-tuning; see LoraConfig."""
     tiny_hidden_size: int = 128
     """tiny:* models only: hidden size."""
     tiny_layers: int = 4
@@ -139,6 +158,9 @@ class CheckpointConfig:
     minutes); the top-level timeout_s guards every other collective."""
     export_hf: bool = True
     """At the end, also write output_dir/hf: safetensors + config + tokenizer, loadable by from_pretrained."""
+    export_merged: bool = False
+    """With model.lora.rank: also write output_dir/hf with the adapters merged into full weights (the adapter
+    itself is always exported, to output_dir/adapter, when export_hf is on)."""
     export_dtype: Optional[str] = None
     """dtype of the HF export's weights: float32 | bfloat16 | float16 (null: model.dtype, the compute dtype).
     Checkpoints always hold the fp32 master weights."""
@@ -171,6 +193,7 @@ class SFTConfig:
 
 
 ROLLOUT_ENGINES = ("hf", "vllm")
+LORA_SYNCS = ("adapter", "merged")
 OLD_LOGPROBS = ("engine", "trainer")
 IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
@@ -208,6 +231,10 @@ class VLLMConfig:
     a shared filesystem for servers on other nodes)."""
     sync_bucket_mb: float = 256.0
     """Weights gathered and sent per bucket: rank 0 holds at most this much beyond its shard."""
+    lora_sync: str = "adapter"
+    """With model.lora.rank: `adapter` (only the adapters travel after a step: the server runs vLLM's LoRA with the
+    frozen base, each version loaded as an adapter of its own, requests name it) or `merged` (W + scale B A sent
+    as full weights, for servers or targets vLLM's LoRA does not cover)."""
     extra_args: list[str] = field(default_factory=list)
     """More command-line flags for the owned server (e.g. ["--tensor-parallel-size", "2"])."""
     env: dict[str, str] = field(default_factory=dict)
@@ -375,6 +402,17 @@ def validate_common(cfg, world_size: int) -> None:
     _check(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1")
     _check(not (cfg.resume and cfg.overwrite), "resume=true continues the run in output_dir and overwrite=true "
                                                "deletes it: set one of them")
+    lora = m.lora
+    if lora.rank is not None:
+        _check(lora.rank >= 1, f"model.lora.rank={lora.rank} must be >= 1 (null: full fine-tuning)")
+        _check(lora.alpha > 0, f"model.lora.alpha={lora.alpha} must be > 0")
+        _check(0 <= lora.dropout < 1, f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+        _check(lora.dropout == 0 or m.cp == 1,
+               f"model.lora.dropout={lora.dropout} with model.cp={m.cp}: PEFT's dropout draws its mask on each "
+               "rank's shard of the sequence, so a cp>1 run would not be the cp=1 run. Set model.lora.dropout=0 "
+               "(or model.cp=1)")
+        _check(lora.target_modules is None or len(lora.target_modules) > 0,
+               "model.lora.target_modules=[] adapts nothing: name modules, or null for every projection")
     c = cfg.checkpoint
     _check(c.every >= 0 and c.keep_last >= 0,
            f"checkpoint.every={c.every} and checkpoint.keep_last={c.keep_last} must be >= 0 "
@@ -490,6 +528,7 @@ def validate_rollout_engine(cfg) -> None:
     _check(v.sync_bucket_mb > 0 and v.max_concurrent_requests >= 1,
            "rollout.vllm.sync_bucket_mb must be > 0 and rollout.vllm.max_concurrent_requests >= 1")
     _check(0 <= v.port < 65536, f"rollout.vllm.port={v.port} must be a port number (0: a free one)")
+    _check(v.lora_sync in LORA_SYNCS, f"rollout.vllm.lora_sync={v.lora_sync!r}: choose one of {LORA_SYNCS}")
     for url in v.urls:
         _check(re.match(r"^https?://[^/]+(:\d+)?/?$", url) is not None,
                f"rollout.vllm.urls: {url!r} is not http(s)://host:port")

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 import cp
+from models.adapters.lora import lora_spec, peft_export_problem
 from trainer import config, modeling, optim
 from trainer.run import checkpoint, runtime
 from trainer.run.metrics import MetricsLogger
@@ -74,6 +75,11 @@ def build_trainer(cfg: DictConfig, *, validate: Callable[[DictConfig, int], None
     if cfg.data.max_tokens_per_rank:  # before FSDP: the cost model counts the full parameters
         budget = TokenBudget.build(dims, model, cfg.data.max_tokens_per_rank, dynamic=cfg.model.cp_dynamic)
     modeling.parallelize(model, dims, cfg.model, device)
+    if cfg.model.lora.rank is not None and cfg.checkpoint.export_hf:
+        if problem := peft_export_problem(model, lora_spec(model)):
+            raise ValueError(f"model.lora with checkpoint.export_hf: the exported adapter would not load as trained "
+                             f"({problem}). Set model.lora.target_modules without those, or checkpoint.export_hf=false "
+                             "(the checkpoints hold the adapters)")
     optimizer = optim.build_optimizer(model, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     return Trainer(cfg, dims, device, model, optimizer, scheduler, tokenizer,
@@ -178,9 +184,14 @@ def summary_line(job: str, cfg, history: list[dict], progress: Callable[[list[di
 
 
 def finish(trainer: Trainer, logger: MetricsLogger, summary: str) -> None:
-    """The end of a run: the HF export (checkpoint.export_hf, in checkpoint.export_dtype), then the summary."""
+    """The end of a run: the HF export (checkpoint.export_hf, in checkpoint.export_dtype; LoRA: the adapter
+    directory, and the merged weights with checkpoint.export_merged), then the summary."""
     cfg = trainer.cfg
-    if cfg.checkpoint.export_hf:
+    lora = cfg.model.lora.rank is not None
+    if cfg.checkpoint.export_hf and lora:
+        checkpoint.export_adapter(cfg.output_dir, trainer.model, trainer.tokenizer, base_model=cfg.model.name,
+                                  group=trainer.io_group)
+    if cfg.checkpoint.export_hf and (not lora or cfg.checkpoint.export_merged):
         checkpoint.export_hf(cfg.output_dir, trainer.model, trainer.tokenizer, dtype=modeling.export_dtype(cfg),
                              group=trainer.io_group)
     logger.close(summary)

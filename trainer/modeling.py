@@ -3,9 +3,10 @@
     build_model(cfg.model, vocab_size)      tiny:<family> from a config, or from_pretrained (hub id / path);
                                             parameters in fp32 (the master weights) whatever model.dtype is
     validate_model_for_cp(model, dims, ...) cp.assert_cp_style_supports_model + head checks (startup)
-    parallelize(model, dims, cfg.model)     models.apply_cp -> install_long_context (tiled MLP, activation
-                                            checkpointing + offload, chunked LM head) -> FSDP2 (fully_shard
-                                            per decoder layer, then the root, over dp_cp)
+    parallelize(model, dims, cfg.model)     models.apply_cp -> LoRA adapters (model.lora.rank: frozen base in
+                                            model.dtype, fp32 adapters) -> install_long_context (tiled MLP,
+                                            activation checkpointing + offload, chunked LM head) -> FSDP2
+                                            (fully_shard per decoder layer, then the root, over dp_cp)
 
 FSDP2 shards parameters over the flattened dp_cp mesh. Gradients are SUMMED across it (divide
 factor 1): each rank's loss is already normalised by the global token count (trainer/loss.py).
@@ -33,6 +34,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import cp
 import models
+from models.adapters.lora import apply_lora
 from models.memory.activation_offload import enable_activation_offload
 from models.memory.chunked_head import ChunkedHeadUnsupported, install_chunked_head
 from models.memory.tiled_mlp import apply_tiled_mlp
@@ -103,6 +105,8 @@ def install_long_context(model: nn.Module, mcfg) -> nn.Module:
 
 def parallelize(model: nn.Module, dims: cp.ParallelDims, mcfg, device: torch.device) -> nn.Module:
     models.apply_cp(model, dims, attn=mcfg.attn, chunks=mcfg.ulysses_chunks)
+    if mcfg.lora.rank is not None:  # after apply_cp (HF names kept by its wrappers), before the memory wrappers
+        apply_lora(model, mcfg.lora, decoder_layers(model), compute_dtype(mcfg))
     install_long_context(model, mcfg)
     model.to(device)
     mesh = dims.dp_cp_mesh

@@ -18,7 +18,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         raise ValueError(f"trainable parameters in {', '.join(low)}: AdamW state would be too, and small updates "
                          "would round away. Keep parameters fp32 (trainer.modeling.build_model) and set the "
                          "compute dtype with model.dtype")
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    return torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay)
 
 

@@ -13,6 +13,9 @@
         gradients    fp32 gradient shard + the root's gathered gradients (reduced after backward) + one
                      layer's gathered gradient in fp32 (its reduce-scatter)
         optimizer    AdamW: two fp32 moments of the shard
+        LoRA         model.lora.rank: the base shard in model.dtype, frozen (no gradient, no moments); the
+                     adapters' fp32 shard, gradients and moments (activations are simulated without the
+                     adapters: each adds [tokens, rank] per adapted projection)
         rl only      the reference model's shard (loss.kl_coef > 0) and, with rollout.engine=hf, the rollout copy
                      (full model, model.dtype; rollout.engine=vllm holds none on the trainer ranks)
         activations  | one micro-batch's fwd + loss + bwd, simulated on the meta device with the trainer's
@@ -41,6 +44,7 @@ import torch
 import cp
 from trainer import config
 from trainer.planning.memory_sim import fake_world, meta_model, simulate_step
+from models.adapters.lora import check_targets, default_target_modules
 from trainer.modeling import DTYPES, decoder_layers
 
 GIB = 2 ** 30
@@ -93,16 +97,42 @@ class Estimate:
         return sum(getattr(self, name) for name in COLUMNS)
 
 
+def lora_counts(model: torch.nn.Module, lcfg) -> ParamCounts | None:
+    """The adapters model.lora would add (r x (in + out) per adapted nn.Linear), by the same split as ParamCounts;
+    None without model.lora.rank. The targets are what apply_lora would pick (models/adapters/lora.py)."""
+    if lcfg.rank is None:
+        return None
+    layers = decoder_layers(model)
+    targets = list(lcfg.target_modules) if lcfg.target_modules else default_target_modules(model, layers)
+    check_targets(model, layers, targets)
+
+    def adapters(module: torch.nn.Module) -> int:
+        return sum(lcfg.rank * (m.in_features + m.out_features) for name, m in module.named_modules()
+                   if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
+    per_layer = [adapters(layer) for layer in layers]
+    return ParamCounts(sum(per_layer), max(per_layer), 0)
+
+
 def state_bytes(params: ParamCounts, *, world: int, compute_bytes: int, trainer: str = "sft",
-                reference: bool = False, rollout_copy: bool = True) -> dict[str, int]:
+                reference: bool = False, rollout_copy: bool = True,
+                adapters: ParamCounts | None = None) -> dict[str, int]:
     """Weights, gradients and optimizer state per rank (bytes): FSDP2 over all `world` ranks, fp32 masters.
-    rollout_copy: the hf engine's plain copy of the model on every rank (rl only)."""
+    rollout_copy: the hf engine's plain copy of the model on every rank (rl only). adapters (LoRA): the base is
+    frozen in the compute dtype (no fp32 master, no gradient, no AdamW state), the adapters are fp32 masters with
+    gradients and AdamW moments, and the KL reference is the base itself (no second model)."""
     shard = -(-params.total // world)
-    weights = 4 * shard + compute_bytes * (params.root + 2 * params.largest_layer)
+    working = compute_bytes * (params.root + 2 * params.largest_layer)  # gathered root + two layers
+    if adapters is None:
+        weights, trained, grad_layer = 4 * shard + working, shard, params.largest_layer
+    else:
+        trained = -(-adapters.total // world)
+        weights = compute_bytes * shard + 4 * trained + working + compute_bytes * 2 * adapters.largest_layer
+        grad_layer, reference = adapters.largest_layer, False
     if trainer == "rl":
         weights += (compute_bytes * params.total if rollout_copy else 0) + (4 * shard if reference else 0)
-    gradients = 4 * shard + compute_bytes * params.root + 4 * params.largest_layer
-    return {"weights": weights, "gradients": gradients, "optimizer": 8 * shard}
+    root_grads = compute_bytes * params.root if adapters is None else 0
+    gradients = 4 * trained + root_grads + 4 * grad_layer
+    return {"weights": weights, "gradients": gradients, "optimizer": 8 * trained}
 
 
 def model_config_of(cfg):
@@ -165,7 +195,8 @@ def plan(cfg, *, world: int, trainer: str = "sft", techniques=None, all_styles: 
     params = ParamCounts.of(model)
     state = state_bytes(params, world=world, compute_bytes=torch.finfo(dtype).bits // 8, trainer=trainer,
                         reference=trainer == "rl" and bool(cfg.loss.kl_coef),
-                        rollout_copy=trainer == "rl" and cfg.rollout.engine == "hf")
+                        rollout_copy=trainer == "rl" and cfg.rollout.engine == "hf",
+                        adapters=lora_counts(model, mcfg.lora))
     kv_heads = getattr(model_config, "num_key_value_heads", None) or getattr(model_config, "num_attention_heads", 1)
     budget = cfg.data.max_tokens_per_rank
     estimates, refusals = [], []

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 import cp
+from models.adapters.lora import adapters_disabled
 from trainer import config, modeling
 from trainer.rl import grpo, policy_losses, tasks
 from trainer.run import runtime
@@ -207,7 +208,7 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, o
         logp, entropy = shard_logprobs(trainer.model, batch, temperature=T, entropy=True, chunk_tokens=chunk)
         ref_logp = None
         if ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), adapters_disabled(ref_model):  # LoRA: the policy itself, adapters off
                 ref_logp, _ = shard_logprobs(ref_model, batch, temperature=T, chunk_tokens=chunk)
         mask = (batch.labels != grpo.IGNORE_INDEX).float()
         old_logp = logp.detach() if r.old_logprobs == "trainer" else engine_logp
@@ -375,9 +376,12 @@ def take_async_batch(cfg, trainer: Trainer, producer: RolloutProducer, sampler,
 
 
 def build_reference(cfg, trainer: Trainer):
-    """A frozen copy of the initial policy under the same CP, for the KL term (kl_coef > 0)."""
+    """A frozen copy of the initial policy under the same CP, for the KL term (kl_coef > 0). LoRA: the policy
+    itself, run with its adapters disabled (the base it started from): no second model."""
     if not cfg.loss.kl_coef:
         return None
+    if cfg.model.lora.rank is not None:
+        return trainer.model
     ref = modeling.build_model(cfg.model, len(trainer.tokenizer), seed=cfg.seed)
     modeling.parallelize(ref, trainer.dims, cfg.model, trainer.device)
     ref.requires_grad_(False)

@@ -6,7 +6,11 @@
                                  config.json        the resolved config of the run that wrote it (+ world_size)
                                  complete.json      written last: the directory is a COMPLETE checkpoint
     output_dir/checkpoints/latest            the last complete checkpoint's directory name (atomic)
-    output_dir/hf/                           safetensors + config + tokenizer (from_pretrained loads it)
+    output_dir/hf/                           safetensors + config + tokenizer (from_pretrained loads it; LoRA:
+                                             the adapters merged, with checkpoint.export_merged)
+    output_dir/adapter/                      LoRA: peft's adapter directory (PeftModel.from_pretrained loads it)
+    LoRA (model.lora.rank): checkpoints hold the adapters and their AdamW state only (ignore_frozen_params);
+    the frozen base is model.name's, rebuilt at resume
 
     save_checkpoint (every rank)
       (waits on a gloo group with checkpoint.timeout_s: a slow filesystem does not trip timeout_s)
@@ -41,6 +45,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from models.adapters.lora import adapter_weights, hf_state_dict, lora_spec
 from models.apply import plain_model
 from trainer.run.runtime import fsync_dir, write_atomic
 
@@ -52,6 +57,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # schedule, warmup, max_steps, clipping, AdamW settings, batch size, logging, rewards, loss, ...) is
 # honoured from the new config.
 RESUME_REFUSED = ("model.name", "model.cp", "model.cp_style", "model.cp_ulysses", "model.tiny_hidden_size",
+                  "model.lora.rank", "model.lora.alpha", "model.lora.target_modules",
                   "model.tiny_layers", "data.source", "data.tokenizer", "data.seq_len", "data.limit", "seed",
                   "world_size", "rollout.task", "rollout.prompts_per_step", "rollout.eval_prompts")
 # Settings of the run itself, not of the training it continues: never compared.
@@ -199,6 +205,13 @@ def prune_checkpoints(output_dir: str, keep_last: int) -> list[Path]:
     return old
 
 
+def _options(model) -> StateDictOptions:
+    """LoRA: the adapters and their optimizer state only; the frozen base is rebuilt from model.name (loading
+    leaves it as built: not strict about the frozen keys; dcp.load is strict about every adapter key)."""
+    lora = lora_spec(model) is not None
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
+
 def save_checkpoint(output_dir: str, step: int, model, optimizer, extra: dict, *, config: dict | None = None,
                     keep_last: int = 0, group=None) -> Path:
     """Save a resumable checkpoint at optimizer step `step` (every rank calls this); see the module doc.
@@ -211,7 +224,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, extra: dict, *
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
         staging.mkdir(parents=True)
     dist.barrier(group=group)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(staging), process_group=group)
     torch.save({"step": step, **extra}, staging / f"extra_rank{rank}.pt")
     if rank == 0 and config is not None:
@@ -230,32 +243,69 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     if not extra.exists():
         raise ValueError(f"{path} was written by a run with a different world size (no {extra.name}): resume with "
                          "the same number of ranks")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(model))
     return torch.load(extra, weights_only=False)
 
 
 def export_hf(output_dir: str, model, tokenizer, dtype: torch.dtype | None = None, *,
-              group=None, name: str = "hf") -> Path | None:
+              group=None, name: str = "hf", merge: bool = True) -> Path | None:
     """Gather the full weights and write a transformers-loadable directory output_dir/<name> (rank 0 writes).
-    dtype: the exported weights' dtype (None: as held, i.e. the fp32 master weights).
+    dtype: the exported weights' dtype (None: as held, i.e. the fp32 master weights). LoRA: the adapters merged
+    into the weights (merge=False: the frozen base alone).
 
     Rank 0 writes into output_dir/<name>.tmp and renames it over output_dir/<name> once complete (a crash
     leaves the previous export whole). The other ranks wait for it on `group`, a gloo group with its
     own timeout (runtime.patient_group(checkpoint.timeout_s); None: the default group): writing a large
     model can take longer than the collective timeout, which keeps guarding every other collective."""
+    def write(full: dict, staging: Path) -> None:
+        plain = plain_model(model)
+        plain.load_state_dict(hf_state_dict(full, lora_spec(model), merge=merge), strict=True)  # LoRA: merged or the base
+        if dtype is not None:  # precision: master weights are fp32; export what the user asked for
+            plain.to(dtype)
+        plain.save_pretrained(staging, safe_serialization=True)
+
+    return _export_staged(output_dir, name, model, tokenizer, write, group)
+
+
+def export_adapter(output_dir: str, model, tokenizer, *, base_model: str, group=None,
+                   name: str = "adapter") -> Path:
+    """LoRA: output_dir/<name> as peft's own save_pretrained writes it (adapter_config.json with
+    base_model_name_or_path = model.name, adapter_model.safetensors with peft's keys): the adapters gathered from
+    their shards, put on a plain model of the same config by peft, saved (rank 0; same staging and rename as
+    export_hf). PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model.name), dir) loads it."""
+    import peft
+
+    def write(full: dict, staging: Path) -> None:
+        spec = lora_spec(model)
+        plain = plain_model(model)
+        plain.load_state_dict(hf_state_dict(full, spec, merge=False), strict=True)
+        plain.name_or_path = base_model  # what peft writes as base_model_name_or_path
+        wrapped = peft.get_peft_model(plain, spec.peft_config(base_model))
+        adapters = adapter_weights(full)
+        with torch.no_grad():
+            for key, param in wrapped.base_model.model.named_parameters():  # the same names: same HF model, same peft
+                if key in adapters:
+                    param.copy_(adapters.pop(key))
+        if adapters:
+            raise RuntimeError(f"adapter weights peft's model does not have: {sorted(adapters)[:5]}")
+        wrapped.save_pretrained(staging, safe_serialization=True)
+
+    return _export_staged(output_dir, name, model, tokenizer, write, group)
+
+
+def _export_staged(output_dir: str, name: str, model, tokenizer, write, group) -> Path:
+    """Gather the full state dict; rank 0 runs write(full, staging dir), adds the tokenizer and renames the
+    staging dir over output_dir/<name>; every rank waits on `group`."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = Path(output_dir) / name
     staging = path.with_name(f"{name}.tmp")
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        plain = plain_model(model)
-        plain.load_state_dict(full, strict=True)
-        if dtype is not None:  # precision: master weights are fp32; export what the user asked for
-            plain.to(dtype)
-        plain.save_pretrained(staging, safe_serialization=True)
+        write(full, staging)
         tokenizer.save_pretrained(staging)
         _replace_dir(staging, path)
     dist.barrier(group=group)

@@ -24,13 +24,18 @@ from bench.rollout.common import ROOT, REAL_MODEL
 TRL_PYTHON = Path(os.environ.get("TRL_VENV", ROOT / ".venv-trl")) / "bin" / "python"
 
 
-def run_cptrain(engine: str, steps: int, out: Path, log, *, k: int = 0) -> dict:
-    """One learning run; k = rollout.max_off_policy_steps (async GRPO), its results in learn_<engine>[_k<k>]."""
-    name = engine if not k else f"{engine}_k{k}"
+LORA_RUN = ["model.lora.rank=16", "model.lora.alpha=32", "optim.lr=1e-4"]  # LoRA: ~10x full fine-tuning's lr
+
+
+def run_cptrain(engine: str, steps: int, out: Path, log, *, k: int = 0, extra=(), name: str | None = None) -> dict:
+    """One learning run; k = rollout.max_off_policy_steps (async GRPO), extra: more overrides; its results in
+    learn_<name> (default <engine>[_k<k>])."""
+    name = name or (engine if not k else f"{engine}_k{k}")
     run_dir = ROOT / "outputs" / "bench_rollout" / f"run_{name}"  # checkpoints: never under docs/
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "trainer.rl",
            "experiment=smollm2_arith", f"rollout.engine={engine}", f"max_steps={steps}", f"output_dir={run_dir}",
-           "overwrite=true", "checkpoint.export_hf=false", "wandb.mode=disabled", f"rollout.max_off_policy_steps={k}"]
+           "overwrite=true", "checkpoint.export_hf=false", "wandb.mode=disabled", f"rollout.max_off_policy_steps={k}",
+           *extra]
     log(f"  {' '.join(cmd[2:])}")
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -43,7 +48,7 @@ def run_cptrain(engine: str, steps: int, out: Path, log, *, k: int = 0) -> dict:
         shutil.copy(run_dir / file, keep / file)
     summary = next((line for line in done.stdout.splitlines() if line.startswith("rl done")), "")
     log(f"  {summary} ({seconds:.0f} s)")
-    return {"engine": engine, "k": k, "steps": steps, "wall_s": seconds, "summary": summary,
+    return {"engine": engine, "k": k, "name": name, "steps": steps, "wall_s": seconds, "summary": summary,
             "command": " ".join(cmd[2:])}
 
 

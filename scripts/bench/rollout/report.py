@@ -11,6 +11,10 @@ from bench.report import markdown_table
 from bench.rollout.learn import read_run
 
 
+RUN_LABELS = {"vllm": "rollout.engine=vllm", "hf": "rollout.engine=hf",
+              "vllm_lora16": "vllm + LoRA r=16 (lr 1e-4, adapters-only sync)"}
+
+
 def _median(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if key in r]
     return statistics.median(values) if values else None
@@ -37,7 +41,7 @@ def plot(out: Path, runs: dict) -> str | None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for engine, run in runs.items():
         ax.plot([e["elapsed_s"] / 60 for e in run["evals"]], [100 * e["accuracy"] for e in run["evals"]], "o-",
-                label=f"rollout.engine={engine}")
+                label=RUN_LABELS[engine])
     ax.set_xlabel("wall time since the run started (min; includes startup and evals)")
     ax.set_ylabel("held-out greedy accuracy (%)")
     ax.set_title("GRPO on SmolLM2-135M-Instruct, small arithmetic, cp=2, 2 CPU cores", fontsize=9)
@@ -50,24 +54,24 @@ def plot(out: Path, runs: dict) -> str | None:
 
 
 def _learning_lines(out: Path, results: dict) -> list[str]:
-    runs = {e: r for e in ("vllm", "hf") if (r := read_run(out, e))}
+    runs = {e: r for e in RUN_LABELS if e in ("vllm", "hf", "vllm_lora16") and (r := read_run(out, e))}
     if not runs:
         return ["(no learning runs in this results.json)"]
     lines, rows = [], []
     for engine, run in runs.items():
         evals, metrics = run["evals"], run["metrics"]
-        rows.append([engine, len(metrics), f"{100 * evals[0]['accuracy']:.0f}%", f"{100 * evals[-1]['accuracy']:.0f}%",
+        rows.append([RUN_LABELS[engine], len(metrics), f"{100 * evals[0]['accuracy']:.0f}%", f"{100 * evals[-1]['accuracy']:.0f}%",
                      f"{100 * max(e['accuracy'] for e in evals):.0f}%", _fmt(minutes_to_gain(evals, 0.15), ".1f"),
                      f"{evals[-1]['elapsed_s'] / 60:.1f}", _fmt(_median(metrics, "step_time_s"), ".1f"),
-                     _fmt(_median(metrics, "sync_s"), ".1f"), _fmt(_median(metrics, "generate_s"), ".1f"),
-                     _fmt(_median(metrics, "train_s"), ".1f")])
-    lines += markdown_table(["engine", "steps", "accuracy start", "end", "best", "min to +15 pts", "total min",
-                             "step s (median)", "sync s", "generate s", "train s"], rows)
+                     _fmt(_median(metrics, "sync_s"), ".2f"), _fmt((_median(metrics, "sync_bytes") or 0) / 2**20, ".1f"),
+                     _fmt(_median(metrics, "generate_s"), ".1f"), _fmt(_median(metrics, "train_s"), ".1f")])
+    lines += markdown_table(["run", "steps", "accuracy start", "end", "best", "min to +15 pts", "total min",
+                             "step s (median)", "sync s", "sync MiB", "generate s", "train s"], rows)
     image = plot(out, runs)
     if image:
         lines += ["", f"![held-out accuracy vs wall time]({image})"]
-    for run in results.get("learning", []):
-        lines += ["", f"`torchrun --nproc-per-node 2 -m {run['command']}`: {run['summary']}"]
+    for run in results.get("learning", []) + results.get("lora", []):
+        lines += ["", f"`{run['command'].replace('torch.distributed.run', 'torchrun', 1)}`: {run['summary']}"]
     return lines
 
 

@@ -24,13 +24,16 @@ def build_engine(cfg, trainer, patient_group):
         return HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device, dtype=dtype)
     from trainer.rl.rollout.vllm_engine import VLLMRolloutEngine
 
+    adapters = cfg.model.lora.rank is not None and cfg.rollout.vllm.lora_sync == "adapter"
     model_path = cfg.rollout.vllm.model or cfg.model.name
     if not cfg.rollout.vllm.urls and model_path.startswith(modeling.TINY_PREFIX):
         from trainer.run.checkpoint import export_hf
 
-        # a random-init tiny model has no directory: the server starts from its exported initial weights
+        # a random-init tiny model has no directory: the server starts from its exported initial weights (LoRA
+        # adapters: the base alone, the adapters arrive as adapters)
         model_path = str(export_hf(cfg.output_dir, trainer.model, trainer.tokenizer, group=patient_group,
-                                   name="vllm_model"))
+                                   name="vllm_model", merge=not adapters))
     return VLLMRolloutEngine(cfg.rollout.vllm, model_path=model_path, tokenizer=trainer.tokenizer, dtype=dtype,
                              max_model_len=cfg.data.seq_len, seed=cfg.seed, log_dir=cfg.output_dir,
-                             patient_group=patient_group)
+                             patient_group=patient_group, lora_rank=cfg.model.lora.rank if adapters else None,
+                             keep_adapters=cfg.rollout.max_off_policy_steps + 2)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from models.adapters.lora import hf_state_dict, lora_spec
 from models.apply import plain_model
 from trainer.modeling import cast_parameters
 from trainer.rl.rollout.base import Completion, RolloutEngine, SamplingSettings, cut_at_end, end_of_turn_id
@@ -60,7 +61,7 @@ class HFRolloutEngine(RolloutEngine):
         the fp32 master weights to the copy's compute dtype."""
         start = time.perf_counter()
         full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-        self.model.load_state_dict(full, strict=True)
+        self.model.load_state_dict(hf_state_dict(full, lora_spec(policy)), strict=True)  # LoRA: merged
         self.version = version
         return {"sync_s": time.perf_counter() - start,
                 "sync_bytes": float(sum(t.numel() * t.element_size() for t in self.model.state_dict().values()))}

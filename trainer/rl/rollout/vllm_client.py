@@ -51,7 +51,12 @@ class VLLMClient:
         except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
             raise VLLMError(f"vLLM server {self.url}{path} unreachable ({getattr(exc, 'reason', exc)})"
                             + self._gone()) from exc
-        return json.loads(text) if text else {}
+        if not text:
+            return {}
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:  # a plain-text answer (/v1/load_lora_adapter's "Success: ...")
+            return {"text": text.decode(errors="replace")}
 
     def _gone(self) -> str:
         why = self.describe_failure()
@@ -70,9 +75,11 @@ class VLLMClient:
         except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException):
             return False
 
-    def generate(self, token_ids: list[int], sampling: dict) -> list[dict]:
-        """The choices of one request: [{"token_ids", "logprobs": {"content": [...]}, "weight_versions", ...}]."""
-        reply = self.post("/inference/v1/generate", {"token_ids": token_ids, "sampling_params": sampling})
+    def generate(self, token_ids: list[int], sampling: dict, model: str | None = None) -> list[dict]:
+        """The choices of one request: [{"token_ids", "logprobs": {"content": [...]}, "weight_versions", ...}].
+        model: a loaded LoRA adapter's name (None: the base model)."""
+        body = {"token_ids": token_ids, "sampling_params": sampling, **({"model": model} if model else {})}
+        reply = self.post("/inference/v1/generate", body)
         return reply["choices"]
 
     def weight_version(self) -> str:

@@ -6,7 +6,9 @@
     startup (rollout.vllm.urls=[...]): existing servers, started by the user with the flags ServerSpec.command
         lists (data-parallel inference: one server per GPU or node); none is owned
     sync(policy, version):   weight_sync.sync_policy: FSDP2 shards gathered bucket by bucket, rank 0 streams them
-                             through vLLM's weight-transfer protocol to every server, version = optimizer steps
+                             through vLLM's weight-transfer protocol to every server, version = optimizer steps;
+                             LoRA (rollout.vllm.lora_sync=adapter): weight_sync.sync_adapters, the adapters only,
+                             loaded as adapter cptrain-v<version> (vLLM's LoRA: --enable-lora); requests name it
     sample(prompts, s):      every prompt of this rank in flight at once (one request per prompt, n samples,
                              a seed per prompt), spread round-robin over the servers by global prompt index;
                              vLLM batches concurrent requests (continuous batching)
@@ -32,7 +34,8 @@ import torch.distributed as dist
 from trainer.rl.rollout.base import Completion, RolloutEngine, SamplingSettings, cut_at_end, end_of_turn_id
 from trainer.rl.rollout.vllm_client import VLLMClient, VLLMError
 from trainer.rl.rollout.vllm_server import ServerSpec, VLLMServer, install_termination_handler, resolve_python
-from trainer.rl.rollout.weight_sync import FileWeightSender, default_sync_dir, sync_policy
+from trainer.rl.rollout.weight_sync import (FileWeightSender, adapter_name, default_sync_dir, sync_adapters,
+                                            sync_policy)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -47,13 +50,17 @@ def cpu_thread_env() -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": spec, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
-def _completion(choice: dict, end_id: int, expected_version: int) -> Completion:
-    """One choice of /inference/v1/generate -> Completion; its version from the server's spans."""
+def _completion(choice: dict, end_id: int, expected_version: int, adapter_version: int | None = None) -> Completion:
+    """One choice of /inference/v1/generate -> Completion; its version from the server's spans (the base weights'
+    version), or with LoRA adapters the version of the adapter the request named (every token: a request keeps
+    its adapter)."""
     tokens = choice["token_ids"]
     logprobs = [entry["logprob"] for entry in (choice.get("logprobs") or {}).get("content") or []]
     if len(logprobs) != len(tokens):
         raise VLLMError(f"the server returned {len(tokens)} tokens but {len(logprobs)} log-probs")
     kept = cut_at_end(tokens, end_id)
+    if adapter_version is not None:
+        return Completion(kept, logprobs[:len(kept)], adapter_version)
     spans = sorted((span["start"], span["version"]) for span in choice.get("weight_versions") or []
                    if span["end"] > span["start"] and span["start"] < len(kept))  # the kept tokens' spans
     versions = [int(v) if str(v).lstrip("-").isdigit() else -1 for _, v in spans]  # "default": never synced
@@ -64,11 +71,15 @@ def _completion(choice: dict, end_id: int, expected_version: int) -> Completion:
 
 class VLLMRolloutEngine(RolloutEngine):
     def __init__(self, vcfg, *, model_path: str, tokenizer, dtype: torch.dtype, max_model_len: int, seed: int,
-                 log_dir: str, patient_group=None):
+                 log_dir: str, patient_group=None, lora_rank: int | None = None, keep_adapters: int = 2):
         """vcfg: cfg.rollout.vllm; model_path: an HF directory or hub id the servers start from (architecture,
-        initial weights); patient_group: a gloo group whose timeout covers the server's startup."""
+        initial weights); patient_group: a gloo group whose timeout covers the server's startup. lora_rank: LoRA
+        with rollout.vllm.lora_sync=adapter (the server holds the base, each weight version is an adapter, the
+        `keep_adapters` newest stay loaded)."""
         install_termination_handler()
         self.vcfg, self.dtype, self.group = vcfg, dtype, patient_group
+        self.lora_rank, self.keep_adapters = lora_rank, keep_adapters
+        self.adapter: tuple[str, int] | None = None  # (name, version) of the newest adapter on the servers
         self.end_id = end_of_turn_id(tokenizer)
         self.server: VLLMServer | None = None
         self.sender: FileWeightSender | None = None
@@ -93,7 +104,8 @@ class VLLMRolloutEngine(RolloutEngine):
                                   dtype=DTYPE_NAMES[self.dtype], gpu_memory_utilization=v.gpu_memory_utilization,
                                   max_model_len=max_model_len, enforce_eager=v.enforce_eager,
                                   startup_timeout_s=v.startup_timeout_s, seed=seed, cpu=not torch.cuda.is_available(),
-                                  extra_args=list(v.extra_args),
+                                  extra_args=list(v.extra_args), lora_rank=self.lora_rank,
+                                  max_loras=self.keep_adapters,
                                   env={**cpu_thread_env(), **{str(k): str(val) for k, val in (v.env or {}).items()}})
                 self.server = VLLMServer(spec).start()
                 outcome = [{"url": self.server.url}]
@@ -107,33 +119,41 @@ class VLLMRolloutEngine(RolloutEngine):
     def sync(self, policy: torch.nn.Module, version: int, *, in_flight: bool = False) -> dict:
         """in_flight: requests may be running (async GRPO): they are frozen for the transfer and continue on the
         new weights (vLLM's /pause?mode=keep ... /resume); their tokens' versions say which weights sampled them."""
-        stats = sync_policy(policy, self.sender, version, bucket_bytes=int(self.vcfg.sync_bucket_mb * 2**20),
-                            dtype=self.dtype, group=self.group, pause=in_flight)
+        if self.lora_rank is not None:  # the adapters only, as a new adapter: requests in flight keep theirs
+            stats = sync_adapters(policy, self.sender, version, dtype=self.dtype, keep=self.keep_adapters,
+                                  group=self.group)
+            self.adapter = (adapter_name(version), version)  # one assignment: the producer thread reads both
+        else:
+            stats = sync_policy(policy, self.sender, version, bucket_bytes=int(self.vcfg.sync_bucket_mb * 2**20),
+                                dtype=self.dtype, group=self.group, pause=in_flight)
         self.version = version
         return stats
 
-    def _requests(self, prompts: list[list[int]], sampling: list[dict], offset: int) -> list[list[dict]]:
-        """Every request in flight at once; request i goes to server (offset + i) % servers."""
-        futures = [self.pool.submit(self.clients[(offset + i) % len(self.clients)].generate, prompt, params)
+    def _requests(self, prompts: list[list[int]], sampling: list[dict],
+                  offset: int) -> tuple[list[list[dict]], int | None]:
+        """Every request in flight at once; request i goes to server (offset + i) % servers. Returns the replies
+        and, with LoRA adapters, the version whose adapter they named (else None: the spans tell)."""
+        name, version = self.adapter or (None, self.version)  # read once: a sync may land while these run
+        futures = [self.pool.submit(self.clients[(offset + i) % len(self.clients)].generate, prompt, params, name)
                    for i, (prompt, params) in enumerate(zip(prompts, sampling))]
-        return [f.result() for f in futures]
+        return [f.result() for f in futures], (version if self.lora_rank is not None else None)
 
     def sample(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
         sampling = [{"n": settings.n, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": -1,
                      "max_tokens": settings.max_new_tokens, "logprobs": 0, "seed": settings.seed * 1009 + i,
                      "stop_token_ids": [self.end_id], "ignore_eos": False}
                     for i in range(len(prompts))]
-        replies = self._requests(prompts, sampling, offset=self.rank * len(prompts))
+        replies, adapter_version = self._requests(prompts, sampling, offset=self.rank * len(prompts))
         groups = []
         for choices in replies:
             ordered = sorted(choices, key=lambda c: c["index"])
-            groups.append([_completion(c, self.end_id, self.version) for c in ordered])
+            groups.append([_completion(c, self.end_id, self.version, adapter_version) for c in ordered])
         return groups
 
     def greedy(self, prompts: list[list[int]], *, max_new_tokens: int) -> list[list[int]]:
         sampling = [{"n": 1, "temperature": 0.0, "max_tokens": max_new_tokens, "logprobs": 0,
                      "stop_token_ids": [self.end_id]} for _ in prompts]
-        replies = self._requests(prompts, sampling, offset=self.rank * len(prompts))
+        replies, _ = self._requests(prompts, sampling, offset=self.rank * len(prompts))
         return [_completion(choices[0], self.end_id, self.version).token_ids for choices in replies]
 
     def close(self) -> None:

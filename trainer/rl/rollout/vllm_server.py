@@ -85,6 +85,8 @@ class ServerSpec:
     startup_timeout_s: float = 600.0
     seed: int = 0
     cpu: bool = False  # a server without CUDA devices
+    lora_rank: int | None = None  # LoRA adapters sent after every step (rollout.vllm.lora_sync=adapter)
+    max_loras: int = 2  # adapters loaded at once: the versions rollouts in flight may still use
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -99,11 +101,26 @@ class ServerSpec:
                 "--weight-transfer-config", '{"backend": "%s"}' % BACKEND]
         if self.enforce_eager:
             args.append("--enforce-eager")
+        if self.lora_rank is not None:
+            args += ["--enable-lora", "--max-lora-rank", str(vllm_lora_rank(self.lora_rank)),
+                     "--max-loras", str(self.max_loras), "--max-cpu-loras", str(self.max_loras)]
         if self.cpu:
             # vLLM 0.32 on CPU: a seeded request whose prefill is chunked kills the engine core ("CPU Generator
             # does not use offset"); whole prefills avoid it (a prompt + completion fits max_model_len)
             args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(self.max_model_len, 2048))]
         return args + list(self.extra_args)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds an adapter of this rank."""
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"model.lora.rank={rank} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}: use "
+                         "rollout.vllm.lora_sync=merged")
+    return fits[0]
 
 
 def resolve_python(configured: str | None) -> str:
@@ -192,6 +209,8 @@ class VLLMServer:
         self.url = f"http://{spec.host}:{spec.port}"
         Path(spec.log_file).parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **spec.env}
+        if spec.lora_rank is not None:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # /v1/load_lora_adapter, /v1/unload_lora_adapter
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                     "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS"):
             env.pop(key, None)  # torchrun's variables describe the trainer's job, not the server's

@@ -20,6 +20,7 @@ does the same). Memory: rank 0 holds one bucket beyond its shard; the others one
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from models.adapters.lora import ADAPTER, LORA_KEY, lora_spec
 
 BACKEND = "cptrain_files"  # vllm_plugin/cptrain_vllm_plugin (the server side's registry name)
 
@@ -41,11 +44,13 @@ def gathered_buckets(policy: torch.nn.Module, *, bucket_bytes: int, dtype: torch
     """The policy's full state dict in buckets of about `bucket_bytes` (a collective: every rank iterates it in
     lock-step). keep=False (every rank but the sender): the tensors are gathered and dropped, buckets are empty.
     A tied weight (lm_head = embed_tokens) is gathered once and sent under each of its names: vLLM's layerwise
-    reload does not keep the tie, so a name left out would keep its old values (measured: a stale lm_head)."""
+    reload does not keep the tie, so a name left out would keep its old values (measured: a stale lm_head).
+    LoRA: each adapted projection is sent merged under its HF name (W + scale B A, in fp32 before the cast)."""
     params = policy.state_dict(keep_vars=True)
     names_of: dict[int, int] = {}
     for tensor in params.values():
         names_of[id(tensor)] = names_of.get(id(tensor), 0) + 1
+    merger = LoraMerger(lora_spec(policy))
     bucket, size, gathered, tied = {}, 0, set(), {}
     for name, tensor in params.items():
         key = id(tensor)
@@ -58,18 +63,71 @@ def gathered_buckets(policy: torch.nn.Module, *, bucket_bytes: int, dtype: torch
             tensor = tensor.detach()
             full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # all-gather of the shards
             if keep:
-                full = full.to("cpu", dtype=dtype if full.is_floating_point() else full.dtype).contiguous()
+                full = full.to("cpu").contiguous()
                 if names_of[key] > 1:
                     tied[key] = full  # held until its other names are sent (the embedding: one tensor)
         if not keep:
             continue
-        bucket[name] = full
-        size += full.numel() * full.element_size()
+        for hf_name, ready in merger.add(name, full):
+            bucket[hf_name] = ready.to(dtype) if ready.is_floating_point() else ready
+            size += ready.numel() * bucket[hf_name].element_size()
         if size >= bucket_bytes:
             yield bucket
             bucket, size = {}, 0
     if bucket or not keep:
         yield bucket
+
+
+class LoraMerger:
+    """Names and tensors in state-dict order -> (HF name, tensor) ready to send: without LoRA each one as it comes;
+    with LoRA a projection's base weight waits for its lora_A and lora_B (the next entries) and leaves merged."""
+
+    def __init__(self, spec):
+        self.spec, self.pending = spec, {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if self.spec is None:
+            return [(name, tensor)]
+        if ".base_layer." in name:
+            module, _, leaf = name.partition(".base_layer.")
+            if leaf != "weight":
+                return [(f"{module}.{leaf}", tensor)]
+            self.pending.setdefault(module, {})["W"] = tensor
+            return self._ready(module)
+        found = LORA_KEY.search(name)
+        if found:
+            module = name[:found.start()]
+            self.pending.setdefault(module, {})[found.group(1)] = tensor
+            return self._ready(module)
+        return [(name, tensor)]
+
+    def _ready(self, module: str) -> list[tuple[str, torch.Tensor]]:
+        parts = self.pending[module]
+        if len(parts) < 3:
+            return []
+        del self.pending[module]
+        merged = parts["W"].float() + self.spec.scale * (parts["B"].float() @ parts["A"].float())  # [out, in]
+        return [(f"{module}.weight", merged.to(parts["W"].dtype))]
+
+
+def adapter_name(version: int) -> str:
+    """The name weight version `version`'s adapter is loaded under (requests name it as their model)."""
+    return f"cptrain-v{version}"
+
+
+def gathered_adapters(policy: torch.nn.Module, *, dtype: torch.dtype, keep: bool) -> dict[str, torch.Tensor]:
+    """LoRA (rollout.vllm.lora_sync=adapter): every adapter tensor gathered from its shards (a collective, the
+    same order on every rank), under the names peft's save_pretrained writes; the frozen base never travels."""
+    adapters = {}
+    for name, tensor in policy.state_dict(keep_vars=True).items():
+        if not LORA_KEY.search(name):
+            continue
+        tensor = tensor.detach()
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # all-gather of the shards
+        if keep:
+            adapters[f"base_model.model.{name.replace(f'.{ADAPTER}.weight', '.weight')}"] = \
+                full.to("cpu", dtype).contiguous()
+    return adapters
 
 
 class FileWeightSender:
@@ -102,6 +160,29 @@ class FileWeightSender:
                     client.post("/resume")
         return {"sync_s": time.perf_counter() - start, "sync_bytes": float(sent), "sync_buckets": float(count)}
 
+    def send_adapter(self, adapters: dict[str, torch.Tensor], version: int, spec, *, keep: int) -> dict:
+        """Write version `version`'s adapter as a peft directory and load it on every server under
+        adapter_name(version); unload (and delete) the adapters beyond the `keep` newest (rollouts in flight
+        may still name those)."""
+        from safetensors.torch import save_file
+        start = time.perf_counter()
+        name = adapter_name(version)
+        directory = self.directory / name
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir()
+        save_file(adapters, str(directory / "adapter_model.safetensors"))
+        spec.peft_config().save_pretrained(str(directory))
+        for client in self.clients:
+            client.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)})
+        self.adapters = [n for n in getattr(self, "adapters", []) if n != name] + [name]
+        while len(self.adapters) > keep:
+            old = self.adapters.pop(0)
+            for client in self.clients:
+                client.post("/v1/unload_lora_adapter", {"lora_name": old})
+            shutil.rmtree(self.directory / old, ignore_errors=True)
+        sent = sum(t.numel() * t.element_size() for t in adapters.values())
+        return {"sync_s": time.perf_counter() - start, "sync_bytes": float(sent), "sync_buckets": 1.0}
+
     def _send_buckets(self, buckets, save_file) -> tuple[int, int]:
         sent, count = 0, 0
         for bucket in buckets:
@@ -119,9 +200,7 @@ class FileWeightSender:
         return count, sent
 
     def close(self) -> None:
-        for path in self.directory.glob("*"):
-            path.unlink(missing_ok=True)
-        self.directory.rmdir() if self.directory.exists() else None
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def sync_policy(policy: torch.nn.Module, sender: FileWeightSender | None, version: int, *, bucket_bytes: int,
@@ -144,4 +223,22 @@ def sync_policy(policy: torch.nn.Module, sender: FileWeightSender | None, versio
     dist.broadcast_object_list(shared, src=0, group=group)
     if shared[0]["error"]:
         raise RuntimeError(f"weight sync to vLLM failed: {shared[0]['error']}")
+    return shared[0]["stats"]
+
+
+def sync_adapters(policy: torch.nn.Module, sender: FileWeightSender | None, version: int, *, dtype: torch.dtype,
+                  keep: int, group=None) -> dict:
+    """LoRA, rollout.vllm.lora_sync=adapter: every rank gathers the adapters (small: r x (in + out) per adapted
+    projection); rank 0 loads them on the servers as a new adapter. Failures reach every rank as in sync_policy."""
+    stats, error = {}, None
+    adapters = gathered_adapters(policy, dtype=dtype, keep=sender is not None)
+    if sender is not None:
+        try:
+            stats = sender.send_adapter(adapters, version, lora_spec(policy), keep=keep)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    shared = [{"stats": stats, "error": error}]
+    dist.broadcast_object_list(shared, src=0, group=group)
+    if shared[0]["error"]:
+        raise RuntimeError(f"adapter sync to vLLM failed: {shared[0]['error']}")
     return shared[0]["stats"]
