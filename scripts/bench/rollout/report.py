@@ -151,11 +151,13 @@ def render(out: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     meta = results["meta"]
     lines = ["# Rollouts: hf vs vLLM, weight sync, log-prob mismatch, and GRPO that learns on a real model", "",
-             f"Machine: {machine_line(meta['machine'])}. Each part ran alone on the otherwise idle machine; "
-             "`python scripts/bench_rollout.py` runs them all, `--parts` some of them (the others are kept):", ""]
+             f"Machine: {machine_line(meta['machine'])}. `python scripts/bench_rollout.py` runs every part, "
+             "`--parts` some of them (the others are kept); the shared column says what else ran on the 2 cores "
+             "(results.json made_by.<part>.shared, written by hand: the script cannot know):", ""]
     made = results.get("made_by", {})
-    lines += markdown_table(["part", "measured by", "date", "commit"],
-                            [[part, f"`{m['command']}`", m["date"], m["commit"]] for part, m in made.items()])
+    lines += markdown_table(["part", "measured by", "date", "commit", "shared"],
+                            [[part, f"`{m['command']}`", m["date"], m["commit"], m.get("shared", "not recorded")]
+                             for part, m in made.items()])
     lines += ["", "## Rollout throughput (SmolLM2-135M-Instruct, fp32)", ""]
     e = results.get("engines")
     if e:
