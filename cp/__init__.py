@@ -6,6 +6,7 @@
     ring_attention(q, k, v, params)       K/V ring with online-softmax merge (zigzag balanced)
     hybrid_attention(q, k, v, params)     Ulysses inside cp_ulysses groups x ring across cp_ring
     shard / unshard                       full tensor <-> this rank's shard (layouts registry)
+    state_passing.ShardChain              recurrent mixers' state across contiguous shards (model.mixer_cp=state)
     CP_STYLES                             the style registry (cp.styles): levels, layout, attention function,
                                           kernel kind, whether recurrent mixers may run; read by all the above
 

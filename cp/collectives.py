@@ -13,7 +13,9 @@ transposed full sequence. Backward of seq_to_head is the inverse all-to-all (hea
 gradient, with overlapping heads summed); backward of head_to_seq is seq_to_head.
 
 `gather_seq` all-gathers equal sequence shards; its backward returns this rank's slice of the
-gradient (the computation after it is replicated on every rank of the group).
+gradient (the computation after it is replicated on every rank of the group). `gather_shard_states`
+all-gathers small per-shard tensors each rank uses differently (state-passing CP: shard summaries, conv
+halos); its backward all-to-alls the gradient back and sums it on the owner.
 
 Group of size 1 (or None): everything is a no-op.
 
@@ -320,6 +322,42 @@ def gather_seq(x: torch.Tensor, group: dist.ProcessGroup | None, dim: int = 1) -
     if group_size(group) == 1:
         return x
     return _GatherSeq.apply(x.contiguous(), group, dim)
+
+
+class _GatherShardStates(torch.autograd.Function):
+    """All-gather whose backward is an all-to-all + sum: rank j gets back the sum over ranks of the gradient
+    of its slot (the code after the gather differs per rank, unlike gather_seq's)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        size = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(size)]
+        _record("all_gather", (size - 1) * x.numel() * x.element_size())
+        dist.all_gather(parts, x, group=group)
+        return torch.stack(parts)  # P x [...] -> [P, ...]
+
+    @staticmethod
+    def backward(ctx, grad):
+        size = dist.get_world_size(ctx.group)
+        grad = grad.contiguous()
+        recv = torch.empty_like(grad)
+        _record("all_to_all", (size - 1) * grad[0].numel() * grad.element_size())
+        dist.all_to_all_single(recv, grad, group=ctx.group)  # slot j of every rank -> rank j
+        return recv.sum(0), None  # [P, ...] -> [...]
+
+
+def gather_shard_states(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every rank's `x` (equal shapes), stacked in group-rank order: [...] -> [P, ...].
+
+    Unlike gather_seq, each rank may use any slots differently: the backward returns to rank j the sum over all
+    ranks of the gradient of slot j (an all-to-all of the [P, ...] gradient, then a sum). Every rank must use the
+    result in its loss graph (with zero weight if need be), or the backward all-to-all is not entered everywhere.
+    State-passing CP (cp.state_passing) exchanges its per-shard summaries and conv halos through it.
+    """
+    if group_size(group) == 1:
+        return x.unsqueeze(0)
+    return _GatherShardStates.apply(x.contiguous(), group)
 
 
 class RingExchange:

@@ -10,7 +10,8 @@
       3. register "cptrain_cp_<attn>" with AttentionInterface and switch the model to it (style
          options such as Ulysses' chunks go with the registration: "cptrain_cp_<attn>_chunks2")
       4. for every registered mixer family (models.mixers.registry: Gated DeltaNet, NemotronH Mamba2,
-         Bamba Mamba2), wrap each module its spec matches: spec.wrap(module, dims) (head split checked)
+         Bamba Mamba2), wrap each module its spec matches: spec.wrap(module, dims, mixer_cp) (mixer_cp=ulysses:
+         the head split checked; mixer_cp=state: the recurrent state passed between shards, cp.state_passing)
       5. config.use_cache = False                                    (CP is for training passes)
 
 Call it before FSDP's fully_shard. Nothing is renamed: the wrappers adopt each mixer's children and
@@ -71,10 +72,35 @@ def _replace_modules(model: nn.Module, predicate, wrap) -> int:
     return len(targets)
 
 
-def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None, chunks: int = 1) -> nn.Module:
+MIXER_CP = ("ulysses", "state")
+
+
+def _check_mixer_cp(model: nn.Module, mixer_cp: str) -> None:
+    """model.mixer_cp names a known mode, and `state` a model with a mixer that has a state-passing path."""
+    if mixer_cp not in MIXER_CP:
+        raise cp.CPConfigError(f"mixer_cp={mixer_cp!r}: use one of {list(MIXER_CP)}", "mixer_cp")
+    if mixer_cp == "ulysses":
+        return
+    families = [spec for spec in MIXER_FAMILIES if any(spec.matches(m) or isinstance(m, spec.wrapper)
+                                                       for m in model.modules())]
+    if not families:
+        raise cp.CPConfigError(f"mixer_cp=state passes recurrent states between shards, but "
+                               f"{type(model).__name__} has no Gated DeltaNet or Mamba2 mixer: use mixer_cp=ulysses",
+                               "mixer_cp")
+    without = [spec.name for spec in families if "state" not in spec.mixer_cp]
+    if without:
+        raise cp.CPConfigError(f"mixer_cp=state: the mixer families {without} have no state-passing path: use "
+                               "mixer_cp=ulysses", "mixer_cp")
+
+
+def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None, chunks: int = 1,
+             mixer_cp: str = "ulysses") -> nn.Module:
     """Install CP on `model` in place (and return it). attn: the inner attention kernel (model.attn;
     default: what the model was configured with, e.g. "sdpa"). chunks: Ulysses' head-chunked pipelined
-    all-to-alls (model.ulysses_chunks; cp.ulysses_attention(chunks=)), 1 = one all-to-all per tensor."""
+    all-to-alls (model.ulysses_chunks; cp.ulysses_attention(chunks=)), 1 = one all-to-all per tensor.
+    mixer_cp (model.mixer_cp): how recurrent mixers split the sequence: "ulysses" (their heads, all-to-all) or
+    "state" (contiguous shards of every head, the state passed between ranks: cp.state_passing)."""
+    _check_mixer_cp(model, mixer_cp)
     cp.assert_cp_style_supports_model(dims.cp_style, model)
     attn = attn or _configured_attn(model)
     check_inner_kernel(attn, dims.cp_style)
@@ -85,7 +111,7 @@ def apply_cp(model: nn.Module, dims: cp.ParallelDims, *, attn: str | None = None
     install_mask_input_guard(model)  # inputs that would reshape HF's mask: refused per call
     # The wrappers check each mixer's head split against the Ulysses degree as they are installed.
     for spec in MIXER_FAMILIES:
-        _replace_modules(model, spec.matches, lambda m, spec=spec: spec.wrap(m, dims))
+        _replace_modules(model, spec.matches, lambda m, spec=spec: spec.wrap(m, dims, mixer_cp))
     model.set_attn_implementation(register_cp_attention(attn, options))
     model.config.use_cache = False
     return model

@@ -17,9 +17,11 @@ conventions fails the same checks it would fail on a GPU.
                                            crosses a change of seq_idx
     fla.ops.gated_delta_rule.chunk_gated_delta_rule
                                            B = 1 THD with cu_seqlens: transformers' own torch
-                                           reference run on each sequence alone
+                                           reference run on each sequence alone (initial_state
+                                           [N, H, K, V] per sequence, output_final_state)
     mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined
                                            sequential SSM recurrence, state zeroed where seq_idx changes
+                                           (return_final_states: the state at each row's end)
 """
 
 from __future__ import annotations
@@ -130,14 +132,17 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     assert scale is None or abs(scale - q.shape[-1] ** -0.5) < 1e-12, "transformers' reference uses Dk^-1/2"
     bounds = cu_seqlens.tolist()
     reference = getattr(torch_chunk_gated_delta_rule, "__wrapped__", torch_chunk_gated_delta_rule)  # never a hub kernel
-    outs = [reference(q[:, a:e], k[:, a:e], v[:, a:e], g[:, a:e], beta[:, a:e],
-                                         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
-            for a, e in zip(bounds, bounds[1:])]
-    return torch.cat(outs, dim=1), None
+    runs = [reference(q[:, a:e], k[:, a:e], v[:, a:e], g[:, a:e], beta[:, a:e],
+                      initial_state=None if initial_state is None else initial_state[i:i + 1],  # [N, H, K, V]
+                      output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+            for i, (a, e) in enumerate(zip(bounds, bounds[1:]))]
+    final = torch.cat([state for _, state in runs]) if output_final_state else None  # [N, H, K, V]
+    return torch.cat([out for out, _ in runs], dim=1), final
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
-                              seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), **_):
+                              seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
+                              return_final_states=False, **_):
     assert seq_idx is not None and seq_idx.dtype == torch.int32
     dt = dt.float() + (0 if dt_bias is None else dt_bias.float())
     dt = F.softplus(dt) if dt_softplus else dt
@@ -155,7 +160,8 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         if D is not None:
             y = y + D.float()[:, None] * x[:, t].float()
         ys.append(y)
-    return torch.stack(ys, dim=1).to(x.dtype)
+    y = torch.stack(ys, dim=1).to(x.dtype)
+    return (y, state) if return_final_states else y  # state: [b, h, p, n] at the end of each row
 
 
 def _module(name: str, **attrs) -> types.ModuleType:

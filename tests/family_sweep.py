@@ -4,8 +4,8 @@ document run alone through the untouched model.
     for each family (models.tiny.family_configs: tiny config, or the reason it cannot be built tiny)
         reference: the untouched model (transformers' eager attention), q/k weights sharpened,
                    each document alone -> logits, loss over all tokens, every parameter gradient
-        for each style (ulysses, ring) on `world` gloo ranks:
-            models.apply_cp(copy, dims)  ── ValueError ──> "refused" (its message is the reason)
+        for each column (ulysses, ring; state = ulysses with model.mixer_cp=state) on `world` gloo ranks:
+            models.apply_cp(copy, dims, mixer_cp=)  ── ValueError ──> "refused" (its message is the reason)
             packed random documents crossing the shard boundary -> unshard logits, all-reduce
             loss and gradients ──> "exact" within tolerance and state_dict keys unchanged,
                                    else "wrong" / "error" (a failure)
@@ -38,7 +38,9 @@ from models.tiny.family_configs import WINDOW, NotTiny, causal_lm_families, tiny
 from models.traits import WINDOW_FIELDS
 from tests.reference import random_doc_lens
 
-STYLES = ("ulysses", "ring")
+STYLES = ("ulysses", "ring", "state")  # the matrix's columns
+# column -> (model.cp_style, model.mixer_cp): "state" is Ulysses attention with state-passing mixers
+COLUMNS = {"ulysses": ("ulysses", "ulysses"), "ring": ("ring", "ulysses"), "state": ("ulysses", "state")}
 OUTCOMES = ("exact", "refused", "not_tiny", "wrong", "error")
 SEQ_LEN = 61  # not divisible by cp: the pad path runs too
 # Sharpened q/k make attention logits O(10) so a dropped softcap or window shows (>1e-1). fp32
@@ -237,7 +239,7 @@ def sweep_family(family: str, dims_by_style: dict, *, seq_len: int = SEQ_LEN, se
     for style, dims in dims_by_style.items():
         model = copies[style]
         try:
-            models.apply_cp(model, dims, attn=default_attn(model))
+            models.apply_cp(model, dims, attn=default_attn(model), mixer_cp=COLUMNS[style][1])
         except ValueError as exc:
             results[style] = ("refused", str(exc))
             continue
@@ -272,7 +274,7 @@ def sweep_worker(rank: int, world: int, families: list[str], styles=STYLES, prog
     warnings.filterwarnings("ignore")
     dims_by_style = {}
     for style in styles:
-        dims = cp.ParallelDims(world_size=world, cp=world, cp_style=style)
+        dims = cp.ParallelDims(world_size=world, cp=world, cp_style=COLUMNS[style][0])
         dims.build()
         dims_by_style[style] = dims
     results = {}

@@ -22,6 +22,7 @@ from trainer import config
     (["rollout.task=mixed", "rollout.eval_prompts=4"], r"rollout.eval_prompts=4 must be 0 .* or >= 5"),
     (["log_every=0"], r"log_every=0 must be >= 1"),
     (["checkpoint.keep_last=-1"], r"checkpoint.keep_last=-1 must be >= 0"),
+    (["model.mixer_cp=scan"], r"model.mixer_cp='scan': choose ulysses or state"),
 ])
 def test_rl_refuses_keys_it_would_ignore(overrides, match):
     cfg = compose_rl(RL_FAST + ["rollout.task=arithmetic"] + overrides)

@@ -177,12 +177,29 @@ def test_document_index_helpers():
 @pytest.mark.parametrize("probe,fused,twin", [
     (fused_kernels.probe_causal_conv1d, fused_kernels.fused_causal_conv1d, varlen_causal_conv1d),
     (fused_kernels.probe_gated_delta_rule, fused_kernels.fused_gated_delta_rule, varlen_gated_delta_rule),
-    (fused_kernels.probe_ssd_scan, fused_kernels.fused_ssd_scan, ssd_scan_varlen)])
+    (fused_kernels.probe_ssd_scan, fused_kernels.fused_ssd_scan, ssd_scan_varlen),
+    (fused_kernels.probe_gated_delta_rule_state, fused_kernels.fused_gated_delta_rule, varlen_gated_delta_rule),
+    (fused_kernels.probe_ssd_scan_state, fused_kernels.fused_ssd_scan, ssd_scan_varlen)])
 def test_mixer_adapters_pass_documents_to_the_packages_correctly(probe, fused, twin):
     """Each adapter, driven through its package's documented contract, equals cptrain's exact twin
     on packed documents (7, 1 and 64 tokens), forward and input gradients."""
     with fake_gpu_packages.installed():
         assert probe(fused, twin, torch.device("cpu"), torch.float32) is None
+
+
+@pytest.mark.parametrize("probe,fused,twin,wrong", [
+    (fused_kernels.probe_gated_delta_rule_state, fused_kernels.fused_gated_delta_rule, varlen_gated_delta_rule,
+     lambda final, transition: (final, transition.transpose(-1, -2))),  # a transition read the wrong way round
+    (fused_kernels.probe_ssd_scan_state, fused_kernels.fused_ssd_scan, ssd_scan_varlen,
+     lambda final, decay: (final, decay * 0)),  # the decay across the shard dropped
+])
+def test_state_passing_probes_catch_a_wrong_summary(probe, fused, twin, wrong):
+    """The state-passing probes compare the summaries a fused kernel hands the chain, not only its outputs."""
+    def broken(*args, entering_state, **kwargs):
+        return fused(*args, entering_state=lambda final, other: entering_state(*wrong(final, other)), **kwargs)
+
+    with fake_gpu_packages.installed():
+        assert probe(broken, twin, torch.device("cpu"), torch.float32) is not None
 
 
 def test_mixer_probe_catches_documents_leaking():

@@ -36,7 +36,8 @@ WORKLOAD = {"hidden": 128, "heads": 4, "kv_heads": 2, "head_dim": 32, "intermedi
             "vocab": 16384}
 TOKENS_PER_RANK = (256, 1024)
 TECHNIQUES = ("off", "chunked", "+tiled", "+ckpt")
-CASES = {("qwen3", 2): (1, 2), ("qwen3", 4): (4,), ("qwen3_5", 2): (2,)}  # (family, world): cp degrees
+CASES = {("qwen3", 2): (1, 2), ("qwen3", 4): (4,), ("qwen3_5", 2): (2,),  # (family, world): cp degrees
+         ("qwen3_5+state", 2): (2,)}  # the hybrid with model.mixer_cp=state (cp/state_passing.py)
 TOLERANCE = 0.15
 
 
@@ -48,9 +49,13 @@ def _config(family: str):
     return tiny_config("qwen3_5", vocab_size=WORKLOAD["vocab"], hidden_size=WORKLOAD["hidden"])
 
 
-def _keys(technique: str) -> SimpleNamespace:
+def _mixer_cp(family: str) -> str:
+    return "state" if family.endswith("+state") else "ulysses"
+
+
+def _keys(technique: str, mixer_cp: str = "ulysses") -> SimpleNamespace:
     return SimpleNamespace(**plan.TECHNIQUES[technique], head_chunk_tokens=None, mlp_tile_tokens=None,
-                           ulysses_chunks=1)
+                           ulysses_chunks=1, mixer_cp=mixer_cp)
 
 
 def _step(model, dims, ids, labels, count) -> None:
@@ -66,7 +71,8 @@ def _measure(rank: int, world: int, family: str) -> list[tuple]:
         dims = cp.ParallelDims(world_size=world, cp=cp_size)
         dims.build()
         for technique in TECHNIQUES:
-            model = models.apply_cp(build_model(config, "sdpa", torch.device("cpu"), torch.float32), dims, attn="sdpa")
+            model = models.apply_cp(build_model(config, "sdpa", torch.device("cpu"), torch.float32), dims, attn="sdpa",
+                                    mixer_cp=_mixer_cp(family))
             install_long_context(model, _keys(technique))
             for per_rank in TOKENS_PER_RANK:
                 seq_len = per_rank * cp_size
@@ -85,8 +91,8 @@ def _predict(family: str, world: int, cp_size: int, technique: str, seq_len: int
     """The planner's engine; the hybrid's DeltaNet as the CPU twin runs it (mixers="twin"), as measured here."""
     dims = cp.ParallelDims(world_size=world, cp=cp_size)
     dims.build()
-    return simulate_step(_config(family), dims, _keys(technique), seq_len=seq_len, dtype=torch.float32,
-                         mixers="twin").peak
+    return simulate_step(_config(family), dims, _keys(technique, _mixer_cp(family)), seq_len=seq_len,
+                         dtype=torch.float32, mixers="twin").peak
 
 
 @pytest.mark.parametrize("family,world", sorted(CASES))

@@ -190,17 +190,19 @@ def _assert_same_step(ref, got, what):
         assert err <= 1e-5 * scale, f"{what}: {name} differs by {err:.3g} (largest gradient {scale:.3g})"
 
 
-@pytest.mark.parametrize("model,style,world", [
-    ("tiny_qwen3", "ulysses", 4),
-    ("tiny_qwen3_5", "ulysses", 4),
-    pytest.param("tiny_qwen3", "ring", 2, marks=pytest.mark.slow),
-    pytest.param("tiny_qwen3_5", "ulysses", 2, marks=pytest.mark.slow),
-    pytest.param("tiny_qwen3", "hybrid", 4, marks=pytest.mark.slow),  # a token budget at static cp only
+@pytest.mark.parametrize("model,style,world,mixer_cp", [
+    ("tiny_qwen3", "ulysses", 4, "ulysses"),
+    ("tiny_qwen3_5", "ulysses", 4, "ulysses"),
+    ("tiny_qwen3_5", "ulysses", 4, "state"),  # state-passing mixers in every sub-degree group
+    pytest.param("tiny_qwen3", "ring", 2, "ulysses", marks=pytest.mark.slow),
+    pytest.param("tiny_qwen3_5", "ulysses", 2, "ulysses", marks=pytest.mark.slow),
+    pytest.param("tiny_qwen3", "hybrid", 4, "ulysses", marks=pytest.mark.slow),  # a token budget at static cp only
 ])
-def test_sft_step_loss_and_gradients_equal_static_cp_and_cp1(model, style, world):
+def test_sft_step_loss_and_gradients_equal_static_cp_and_cp1(model, style, world, mixer_cp):
     """The step's documents: 4 rows of 256 tokens (world 4: one row per dp rank at cp=1, grad_accum 4 at cp=4;
     world 2: 2 rows per rank / grad_accum 2 x 2); budget 64 (world 4) / 128 (world 2) tokens per rank."""
-    base = [f"model={model}", f"model.cp_style={style}"] + (["model.cp_ulysses=2"] if style == "hybrid" else [])
+    base = [f"model={model}", f"model.cp_style={style}", f"model.mixer_cp={mixer_cp}"]
+    base += ["model.cp_ulysses=2"] if style == "hybrid" else []
     rows = 4
     budget = SFT_SEQ // world
     cp1 = ["model.cp=1", "model.cp_style=ulysses", "model.cp_ulysses=null"]

@@ -57,6 +57,12 @@ class ModelConfig:
     all-to-all runs while group i attends). Same numbers as 1; must be <= the KV heads and leave every
     group at least cp query heads. Helps where the network and the kernel can overlap (GPUs); see the
     benchmark in docs/benchmarks before raising it."""
+    mixer_cp: str = "ulysses"
+    """How the recurrent mixers (Gated DeltaNet, Mamba2) split the sequence: ulysses (an all-to-all of their
+    activations to whole sequences of a head subset; linear heads % cp == 0) | state (every rank keeps its
+    contiguous shard of every head; only each shard's recurrent state summary and a conv halo travel: no head
+    limit, far fewer bytes at long sequences; cp/state_passing.py). Attention layers keep model.cp_style, which
+    must be ulysses for hybrid models either way."""
     attn: str = "sdpa"
     """Inner attention kernel under CP: sdpa | eager | math | lse | flash_attention_2 | flash_attention_3 (CUDA),
     or a registered AttentionInterface name (Ulysses only). See models/attention.py."""
@@ -337,7 +343,7 @@ def register_configs() -> None:
 
 # cp's argument names -> this trainer's config keys
 CP_ARGUMENT_KEYS = {"cp": "model.cp", "cp_style": "model.cp_style", "cp_ulysses": "model.cp_ulysses",
-                    "chunks": "model.ulysses_chunks", "attn": "model.attn"}
+                    "chunks": "model.ulysses_chunks", "attn": "model.attn", "mixer_cp": "model.mixer_cp"}
 
 
 def in_config_terms(message: str, names=tuple(CP_ARGUMENT_KEYS)) -> str:
@@ -378,6 +384,7 @@ def validate_common(cfg, world_size: int) -> None:
     with cp_errors_in_config_terms():  # the degrees, checked by the style's registry entry (cp.styles)
         cp.ParallelDims(world_size=world_size, cp=m.cp, cp_style=m.cp_style, cp_ulysses=m.cp_ulysses)
     _check(m.ulysses_chunks >= 1, f"model.ulysses_chunks={m.ulysses_chunks} must be >= 1 (1: no pipelining)")
+    _check(m.mixer_cp in ("ulysses", "state"), f"model.mixer_cp={m.mixer_cp!r}: choose ulysses or state")
     for key in ("head_chunk_tokens", "mlp_tile_tokens"):
         value = m[key]
         _check(value is None or value >= 1, f"model.{key}={value} must be >= 1 (tokens), or null for automatic")

@@ -104,7 +104,7 @@ def install_long_context(model: nn.Module, mcfg) -> nn.Module:
 
 
 def parallelize(model: nn.Module, dims: cp.ParallelDims, mcfg, device: torch.device) -> nn.Module:
-    models.apply_cp(model, dims, attn=mcfg.attn, chunks=mcfg.ulysses_chunks)
+    models.apply_cp(model, dims, attn=mcfg.attn, chunks=mcfg.ulysses_chunks, mixer_cp=mcfg.mixer_cp)
     if mcfg.lora.rank is not None:  # after apply_cp (HF names kept by its wrappers), before the memory wrappers
         apply_lora(model, mcfg.lora, decoder_layers(model), compute_dtype(mcfg))
     install_long_context(model, mcfg)

@@ -1,4 +1,5 @@
-"""Recurrent sequence mixers (linear attention, SSMs) under Ulysses CP: each rank runs whole sequences for its heads.
+"""Recurrent sequence mixers (linear attention, SSMs) under CP: Ulysses (each rank runs whole sequences for its
+heads) or, with model.mixer_cp=state, state passing (each rank its shard of every head; cp.state_passing).
 
     spec.py            MixerSpec: a family described once (HF classes, wrapper, wrap(), CP styles, kernels)
     registry.py        MIXER_FAMILIES: one line per family; hands every class to cp.validation at import

@@ -29,6 +29,8 @@ SPEC = MixerSpec(
     description="Mamba2 (SSM)",
     class_names={"BambaMixer": "Bamba Mamba2 (SSM)"},
     wrapper=UlyssesMamba2Mixer,
-    wrap=lambda module, dims: wrap_mamba2_mixer(module, dims=dims, classes=("BambaMixer",)),
+    wrap=lambda module, dims, mixer_cp="ulysses": wrap_mamba2_mixer(module, dims=dims, classes=("BambaMixer",),
+                                                                   mixer_cp=mixer_cp),
     kernels=("causal_conv1d", "ssd_scan"),
+    mixer_cp=("ulysses", "state"),
 )

@@ -39,6 +39,11 @@ the scan starts every document from a zero state.
 On CUDA, fla's chunk_gated_delta_rule (cu_seqlens) and causal-conv1d (seq_idx) replace the torch
 kernels when importable and checked against them (models.mixers.fused_kernels).
 
+With mixer_cp="state" (model.mixer_cp) the rank keeps its shard of every head instead: the projections, the conv
+(with the previous shards' last K-1 inputs as its history: ShardChain.with_halo) and the delta rule run on
+[B, S/P, ...], the rule starting from the state that enters the shard (ShardChain.entering_state: every shard's
+final state and [Dk, Dk] transition, gathered and folded; cp.state_passing). No head split, no all-to-all.
+
 The wrapper adopts the mixer's children and parameters under their own names, so
 `state_dict()` keys and FSDP / optimizer names are unchanged by wrapping.
 """
@@ -53,6 +58,7 @@ from torch import nn
 from cp.collectives import head_to_seq, seq_to_head
 from cp.documents import doc_ids_from_cu_seqlens
 from cp.params import CPParams
+from cp.state_passing import ShardChain, check_state_layout, matrix_transition
 from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
 from models.mixers.hf_conventions import adopt, cache_keyword, call_original, original_if_unchanged, take_cache
 from models.mixers.fused_kernels import pick as pick_mixer_kernel
@@ -115,8 +121,9 @@ class UlyssesGatedDeltaNet(nn.Module):
     change); the original module is kept, unregistered, only for HF's cached generation path.
     """
 
-    def __init__(self, mixer: nn.Module, *, chunk_size: int = 64):
+    def __init__(self, mixer: nn.Module, *, chunk_size: int = 64, mixer_cp: str = "ulysses"):
         super().__init__()
+        self.mixer_cp = mixer_cp  # ulysses (heads all-to-all) | state (cp.state_passing)
         self.projection_layout = projection_layout(mixer)
         cache_keyword(mixer)  # a calling convention the wrapper does not know fails here, at startup
         if mixer.activation not in ACTIVATIONS:
@@ -127,7 +134,7 @@ class UlyssesGatedDeltaNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{type(self._original).__name__}, layout={self.projection_layout}, v_heads={self.num_v_heads}, "
-                f"k_heads={self.num_k_heads}, chunk_size={self.chunk_size}")
+                f"k_heads={self.num_k_heads}, chunk_size={self.chunk_size}, mixer_cp={self.mixer_cp}")
 
     # -- projections (on this rank's sequence shard, all heads) --------------------------------
 
@@ -168,8 +175,10 @@ class UlyssesGatedDeltaNet(nn.Module):
         return weight, bias
 
     def mix_heads(self, q, k, v, b, a, doc_ids: torch.Tensor, value_heads: list[int], key_heads: list[int],
-                  key_of_value: list[int]) -> torch.Tensor:
+                  key_of_value: list[int], chain: ShardChain | None = None) -> torch.Tensor:
         """Conv + gated delta rule of full sequences: q, k [B, S, hk, Dk]; v [B, S, hv, Dv]; b, a [B, S, hv].
+        With `chain` (state-passing CP) the sequences are this rank's shard of every head: the conv reads the
+        previous shard's tail and the rule starts from the state entering the shard (cp.state_passing).
 
         Returns the core output [B, S, hv, Dv] (before the gated norm).
         """
@@ -178,7 +187,10 @@ class UlyssesGatedDeltaNet(nn.Module):
         weight, bias = self._local_conv_weight(key_heads, value_heads)
         mixed = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)  # -> [B, S, 2 hk Dk + hv Dv]
         conv = pick_mixer_kernel("causal_conv1d", mixed.device, mixed.dtype)  # fused on CUDA when checked
-        mixed = conv(mixed, weight, bias, doc_ids, activation=self.activation)
+        if chain is None:
+            mixed = conv(mixed, weight, bias, doc_ids, activation=self.activation)
+        else:  # the previous shards' last inputs as history
+            mixed = chain.causal_conv(conv, mixed, weight, bias, activation=self.activation)
         q, k, v = mixed.split([num_k * self.head_k_dim, num_k * self.head_k_dim, num_v * self.head_v_dim], dim=-1)
         q = q.reshape(batch, seq, num_k, self.head_k_dim)  # [B, S, hk * Dk] -> [B, S, hk, Dk]
         k = k.reshape(batch, seq, num_k, self.head_k_dim)  # [B, S, hk * Dk] -> [B, S, hk, Dk]
@@ -189,8 +201,12 @@ class UlyssesGatedDeltaNet(nn.Module):
         beta = b.sigmoid()
         a_log, dt_bias = self.A_log.index_select(0, heads), self.dt_bias.index_select(0, heads)  # [Hv] -> [hv_r]
         g = -a_log.float().exp() * F.softplus(a.float() + dt_bias)
-        delta_rule = pick_mixer_kernel("gated_delta_rule", v.device, v.dtype)
-        return delta_rule(q, k, v, g, beta, doc_ids, use_qk_l2norm=True, chunk_size=self.chunk_size)
+        options = {}
+        if chain is not None:  # the state entering the shard, from every earlier shard's summary
+            options["entering_state"] = lambda final, transition: chain.entering_state(transition, final,
+                                                                                       matrix_transition)
+        delta_rule = pick_mixer_kernel("gated_delta_rule", v.device, v.dtype, entering_state=chain is not None)
+        return delta_rule(q, k, v, g, beta, doc_ids, use_qk_l2norm=True, chunk_size=self.chunk_size, **options)
 
     def gated_output(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """core, z [B, s, Hv, Dv] -> out_proj(norm(core, z)) [B, s, hidden]."""
@@ -213,6 +229,8 @@ class UlyssesGatedDeltaNet(nn.Module):
                 hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
             return self._forward_heads(hidden_states, doc_ids, None, 1, 0)
         check_cp_call(self, hidden_states, attention_mask, cp_params)
+        if self.mixer_cp == "state":
+            return self._forward_state(hidden_states, ShardChain.from_params(cp_params))
         group, size = cp_params.ulysses_group, cp_params.ulysses_size
         rank = dist.get_rank(group) if size > 1 else 0
         positions = cp_params.ulysses_gathered_index().to(cp_params.doc_ids.device)
@@ -228,6 +246,15 @@ class UlyssesGatedDeltaNet(nn.Module):
                               split.local_group_of_heads(rank))  # [B, S, hv_r, Dv]
         if size > 1:
             core = head_to_seq(core, group, split.head_index, self.num_v_heads)  # [B, S, hv_r, Dv] -> [B, S/P, Hv, Dv]
+        return self.gated_output(core.to(z.dtype), z)
+
+    def _forward_state(self, hidden_states: torch.Tensor, chain: ShardChain) -> torch.Tensor:
+        """State-passing CP: every head of this rank's shard; only the conv halo and the shard states travel."""
+        split = split_heads(self.num_v_heads, self.num_k_heads, 1)
+        q, k, v, z, b, a = self.project(hidden_states)
+        doc_ids = chain.local_doc_ids.to(hidden_states.device)
+        core = self.mix_heads(q, k, v, b, a, doc_ids, split.head_index[0], split.group_index[0],
+                              split.local_group_of_heads(0), chain=chain)  # [B, S/P, Hv, Dv]
         return self.gated_output(core.to(z.dtype), z)
 
     def _documents_without_cp(self, hidden_states: torch.Tensor, cu_seqlens) -> torch.Tensor:
@@ -270,7 +297,10 @@ def check_cp_call(module: UlyssesGatedDeltaNet, hidden_states: torch.Tensor, att
         raise ValueError(f"GatedDeltaNet got hidden states [B, S_local] = {list(hidden_states.shape[:2])} but CPParams "
                          f"describe [{params.batch_size}, {params.local_len}] (S_pad={params.padded_len}, "
                          f"cp={params.cp_size})")
-    split_heads(module.num_v_heads, module.num_k_heads, params.ulysses_size)
+    if module.mixer_cp == "state":
+        check_state_layout(params)
+    else:
+        split_heads(module.num_v_heads, module.num_k_heads, params.ulysses_size)
 
 
 def projection_layout(module: nn.Module) -> str:
@@ -290,14 +320,16 @@ def is_gated_deltanet(module: nn.Module) -> bool:
     return type(module).__name__ in PROJECTION_LAYOUTS
 
 
-def wrap_gated_deltanet(module: nn.Module, *, ulysses_size: int | None = None,
-                        chunk_size: int = 64) -> UlyssesGatedDeltaNet:
-    """Wrap an HF GatedDeltaNet (idempotent). With `ulysses_size`, check the head split now, at startup."""
+def wrap_gated_deltanet(module: nn.Module, *, ulysses_size: int | None = None, chunk_size: int = 64,
+                        mixer_cp: str = "ulysses") -> UlyssesGatedDeltaNet:
+    """Wrap an HF GatedDeltaNet (idempotent; mixer_cp set again). With `ulysses_size` and mixer_cp=ulysses, check
+    the head split now, at startup (state passing splits no heads)."""
     if isinstance(module, UlyssesGatedDeltaNet):
         wrapped = module
+        wrapped.mixer_cp = mixer_cp
     else:
-        wrapped = UlyssesGatedDeltaNet(module, chunk_size=chunk_size)
-    if ulysses_size is not None:
+        wrapped = UlyssesGatedDeltaNet(module, chunk_size=chunk_size, mixer_cp=mixer_cp)
+    if ulysses_size is not None and mixer_cp == "ulysses":
         split_heads(wrapped.num_v_heads, wrapped.num_k_heads, ulysses_size)
     return wrapped
 
@@ -309,6 +341,8 @@ SPEC = MixerSpec(
                  "Qwen3_5MoeGatedDeltaNet": "Qwen3.5-MoE GatedDeltaNet (linear attention)",
                  "Qwen3NextGatedDeltaNet": "Qwen3-Next GatedDeltaNet (linear attention)"},
     wrapper=UlyssesGatedDeltaNet,
-    wrap=lambda module, dims: wrap_gated_deltanet(module, ulysses_size=None if dims is None else dims.ulysses),
+    wrap=lambda module, dims, mixer_cp="ulysses": wrap_gated_deltanet(
+        module, ulysses_size=None if dims is None else dims.ulysses, mixer_cp=mixer_cp),
     kernels=("causal_conv1d", "gated_delta_rule"),
+    mixer_cp=("ulysses", "state"),
 )

@@ -28,6 +28,11 @@ document (same kernels, no collectives); with a cache (HF generation) or a paddi
 original mixer runs unchanged. The wrapper adopts the mixer's children and parameters under their own names, so
 state_dict keys, FSDP / optimizer / PEFT names are the HF names (models.mixers.hf_conventions).
 
+With mixer_cp="state" (model.mixer_cp) the rank keeps its shard of every head instead: the conv reads the previous
+shards' last K-1 inputs (ShardChain.with_halo), the scan starts from the state entering the shard (every shard's
+final state [H, hd, N] and scalar decay per head, gathered and folded: cp.state_passing), which adds
+C_t . (decay from the shard start to t) . state to the shard's first document. No head split, no all-to-all.
+
 The kernels are plain torch in float32 (`models.mixers.varlen_scans.ssd_scan_varlen`, re-exported here, and
 `models.mixers.varlen_ops.varlen_causal_conv1d`); autograd gives the backward. On CUDA, mamba-ssm's scan and causal-conv1d (with seq_idx) replace them
 when importable and checked against them (models.mixers.fused_kernels).
@@ -43,6 +48,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mi
 from cp.collectives import head_to_seq, seq_to_head
 from cp.dims import ParallelDims
 from cp.params import CPParams
+from cp.state_passing import ShardChain, check_state_layout, decay_transition
 from cp.ulysses import GroupedHeadSplit, align_groups_to_heads, grouped_head_split
 from models.mixers.hf_conventions import adopt, cache_keyword, call_original, original_if_unchanged, take_cache
 from models.mixers.fused_kernels import pick as pick_mixer_kernel
@@ -75,18 +81,20 @@ def mamba2_sharding(num_heads: int, n_groups: int, size: int) -> GroupedHeadSpli
     return grouped_head_split(num_heads, n_groups, size)
 
 
-def check_mamba2_cp(mixer: nn.Module, *, cp_style: str, ulysses_size: int, ring_size: int = 1) -> None:
+def check_mamba2_cp(mixer: nn.Module, *, cp_style: str, ulysses_size: int, ring_size: int = 1,
+                    mixer_cp: str = "ulysses") -> None:
     """Raise a ValueError naming the fix if this mixer cannot run under the given CP layout.
 
     Any ring degree > 1 is refused: a ring rank never sees the whole sequence of a head, which the
     scan and its causal conv need. (With ring degree 1 every style shards contiguously = Ulysses.)
+    Under mixer_cp=state no heads are split.
     """
     if ring_size > 1:
         raise ValueError(f"model.cp_style={cp_style} (ring degree {ring_size}) cannot run Mamba2 layers "
                          f"({type(mixer).__name__}): "
                          "the SSM scan and its causal conv need the whole sequence of a head, which only Ulysses "
                          "gives; use model.cp_style=ulysses")
-    mamba2_sharding(mixer.num_heads, mixer.n_groups, ulysses_size)
+    mamba2_sharding(mixer.num_heads, mixer.n_groups, 1 if mixer_cp == "state" else ulysses_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,14 +111,16 @@ class UlyssesMamba2Mixer(nn.Module):
     cached generation / padding path. Without cp_params, a cache or a mask, every row is one document.
     """
 
-    def __init__(self, mixer: nn.Module) -> None:
+    def __init__(self, mixer: nn.Module, mixer_cp: str = "ulysses") -> None:
         super().__init__()
+        self.mixer_cp = mixer_cp  # ulysses (heads all-to-all) | state (cp.state_passing)
         cache_keyword(mixer)  # a calling convention the wrapper does not know fails here, at startup
         check_mamba2_layout(mixer)
         adopt(self, mixer, _MIXER_ATTRIBUTES)
 
     def extra_repr(self) -> str:
-        return f"{type(self._original).__name__}, heads={self.num_heads}, n_groups={self.n_groups}"
+        return (f"{type(self._original).__name__}, heads={self.num_heads}, n_groups={self.n_groups}, "
+                f"mixer_cp={self.mixer_cp}")
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cp_params: CPParams | None = None, **kwargs) -> torch.Tensor:
@@ -124,6 +134,8 @@ class UlyssesMamba2Mixer(nn.Module):
             doc_ids = torch.arange(batch, device=hidden_states.device)[:, None].expand(batch, seq)  # a row = a doc
             return self._forward_heads(hidden_states, doc_ids, None, 1, 0)
         self._check_call(hidden_states, cache, attention_mask, cp_params)
+        if self.mixer_cp == "state":
+            return self._forward_heads(hidden_states, None, None, 1, 0, chain=ShardChain.from_params(cp_params))
         group, size = cp_params.ulysses_group, cp_params.ulysses_size
         rank = dist.get_rank(group) if size > 1 else 0
         positions = cp_params.ulysses_gathered_index().to(hidden_states.device)
@@ -132,7 +144,10 @@ class UlyssesMamba2Mixer(nn.Module):
 
     def _check_call(self, hidden_states, cache, attention_mask, params: CPParams) -> None:
         """Everything a rank can check alone, before the first collective (ranks fail together)."""
-        check_mamba2_cp(self, cp_style=params.style, ulysses_size=params.ulysses_size, ring_size=params.ring_size)
+        check_mamba2_cp(self, cp_style=params.style, ulysses_size=params.ulysses_size, ring_size=params.ring_size,
+                        mixer_cp=self.mixer_cp)
+        if self.mixer_cp == "state":
+            check_state_layout(params)
         if hidden_states.dim() != 3 or hidden_states.shape[:2] != (params.batch_size, params.local_len):
             raise ValueError(f"Mamba2 mixer got hidden_states {tuple(hidden_states.shape)} but CPParams describe "
                              f"[B, S_local] = [{params.batch_size}, {params.local_len}] (S_pad={params.padded_len}, "
@@ -148,9 +163,13 @@ class UlyssesMamba2Mixer(nn.Module):
     def _cache_has_state(self, cache) -> bool:
         return cache.get_conv_state(self.layer_idx) is not None or cache.get_recurrent_state(self.layer_idx) is not None
 
-    def _forward_heads(self, hidden_states: torch.Tensor, doc_ids: torch.Tensor, group, size: int,
-                       rank: int) -> torch.Tensor:
-        """hidden [B, S/P, d] -> out [B, S/P, d]; doc_ids [B, S] of the full (gathered) sequence."""
+    def _forward_heads(self, hidden_states: torch.Tensor, doc_ids: torch.Tensor | None, group, size: int,
+                       rank: int, chain: ShardChain | None = None) -> torch.Tensor:
+        """hidden [B, S/P, d] -> out [B, S/P, d]; doc_ids [B, S] of the full (gathered) sequence. With `chain`
+        (state-passing CP, size 1): every head of this rank's shard, the conv halo and the entering state from the
+        chain (cp.state_passing)."""
+        if chain is not None:
+            doc_ids = chain.local_doc_ids.to(hidden_states.device)
         sharding = mamba2_sharding(self.num_heads, self.n_groups, size)
         heads = sharding.head_index[rank]
         batch, local_len, _ = hidden_states.shape
@@ -161,14 +180,17 @@ class UlyssesMamba2Mixer(nn.Module):
             bc = seq_to_head(bc, group, sharding.group_index)  # [B, S/P, G, 2N] -> [B, S, g_r, 2N]
         x, dt = x_dt[..., :-1], x_dt[..., -1]  # [B, S, h, hd], [B, S, h]
 
-        x, B, C = self._conv(x, bc, doc_ids, heads, sharding.group_index[rank])
+        x, B, C = self._conv(x, bc, doc_ids, heads, sharding.group_index[rank], chain)
         B, C = align_groups_to_heads(B, C, sharding.local_group_of_heads(rank))
 
         index = torch.tensor(heads, device=hidden_states.device)
-        scan = pick_mixer_kernel("ssd_scan", x.device, x.dtype)  # fused on CUDA when checked
+        scan = pick_mixer_kernel("ssd_scan", x.device, x.dtype, entering_state=chain is not None)  # fused if checked
+        options = {}
+        if chain is not None:  # the state entering the shard, from every earlier shard's summary
+            options["entering_state"] = lambda final, decay: chain.entering_state(decay, final, decay_transition)
         y = scan(x, dt, -torch.exp(self.A_log.float().index_select(0, index)), B, C, doc_ids,
                  D=self.D.index_select(0, index), dt_bias=self.dt_bias.index_select(0, index),
-                 dt_limit=self.time_step_limit, chunk_size=self.chunk_size)  # [B, S, h, hd] float32
+                 dt_limit=self.time_step_limit, chunk_size=self.chunk_size, **options)  # [B, S, h, hd] float32
         if size > 1:
             y = head_to_seq(y, group, sharding.head_index, self.num_heads)  # [B, S, h, hd] -> [B, S/P, H, hd]
         y = self.norm(y.reshape(batch, local_len, self.intermediate_size), z)  # [B, S/P, H, hd] -> [B, S/P, I]
@@ -187,8 +209,10 @@ class UlyssesMamba2Mixer(nn.Module):
         C = C.reshape(batch, local_len, m.n_groups, m.ssm_state_size)  # [B, s, G*N] -> [B, s, G, N]
         return z, x_dt, torch.cat([B, C], dim=-1)  # B+C: [B, s, G, 2N]
 
-    def _conv(self, x: torch.Tensor, bc: torch.Tensor, doc_ids: torch.Tensor, heads: list[int], groups: list[int]):
-        """Varlen causal conv1d + activation over this rank's x / B / C channels (weights sliced)."""
+    def _conv(self, x: torch.Tensor, bc: torch.Tensor, doc_ids: torch.Tensor, heads: list[int], groups: list[int],
+              chain: ShardChain | None = None):
+        """Varlen causal conv1d + activation over this rank's x / B / C channels (weights sliced); with `chain`,
+        over the shard with the previous shard's tail as its history."""
         m = self
         batch, length, num_local, head_dim = x.shape
         state = m.ssm_state_size
@@ -201,7 +225,10 @@ class UlyssesMamba2Mixer(nn.Module):
         weight = m.conv1d.weight.index_select(0, index)  # [conv_dim, 1, K] -> [c_r, 1, K]
         bias = None if m.conv1d.bias is None else m.conv1d.bias.index_select(0, index)
         conv = pick_mixer_kernel("causal_conv1d", channels.device, channels.dtype)
-        out = conv(channels, weight, bias, doc_ids, activation=m.activation)
+        if chain is None:
+            out = conv(channels, weight, bias, doc_ids, activation=m.activation)
+        else:  # the previous shards' last inputs as history
+            out = chain.causal_conv(conv, channels, weight, bias, activation=m.activation)
         x, B, C = out.split([num_local * head_dim, len(groups) * state, len(groups) * state], dim=-1)
         return (x.reshape(batch, length, num_local, head_dim),  # [B, S, h*hd] -> [B, S, h, hd]
                 B.reshape(batch, length, len(groups), state),  # [B, S, g*N] -> [B, S, g, N]
@@ -248,14 +275,19 @@ def is_mamba2_mixer(module: nn.Module) -> bool:
 
 
 def wrap_mamba2_mixer(mixer: nn.Module, *, dims: ParallelDims | None = None,
-                      classes: tuple[str, ...] = ("NemotronHMamba2Mixer",)) -> UlyssesMamba2Mixer:
+                      classes: tuple[str, ...] = ("NemotronHMamba2Mixer",),
+                      mixer_cp: str = "ulysses") -> UlyssesMamba2Mixer:
     """Wrap a Mamba2 mixer of one of `classes` (default NemotronH's); with dims, refuse (ValueError) a CP layout it
-    cannot run. Idempotent."""
+    cannot run. Idempotent (mixer_cp set again)."""
     if not isinstance(mixer, UlyssesMamba2Mixer) and type(mixer).__name__ not in classes:
         raise TypeError(f"wrap_mamba2_mixer expects a {' or '.join(classes)}, got {type(mixer).__name__}")
     if dims is not None:
-        check_mamba2_cp(mixer, cp_style=dims.cp_style, ulysses_size=dims.ulysses, ring_size=dims.ring)
-    return mixer if isinstance(mixer, UlyssesMamba2Mixer) else UlyssesMamba2Mixer(mixer)
+        check_mamba2_cp(mixer, cp_style=dims.cp_style, ulysses_size=dims.ulysses, ring_size=dims.ring,
+                        mixer_cp=mixer_cp)
+    if isinstance(mixer, UlyssesMamba2Mixer):
+        mixer.mixer_cp = mixer_cp
+        return mixer
+    return UlyssesMamba2Mixer(mixer, mixer_cp=mixer_cp)
 
 
 SPEC = MixerSpec(
@@ -263,6 +295,7 @@ SPEC = MixerSpec(
     description="Mamba2 (SSM)",
     class_names={"NemotronHMamba2Mixer": "NemotronH Mamba2 (SSM)"},
     wrapper=UlyssesMamba2Mixer,
-    wrap=lambda module, dims: wrap_mamba2_mixer(module, dims=dims),
+    wrap=lambda module, dims, mixer_cp="ulysses": wrap_mamba2_mixer(module, dims=dims, mixer_cp=mixer_cp),
     kernels=("causal_conv1d", "ssd_scan"),
+    mixer_cp=("ulysses", "state"),
 )

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from cp.dims import ParallelDims
 from cp.validation import register_sequence_mixer
 from models.mixers.fused_kernels import MIXER_OPS
 
@@ -32,8 +31,10 @@ class MixerSpec:
     name:            the family's name (models/<name>.py holds its wrapper)
     class_names:     {HF mixer class name: description}: the modules it wraps, by class name
     wrapper:         the Ulysses wrapper class (accepted as already prepared when apply_cp runs again)
-    wrap:            wrap(module, dims) -> wrapper; raises ValueError naming the fix for a head split
+    wrap:            wrap(module, dims, mixer_cp) -> wrapper; raises ValueError naming the fix for a head split
                      or CP layout it cannot run
+    mixer_cp:        how its sequence is parallelised (model.mixer_cp): "ulysses" (the heads' all-to-all) and,
+                     where the family's wrapper has a state-passing path, "state" (cp.state_passing; opt-in)
     cp_styles:       the CP styles it runs under (a recurrence needs whole sequences: Ulysses only)
     kernels:         the models.mixers.fused_kernels ops it runs (torch twin everywhere, fused on CUDA)
     description:     what the wrapper class is reported as (shared by families with one wrapper)
@@ -42,8 +43,9 @@ class MixerSpec:
     name: str
     class_names: dict[str, str]
     wrapper: type[nn.Module]
-    wrap: Callable[[nn.Module, ParallelDims | None], nn.Module]
+    wrap: Callable[..., nn.Module]
     cp_styles: tuple[str, ...] = ("ulysses",)
+    mixer_cp: tuple[str, ...] = ("ulysses",)
     kernels: tuple[str, ...] = ()
     description: str = ""
 

@@ -139,34 +139,78 @@ def _intra_chunk_terms(q, k, v, g, beta) -> ChunkTerms:
     )
 
 
-def _scan_chunks(terms: ChunkTerms, plan: ChunkPlan) -> torch.Tensor:
-    """Carry the state [H, Dk, Dv] chunk to chunk; zero it at every document start. -> [N, H, C, Dv]."""
-    outputs, state = [], None
-    for n in range(plan.num_chunks):
+def _scan_chunks(terms: ChunkTerms, plan: ChunkPlan, chunks=None, entering: dict | None = None,
+                 end_states: set | frozenset = frozenset()) -> tuple[dict, dict]:
+    """Carry the state [H, Dk, Dv] chunk to chunk over `chunks` (default all, in order); zero it at every document
+    start, except that chunk n in `entering` starts from entering[n]. Returns ({n: out [H, C, Dv]},
+    {n: state leaving chunk n} for n in end_states)."""
+    entering = entering or {}
+    outputs, ends, state = {}, {}, None
+    for n in range(plan.num_chunks) if chunks is None else chunks:
+        start = entering.get(n, None if plan.starts_document[n] else state)
         writes = terms.writes_from_values[n]  # [H, C, Dv]
-        if plan.starts_document[n]:  # zero entering state: its terms vanish
+        if start is None:  # zero entering state: its terms vanish
             out = terms.intra_attention[n] @ writes
         else:
-            writes = writes - terms.writes_per_state[n] @ state
-            out = terms.q_from_start[n] @ state + terms.intra_attention[n] @ writes
-        outputs.append(out)
-        if plan.continues_document[n]:
+            writes = writes - terms.writes_per_state[n] @ start
+            out = terms.q_from_start[n] @ start + terms.intra_attention[n] @ writes
+        outputs[n] = out
+        if plan.continues_document[n] or n in end_states:
             carried = terms.k_to_end[n].transpose(-1, -2) @ writes  # [H, Dk, C] @ [H, C, Dv] -> [H, Dk, Dv]
-            if not plan.starts_document[n]:
-                carried = carried + state * terms.chunk_decay[n][:, None, None]
-            state = carried
-    return torch.stack(outputs)
+            if start is not None:
+                carried = carried + start * terms.chunk_decay[n][:, None, None]
+            state = ends[n] = carried
+    return outputs, ends
+
+
+def _row_chunks(plan: ChunkPlan, row_len: int, rows: int) -> list[list[int]]:
+    """The chunks of each row, in order (rows are flattened into the plan's token stream)."""
+    row_of_chunk = (plan.gather_index[:, 0] // row_len).tolist()  # a chunk's first slot is always a token
+    chunks = [[] for _ in range(rows)]
+    for n, row in enumerate(row_of_chunk):
+        chunks[row].append(n)
+    return chunks
+
+
+def _chained_scan(terms: ChunkTerms, plan: ChunkPlan, row_len: int, rows: int, entering_state) -> torch.Tensor:
+    """State passing (cp.state_passing): scan from zero, summarise each row for the chain (its final state from
+    zero; the transition of its last document), get the entering states, rescan each row's first document from
+    its entering state. -> [N, H, C, Dv]."""
+    row_chunks = _row_chunks(plan, row_len, rows)
+    outputs, ends = _scan_chunks(terms, plan, end_states={chunks[-1] for chunks in row_chunks})
+    heads, dk = terms.k_to_end.shape[1], terms.k_to_end.shape[-1]
+    eye = torch.eye(dk, dtype=terms.k_to_end.dtype, device=terms.k_to_end.device)
+    transitions = []
+    for chunks in row_chunks:  # of the row's last document (the fold uses it for rows that are one document)
+        transition = eye.expand(heads, dk, dk)
+        last_start = max(i for i, n in enumerate(chunks) if plan.starts_document[n])
+        for n in chunks[last_start:]:  # S_C = (decay I - k_to_end^T writes_per_state) S_0 + (terms without S_0)
+            decay = terms.chunk_decay[n][:, None, None] * eye  # [H, Dk, Dk]
+            transition = (decay - terms.k_to_end[n].transpose(-1, -2) @ terms.writes_per_state[n]) @ transition
+        transitions.append(transition)
+    finals = torch.stack([ends[chunks[-1]] for chunks in row_chunks])  # [B, H, Dk, Dv]
+    entering = entering_state(finals, torch.stack(transitions)).to(eye.dtype)  # [B, H, Dk, Dv]
+    for row, chunks in enumerate(row_chunks):
+        next_start = next((i for i, n in enumerate(chunks[1:], 1) if plan.starts_document[n]), len(chunks))
+        outputs.update(_scan_chunks(terms, plan, chunks[:next_start], {chunks[0]: entering[row]})[0])
+    return torch.stack([outputs[n] for n in range(plan.num_chunks)])
 
 
 def varlen_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                             doc_ids: torch.Tensor, *, use_qk_l2norm: bool = True, scale: float | None = None,
-                            chunk_size: int = 64) -> torch.Tensor:
+                            chunk_size: int = 64, entering_state=None) -> torch.Tensor:
     """Gated delta rule over packed documents, the state reset to zero at every document start.
 
     q, k [B, S, Hk, Dk]; v [B, S, Hv, Dv] (Hv % Hk == 0: value head j reads key head j // (Hv/Hk));
     g (log decay, <= 0), beta [B, S, Hv]; doc_ids [B, S]. Same math as HF's
     torch_chunk_gated_delta_rule / torch_recurrent_gated_delta_rule run on each document alone.
     Float32 math (float64 stays float64). Returns [B, S, Hv, Dv] in v's dtype.
+
+    entering_state (state-passing CP): each row is a shard of a longer sequence whose first document may have
+    begun on earlier ranks; entering_state(final [B, Hv, Dk, Dv], transition [B, Hv, Dk, Dk]) gets each row's
+    summary (the state leaving it from zero, and how a state entering its last document reaches its end: the whole
+    row's transition when the row is one document) and returns the state entering each row [B, Hv, Dk, Dv]
+    (cp.state_passing.ShardChain.entering_state); that state starts the row's first document.
     """
     batch, seq_len, num_k, head_k = k.shape
     num_v = v.shape[2]
@@ -187,7 +231,11 @@ def varlen_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     plan = document_chunk_plan(doc_ids, chunk_size)
     q, k, v = (_to_chunks(x, plan) for x in (q, k, v))  # [T, Hv, D] -> [N, Hv, C, D]
     g, beta = (_to_chunks(x, plan) for x in (g, beta))  # [T, Hv] -> [N, Hv, C]
-    out = _scan_chunks(_intra_chunk_terms(q, k, v, g, beta), plan)  # [N, Hv, C, Dv]
+    terms = _intra_chunk_terms(q, k, v, g, beta)
+    if entering_state is None:
+        out = torch.stack(list(_scan_chunks(terms, plan)[0].values()))  # [N, Hv, C, Dv]
+    else:
+        out = _chained_scan(terms, plan, seq_len, batch, entering_state)  # [N, Hv, C, Dv]
     out = _from_chunks(out, plan)  # [N, Hv, C, Dv] -> [B * S, Hv, Dv]
     return out.view(batch, seq_len, num_v, -1).to(out_dtype)  # [B * S, Hv, Dv] -> [B, S, Hv, Dv]
 
@@ -232,7 +280,7 @@ def _chunked(t: torch.Tensor, chunk: int, fill=0) -> torch.Tensor:
 def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     doc_ids: torch.Tensor, *, D: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
                     dt_softplus: bool = True, dt_limit: tuple[float, float] = (0.0, math.inf),
-                    chunk_size: int = 64) -> torch.Tensor:
+                    chunk_size: int = 64, entering_state=None) -> torch.Tensor:
     """Mamba2 SSD scan over packed documents, the SSM state reset at every document start.
 
     x [b, S, h, p]; dt [b, S, h] (raw, before dt_bias/softplus); A [h] (negative: -exp(A_log));
@@ -244,6 +292,11 @@ def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
 
     Chunked (SSD) form: within a chunk a decay-weighted, document-masked C B^T product; between
     chunks the chunk-end states are carried only while the document continues.
+
+    entering_state (state-passing CP): each row is a shard of a longer sequence; entering_state(final
+    [b, h, p, n], decay [b, h]) gets each row's state leaving it from zero (its last document's) and the decay a
+    state entering the row gets across it, and returns the state entering each row [b, h, p, n], which then
+    reaches the row's first document: y_t += C_t . state * exp(sum of dt A up to t).
     """
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
@@ -262,20 +315,34 @@ def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
 
     chunk = min(chunk_size, length)
     x_dt_c, B_c, C_c = (_chunked(t, chunk) for t in (x_dt, B_heads, C_heads))  # [b, c, l, h, p|n]
-    doc_c = _chunked(doc_ids, chunk, fill=-1)  # [b, c, l]; the tail pad contributes nothing (x_dt = 0)
+    pad = (-length) % chunk  # the tail pad continues each row's last document: it adds nothing (x_dt = 0) and
+    doc_c = _chunked(torch.cat([doc_ids, doc_ids[:, -1:].expand(batch, pad)], dim=1), chunk)  # decays by 1: [b, c, l]
     log_decay_c = _chunked(log_decay, chunk).permute(0, 3, 1, 2)  # [b, c, l, h] -> [b, h, c, l]
     cum_decay = torch.cumsum(log_decay_c, dim=-1)  # [b, h, c, l]
 
     y_diag = _intra_chunk(x_dt_c, B_c, C_c, log_decay_c, doc_c)
     doc_end = doc_c[:, :, -1]  # [b, c]: the document a chunk-end state belongs to
     chunk_states = _chunk_end_states(x_dt_c, B_c, cum_decay, doc_c, doc_end)
-    start_states, doc_at_start = _carry_states(chunk_states, cum_decay[..., -1], doc_end)
-    y_off = _from_start_states(C_c, start_states, cum_decay, doc_c, doc_at_start)
+    carried, doc_at_slot = _carry_states(chunk_states, cum_decay[..., -1], doc_end)  # [b, c+1, h, p, n]
+    y_off = _from_start_states(C_c, carried[:, :-1], cum_decay, doc_c, doc_at_slot[:, :-1])
 
     y = (y_diag + y_off).reshape(batch, -1, heads, head_dim)[:, :length]  # [b, c, l, h, p] -> [b, S, h, p]
+    if entering_state is not None:
+        entering = entering_state(carried[:, -1], log_decay.sum(1).exp())  # [b, h, p, n]
+        y = y + ssd_from_entering_state(entering, C_heads, log_decay, doc_ids)
     if D is not None:
         y = y + D.float()[:, None] * x
     return y
+
+
+def ssd_from_entering_state(entering: torch.Tensor, C_heads: torch.Tensor, log_decay: torch.Tensor,
+                            doc_ids: torch.Tensor) -> torch.Tensor:
+    """What a state entering each row adds to its first document's outputs: C_t . (exp(sum_{s <= t} dt_s A) state).
+    entering [b, h, p, n]; C_heads [b, S, h, n]; log_decay (dt A) [b, S, h]; doc_ids [b, S] -> [b, S, h, p] fp32."""
+    decay_from_start = torch.cumsum(log_decay.float(), dim=1).exp()  # [b, S, h]
+    first_document = (doc_ids == doc_ids[:, :1]).unsqueeze(-1)  # [b, S, 1]
+    read = torch.einsum("bshn,bhpn->bshp", C_heads.float(), entering.float())  # [b, S, h, p]
+    return read * (decay_from_start * first_document).unsqueeze(-1)
 
 
 def _intra_chunk(x_dt, B, C, log_decay, doc):
@@ -302,7 +369,8 @@ def _carry_states(chunk_states, chunk_decay, doc_end):
     doc_end [b, c]. Slot k of the recurrence is "end of chunk k-1" (slot 0: before the sequence,
     a zero state). Slot j reaches slot i only while the document goes on: doc_end[j-1] == doc_end[i-1]
     (documents are contiguous, so every chunk end in between belongs to it too).
-    Returns (start_states [b, c, h, p, n], document of each start state [b, c]).
+    Returns (the state at every slot [b, c+1, h, p, n]: slots 0..c-1 start the chunks, slot c ends the row; the
+    document of each slot [b, c+1]).
     """
     slots = torch.cat([torch.zeros_like(chunk_states[:, :1]), chunk_states], dim=1)  # [b, c+1, h, p, n]
     doc_at_slot = torch.cat([doc_end[:, :1], doc_end], dim=1)  # [b, c+1]; slot 0 holds zeros, its id is moot
@@ -310,7 +378,7 @@ def _carry_states(chunk_states, chunk_decay, doc_end):
     same_doc = doc_at_slot.unsqueeze(-1) == doc_at_slot.unsqueeze(-2)  # [b, c+1, c+1]
     decay = decay * same_doc.unsqueeze(1)  # [b, h, i, j]
     carried = torch.einsum("bhij,bjhpn->bihpn", decay, slots)  # [b, c+1, h, p, n]
-    return carried[:, :-1], doc_at_slot[:, :-1]
+    return carried, doc_at_slot
 
 
 def _from_start_states(C, start_states, cum_decay, doc, doc_at_start):

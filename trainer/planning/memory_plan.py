@@ -169,7 +169,8 @@ def _degrees(style: str, cp_size: int, ulysses: int | None, kv_heads: int) -> in
     return max(options) if options else False
 
 
-def build_dims(model_config, world: int, choice: Choice, *, chunks: int, dtype) -> tuple[cp.ParallelDims | None, str]:
+def build_dims(model_config, world: int, choice: Choice, *, chunks: int, dtype,
+               mixer_cp: str = "ulysses") -> tuple[cp.ParallelDims | None, str]:
     """(the built ParallelDims, "") if `choice` can run this model (models.apply_cp's own startup checks),
     else (None, why)."""
     import models
@@ -177,7 +178,7 @@ def build_dims(model_config, world: int, choice: Choice, *, chunks: int, dtype) 
     try:
         dims = cp.ParallelDims(world_size=world, cp=choice.cp, cp_style=choice.style, cp_ulysses=choice.ulysses)
         dims.build()
-        models.apply_cp(meta_model(model_config, dtype), dims, attn="sdpa", chunks=chunks)
+        models.apply_cp(meta_model(model_config, dtype), dims, attn="sdpa", chunks=chunks, mixer_cp=mixer_cp)
     except (cp.CPConfigError, ValueError, NotImplementedError) as exc:
         return None, str(exc).splitlines()[0]
     return dims, ""
@@ -213,7 +214,8 @@ def plan(cfg, *, world: int, trainer: str = "sft", techniques=None, all_styles: 
                     refusals.append((probe, f"data.max_tokens_per_rank={budget} x cp={cp_size} cannot hold a "
                                             f"data.seq_len={cfg.data.seq_len} document"))
                     continue
-                dims, why = build_dims(model_config, world, probe, chunks=mcfg.ulysses_chunks, dtype=dtype)
+                dims, why = build_dims(model_config, world, probe, chunks=mcfg.ulysses_chunks, dtype=dtype,
+                                       mixer_cp=mcfg.mixer_cp)
                 if dims is None:
                     refusals.append((probe, why))
                     continue
@@ -229,7 +231,7 @@ def plan(cfg, *, world: int, trainer: str = "sft", techniques=None, all_styles: 
 
 
 def _model_keys(mcfg) -> dict:
-    return {key: getattr(mcfg, key) for key in ("head_chunk_tokens", "mlp_tile_tokens", "ulysses_chunks")}
+    return {key: getattr(mcfg, key) for key in ("head_chunk_tokens", "mlp_tile_tokens", "ulysses_chunks", "mixer_cp")}
 
 
 def configured_technique(mcfg) -> str:

@@ -190,23 +190,44 @@ def _shaped_conv(x, weight, bias, doc_ids, *, activation=None):
     return _ShapedKernel.apply(x.shape, x.dtype, [], x, weight, bias)
 
 
-def _shaped_delta_rule(q, k, v, g, beta, doc_ids, *, use_qk_l2norm=True, scale=None, chunk_size=64):
+def _shaped_delta_rule(q, k, v, g, beta, doc_ids, *, use_qk_l2norm=True, scale=None, chunk_size=64,
+                       entering_state=None):
     """fla's chunk_gated_delta_rule as models.mixers.fused_kernels calls it: q / k repeated to the value heads when
-    fewer, g in fp32, and the per-chunk WY matrix [B, S, Hv, chunk] fp32 kept for backward."""
+    fewer, g in fp32, and the per-chunk WY matrix [B, S, Hv, chunk] fp32 kept for backward. entering_state
+    (state-passing CP, models.mixers.fused_kernels): one more call over each row's first and last documents (at
+    most every token: the same buffers again) with values widened by Dk, its reads [B, S, Hv, Dk] fp32, and the
+    per-row summaries [B, Hv, Dk, Dk + Dv] fp32 through the chain (its gather buffers counted)."""
     batch, seq_len, num_v, head_v = v.shape
-    kept = [((batch, seq_len, num_v, q.shape[-1]), q.dtype)] * (2 if num_v != k.shape[2] else 0)
+    head_k = q.shape[-1]
+    kept = [((batch, seq_len, num_v, head_k), q.dtype)] * (2 if num_v != k.shape[2] else 0)
     kept += [((batch, seq_len, num_v), torch.float32), ((batch, seq_len, num_v, chunk_size), torch.float32)]
-    return _ShapedKernel.apply((batch, seq_len, num_v, head_v), v.dtype, kept, q, k, v, g, beta)
+    if entering_state is None:
+        return _ShapedKernel.apply((batch, seq_len, num_v, head_v), v.dtype, kept, q, k, v, g, beta)
+    out = _ShapedKernel.apply((batch, seq_len, num_v, head_v), v.dtype, kept, q, k, v, g, beta)
+    wide = kept + [((batch, seq_len, num_v, head_k), torch.float32)]  # the second call and its Phi^T q reads
+    summary = _ShapedKernel.apply((batch, num_v, head_k, head_k + head_v), torch.float32, wide, q, k, v, g, beta)
+    transition, final = summary.split([head_k, head_v], dim=-1)
+    entering = entering_state(final, transition)  # [B, Hv, Dk, Dv]
+    return out + _ShapedKernel.apply((batch, seq_len, num_v, head_v), v.dtype, [], q, entering)
 
 
-def _shaped_ssd_scan(x, dt, A, B, C, doc_ids, *, D=None, dt_bias=None, dt_softplus=True, dt_limit=None, chunk_size=64):
+def _shaped_ssd_scan(x, dt, A, B, C, doc_ids, *, D=None, dt_bias=None, dt_softplus=True, dt_limit=None, chunk_size=64,
+                     entering_state=None):
     """mamba-ssm's mamba_chunk_scan_combined: y in fp32 (as models.mixers.fused_kernels returns it), the chunk states
-    [B, chunks, H, P, N] and the cumulative decays [B, H, chunks, chunk] in fp32 kept for backward."""
+    [B, chunks, H, P, N] and the cumulative decays [B, H, chunks, chunk] in fp32 kept for backward. entering_state
+    (state-passing CP): the final states [B, H, P, N] through the chain, and the entering state's share of the
+    outputs (the decays from the shard start [B, S, H] kept)."""
     batch, seq_len, heads, head_dim = x.shape
     chunks = -(-seq_len // chunk_size)
     kept = [((batch, chunks, heads, head_dim, B.shape[-1]), torch.float32),
             ((batch, heads, chunks, chunk_size), torch.float32), ((batch, seq_len, heads), torch.float32)]
-    return _ShapedKernel.apply(x.shape, torch.float32, kept, x, dt, A, B, C, D, dt_bias)
+    if entering_state is None:
+        return _ShapedKernel.apply(x.shape, torch.float32, kept, x, dt, A, B, C, D, dt_bias)
+    y = _ShapedKernel.apply(x.shape, torch.float32, kept, x, dt, A, B, C, D, dt_bias)
+    final = _ShapedKernel.apply((batch, heads, head_dim, B.shape[-1]), torch.float32, [], x, dt, A, B, C)
+    decay = _ShapedKernel.apply((batch, heads), torch.float32, [], dt, A)
+    entering = entering_state(final, decay)  # [B, H, P, N]
+    return y + _ShapedKernel.apply(x.shape, torch.float32, [((batch, seq_len, heads), torch.float32)], C, entering)
 
 
 SHAPED_MIXER_KERNELS = {"causal_conv1d": _shaped_conv, "gated_delta_rule": _shaped_delta_rule,
@@ -214,8 +235,9 @@ SHAPED_MIXER_KERNELS = {"causal_conv1d": _shaped_conv, "gated_delta_rule": _shap
 
 
 def _mixer_kernel(real_pick):
-    def pick(op, device, dtype):
-        return SHAPED_MIXER_KERNELS[op] if torch.device(device).type == "meta" else real_pick(op, device, dtype)
+    def pick(op, device, dtype, **options):
+        return SHAPED_MIXER_KERNELS[op] if torch.device(device).type == "meta" else real_pick(op, device, dtype,
+                                                                                               **options)
     return pick
 
 
@@ -322,13 +344,14 @@ def simulate_step(model_config, dims: cp.ParallelDims, mcfg, *, seq_len: int, dt
     """Peak activation memory of one micro-batch of `rows` sequences of `seq_len` tokens (one document per row,
     every token a loss token; S / cp of each on this rank) on rank 0 of `dims` (built in a fake_world), with the
     techniques of `mcfg` (model.* keys: chunked_head, head_chunk_tokens, tiled_mlp, mlp_tile_tokens,
-    activation_checkpointing, activation_offload).
+    activation_checkpointing, activation_offload, mixer_cp).
     trainer: "sft" (token cross-entropy) | "rl" (GRPO: log-probs and entropy of the policy).
     mixers: "fused" (DeltaNet / Mamba2 as their fused GPU kernels allocate: what a GPU run holds; fast) |
     "twin" (the CPU twins of models/mixers/varlen_scans.py, op by op: what a CPU run holds; slow at long S)."""
     from trainer.modeling import install_long_context
 
-    model = models.apply_cp(meta_model(model_config, dtype), dims, attn="sdpa", chunks=mcfg.ulysses_chunks)
+    model = models.apply_cp(meta_model(model_config, dtype), dims, attn="sdpa", chunks=mcfg.ulysses_chunks,
+                            mixer_cp=getattr(mcfg, "mixer_cp", "ulysses"))  # a namespace of model.* keys may omit it
     model = install_long_context(model, mcfg)
     hooks = _drop_parameter_gradients(model)
     ids = torch.zeros(rows, seq_len, dtype=torch.long)
