@@ -39,8 +39,15 @@ from models.traits import WINDOW_FIELDS
 from tests.reference import random_doc_lens
 
 STYLES = ("ulysses", "ring", "state")  # the matrix's columns
-# column -> (model.cp_style, model.mixer_cp): "state" is Ulysses attention with state-passing mixers
-COLUMNS = {"ulysses": ("ulysses", "ulysses"), "ring": ("ring", "ulysses"), "state": ("ulysses", "state")}
+ATTENTION_STYLES = ("ulysses", "ring")  # the model.cp_style columns (state: ulysses with state-passing mixers)
+# column -> (model.cp_style, model.mixer_cp): "state" is Ulysses attention with state-passing mixers; any other
+# column name is a registered style with Ulysses mixers (column())
+COLUMNS = {"state": ("ulysses", "state")}
+
+
+def column(name: str) -> tuple[str, str]:
+    """(model.cp_style, model.mixer_cp) of a sweep column."""
+    return COLUMNS.get(name, (name, "ulysses"))
 OUTCOMES = ("exact", "refused", "not_tiny", "wrong", "error")
 SEQ_LEN = 61  # not divisible by cp: the pad path runs too
 # Sharpened q/k make attention logits O(10) so a dropped softcap or window shows (>1e-1). fp32
@@ -239,7 +246,7 @@ def sweep_family(family: str, dims_by_style: dict, *, seq_len: int = SEQ_LEN, se
     for style, dims in dims_by_style.items():
         model = copies[style]
         try:
-            models.apply_cp(model, dims, attn=default_attn(model), mixer_cp=COLUMNS[style][1])
+            models.apply_cp(model, dims, attn=default_attn(model), mixer_cp=column(style)[1])
         except ValueError as exc:
             results[style] = ("refused", str(exc))
             continue
@@ -274,7 +281,7 @@ def sweep_worker(rank: int, world: int, families: list[str], styles=STYLES, prog
     warnings.filterwarnings("ignore")
     dims_by_style = {}
     for style in styles:
-        dims = cp.ParallelDims(world_size=world, cp=world, cp_style=COLUMNS[style][0])
+        dims = cp.ParallelDims(world_size=world, cp=world, cp_style=column(style)[0])
         dims.build()
         dims_by_style[style] = dims
     results = {}

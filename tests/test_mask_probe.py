@@ -16,7 +16,7 @@ import models
 from models.mask_probe import LayerMask, band_of, probe_layer_masks
 from models.tiny import tiny_model
 from tests.dist import run_distributed
-from tests.family_sweep import STYLES, family_model, run_sweep
+from tests.family_sweep import ATTENTION_STYLES, family_model, run_sweep
 
 
 def _band(length, window):
@@ -43,9 +43,11 @@ def test_phimoe_window_only_in_the_mask_is_learned():
 
 
 def test_phimoe_with_a_window_is_exact_under_cp():
-    """The sweep's phimoe+window (window 8, documents up to 30 tokens, 2 ranks): exact in both styles."""
+    """The sweep's phimoe+window (window 8, documents up to 30 tokens, 2 ranks): exact in both attention styles
+    (and no state-passing column: PhiMoE has no recurrent mixer)."""
     results = run_sweep(["phimoe+window"], world=2)["phimoe+window"]
-    assert all(results[s][0] == "exact" for s in STYLES), results
+    assert all(results[s][0] == "exact" for s in ATTENTION_STYLES), results
+    assert results["state"][0] == "refused", results
 
 
 def test_apply_cp_refuses_a_mask_cp_cannot_reproduce():

@@ -15,7 +15,7 @@ from cp.masks import AttnMask
 from models.tiny.family_configs import tiny_family_model
 from models.traits import NOT_PASSED, layer_softcap, layer_window
 from tests.dist import run_distributed
-from tests.family_sweep import STYLES, family_model, reference_run, run_sweep, sharpen_qk
+from tests.family_sweep import ATTENTION_STYLES, family_model, reference_run, run_sweep, sharpen_qk
 
 
 def _softcap_reference(q, k, v, pos, doc, softcap, scale):
@@ -82,9 +82,10 @@ def test_layer_softcap_reads_kwarg_module_and_config():
 def test_trait_families_are_exact_or_refused_at_cp1():
     """cp=1 packs documents too: softcap and module/config windows are honoured there, seq-length RoPE refused."""
     results = run_sweep(["gemma2", "qwen2_moe+window", "llama+dynamic_rope"], world=1)
-    assert all(results["gemma2"][s][0] == "exact" for s in STYLES), results["gemma2"]
-    assert all(results["qwen2_moe+window"][s][0] == "exact" for s in STYLES), results["qwen2_moe+window"]
-    assert all(results["llama+dynamic_rope"][s][0] == "refused" for s in STYLES), results["llama+dynamic_rope"]
+    assert all(results["gemma2"][s][0] == "exact" for s in ATTENTION_STYLES), results["gemma2"]
+    assert all(results["qwen2_moe+window"][s][0] == "exact" for s in ATTENTION_STYLES), results["qwen2_moe+window"]
+    refused = results["llama+dynamic_rope"]
+    assert all(refused[s][0] == "refused" for s in ATTENTION_STYLES), refused
 
 
 @pytest.mark.parametrize("name,trait", [("gemma2", {"attn_logit_softcapping": None}),

@@ -269,11 +269,11 @@ def discretise_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, *, softplus: b
     return torch.clamp(dt, min=limit[0], max=limit[1])
 
 
-def _chunked(t: torch.Tensor, chunk: int, fill=0) -> torch.Tensor:
-    """[b, S, ...] -> [b, S_pad / chunk, chunk, ...], padding the end of the sequence with `fill`."""
+def _chunked(t: torch.Tensor, chunk: int) -> torch.Tensor:
+    """[b, S, ...] -> [b, S_pad / chunk, chunk, ...], padding the end of the sequence with zeros."""
     pad = (-t.shape[1]) % chunk
     if pad:
-        t = torch.cat([t, t.new_full((t.shape[0], pad, *t.shape[2:]), fill)], dim=1)
+        t = torch.cat([t, t.new_zeros((t.shape[0], pad, *t.shape[2:]))], dim=1)
     return t.reshape(t.shape[0], -1, chunk, *t.shape[2:])  # [b, S_pad, ...] -> [b, c, l, ...]
 
 
