@@ -199,6 +199,11 @@ def adapters_disabled(model: nn.Module):
             layer._disable_adapters = False
 
 
+def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale B A ([out, in]), computed in fp32, returned in W's dtype."""
+    return (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+
+
 def hf_state_dict(state: dict[str, torch.Tensor], spec: LoraSpec | None, *, merge: bool = True) -> dict:
     """A full state dict with peft's names -> HF's names: `<proj>.base_layer.*` -> `<proj>.*`, merged with its
     adapter (W + scale B A, computed in fp32, returned in W's dtype) unless merge=False; adapter keys dropped."""
@@ -213,8 +218,8 @@ def hf_state_dict(state: dict[str, torch.Tensor], spec: LoraSpec | None, *, merg
             continue
         module, _, leaf = key.partition(".base_layer.")
         if merge and leaf == "weight":
-            a, b = state[f"{module}.lora_A.{ADAPTER}.weight"], state[f"{module}.lora_B.{ADAPTER}.weight"]
-            value = (value.float() + spec.scale * (b.float() @ a.float())).to(value.dtype)  # [out, in]
+            value = merged_weight(value, state[f"{module}.lora_A.{ADAPTER}.weight"],
+                                  state[f"{module}.lora_B.{ADAPTER}.weight"], spec.scale)
         out[f"{module}.{leaf}"] = value
     return out
 

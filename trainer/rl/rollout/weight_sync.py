@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from models.adapters.lora import ADAPTER, LORA_KEY, lora_spec
+from models.adapters.lora import ADAPTER, LORA_KEY, lora_spec, merged_weight
 
 BACKEND = "cptrain_files"  # vllm_plugin/cptrain_vllm_plugin (the server side's registry name)
 
@@ -106,8 +106,7 @@ class LoraMerger:
         if len(parts) < 3:
             return []
         del self.pending[module]
-        merged = parts["W"].float() + self.spec.scale * (parts["B"].float() @ parts["A"].float())  # [out, in]
-        return [(f"{module}.weight", merged.to(parts["W"].dtype))]
+        return [(f"{module}.weight", merged_weight(parts["W"], parts["A"], parts["B"], self.spec.scale))]
 
 
 def adapter_name(version: int) -> str:
@@ -135,6 +134,7 @@ class FileWeightSender:
 
     def __init__(self, clients: list, sync_dir: str):
         self.clients = clients
+        self.adapters: list[str] = []  # LoRA: the adapter names loaded on the servers, oldest first
         self.directory = Path(tempfile.mkdtemp(prefix="cptrain-weights-", dir=sync_dir))
         for client in clients:
             client.post("/init_weight_transfer_engine", {"init_info": {"directory": str(self.directory)}})
@@ -174,7 +174,7 @@ class FileWeightSender:
         spec.peft_config().save_pretrained(str(directory))
         for client in self.clients:
             client.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)})
-        self.adapters = [n for n in getattr(self, "adapters", []) if n != name] + [name]
+        self.adapters = [n for n in self.adapters if n != name] + [name]
         while len(self.adapters) > keep:
             old = self.adapters.pop(0)
             for client in self.clients:
