@@ -26,6 +26,16 @@ class _Engine:
     version = 0
 
 
+GATE_WINDOW_S = 0.3
+
+
+def _wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met within the deadline"
+        time.sleep(0.01)
+
+
 def test_the_gate_keeps_generation_within_k_versions():
     """Step j is generated only once weights j-1-k are on the engine, whatever the trainer's pace: with k=1 and
     the trainer stuck at version 0, steps 1 and 2 are generated, step 3 waits until version 1."""
@@ -37,16 +47,17 @@ def test_the_gate_keeps_generation_within_k_versions():
 
     producer = RolloutProducer(make_batch, engine, _Sampler(), first_step=1, k=1).start()
     try:
-        time.sleep(1.5)
+        _wait_until(lambda: producer.next_step == 3)  # steps 1 and 2 queued: the producer is at step 3's gate
+        time.sleep(GATE_WINDOW_S)  # a window in which step 3 could start if the gate did not hold
         assert [s for s, _ in started] == [1, 2], started  # step 3 needs version >= 1
         batch, _ = producer.take(1, timeout_s=5)
         assert batch.step == 1 and batch.prompts == ["p1-0", "p1-1"]
         engine.version = 1
         producer.notify_version()
-        time.sleep(1.0)
+        _wait_until(lambda: len(started) == 3)
         assert [s for s, _ in started] == [1, 2, 3]
         assert all(version >= step - 1 - 1 for step, version in started), started
-        assert producer.pop_engine_idle() > 1.0  # it waited at the gate
+        assert producer.pop_engine_idle() >= GATE_WINDOW_S  # it waited at the gate
     finally:
         producer.close()
 

@@ -11,18 +11,14 @@
 
 import json
 import math
-import multiprocessing
-import os
-import queue
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.dist import free_port, run_distributed
+from tests.dist import run_distributed, run_with_own_group
 from tests.test_rl import RL_FAST, compose_rl
 from tests.test_sft import FAST, compose_cfg
 
@@ -216,42 +212,7 @@ def test_overwrite_clears_the_previous_run(lifecycle):
 # ---------------------------------------------------------------- slow ranks vs the collective timeout
 
 
-def _own_group_child(target, rank, world, port, results, args):
-    """A rank whose process group the trainer creates itself (init_distributed: timeout_s applies)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        results.put((rank, target(rank, *args)))
-    except BaseException:
-        results.put((rank, traceback.format_exc()))
-        raise
-
-
-def run_with_own_group(target, world: int, *args, timeout: float = 300) -> list:
-    ctx = multiprocessing.get_context("spawn")
-    results, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_own_group_child, args=(target, r, world, port, results, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    got = {}
-    while True:
-        try:
-            rank, value = results.get(timeout=2)
-        except queue.Empty:
-            break
-        got[rank] = value
-    assert [p.exitcode for p in procs] == [0] * world, f"exit codes {[p.exitcode for p in procs]}: {got}"
-    return [got[r] for r in range(world)]
-
-
-SLOW_S = 14  # longer than timeout_s=10 (the smallest allowed), far below the patient waits
+SLOW_S = 12  # longer than timeout_s=10 (the smallest allowed; gloo times out at 10 s), far below the patient waits
 
 
 def _slow_export_rank(rank, output_dir):

@@ -2,7 +2,6 @@
 checkpoints, the HF export and W&B files are written; bad configs, NaNs and dead ranks fail clearly."""
 
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.dist import free_port, run_distributed
+from tests.dist import free_port, process_context, run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["max_steps=4", "data.seq_len=192", "data.micro_batch_size=1", "model.tiny_hidden_size=64", "model.tiny_layers=2", "optim.warmup_steps=1",
@@ -184,7 +183,7 @@ def _dying_rank(rank, world, port, output_dir):
 
 
 def test_a_dead_rank_makes_the_others_exit_with_an_error(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
+    ctx = process_context()
     port = free_port()
     procs = [ctx.Process(target=_dying_rank, args=(r, 2, port, str(tmp_path))) for r in range(2)]
     start = time.monotonic()

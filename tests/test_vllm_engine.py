@@ -1,14 +1,14 @@
 """rollout.engine=vllm against real vLLM servers (the vLLM venv of scripts/install_vllm.sh; skipped without it).
 
-    module server: a tiny Llama (head dim 32: vLLM's CPU kernels) exported with the bundled tokenizer, started
-                   once (~40 s) and used by the engine tests as an external server (rollout.vllm.urls)
+    shared server a tiny Llama (head dim 32: vLLM's CPU kernels) exported with the bundled tokenizer, started
+                  once per session (tests/conftest.py: vllm_server) and used as an external server (rollout.vllm.urls)
     sync          cp=2 trainer (FSDP2 shards) -> several buckets through the weight-transfer protocol: vLLM's
                   greedy completions equal the trainer's plain copy at the same weights, its sampled log-probs
                   the trainer's CP forward within 1e-4 (fp32; different kernels), every token tagged with the version
     stale         a server whose weights carry another version: its rollouts are refused
-    failures      taken port, missing model, a python without vLLM: startup errors naming the key; a server killed
-                  mid-run: the next request fails with its exit code and log lines; a request timeout; no process
-                  left behind
+    failures      taken port, missing model, a python without vLLM: startup errors naming the key; a request
+                  timeout; an owned server killed mid-run: the trainer's next request fails with its exit code and
+                  log lines, no process of its group left behind
     end to end    torchrun-style GRPO with an owned server; resume from a checkpoint reproduces the next step;
                   SIGTERM to the trainer stops its server
 """
@@ -29,64 +29,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist import run_distributed
+from tests.dist import run_distributed, run_with_own_group
 from tests.test_rl import RL_FAST, compose_rl
+from tests.vllm_support import SKIP, VLLM_FAST, group_alive, server_processes, server_spec
 from trainer.rl.rollout.vllm_server import ServerSpec, VLLMServer, VLLMStartupError, resolve_python
 
 ROOT = Path(__file__).resolve().parents[1]
-
-try:
-    VLLM_PYTHON = resolve_python(None)
-    _probe = subprocess.run([VLLM_PYTHON, "-c", "import vllm, cptrain_vllm_plugin"], capture_output=True, timeout=120)
-    SKIP = None if _probe.returncode == 0 else f"{VLLM_PYTHON} cannot import vllm and the plugin (scripts/install_vllm.sh)"
-except (ValueError, subprocess.TimeoutExpired) as exc:
-    VLLM_PYTHON, SKIP = None, f"no vLLM environment ({exc}); build one with scripts/install_vllm.sh"
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=str(SKIP))
-
-VLLM_FAST = ["model.cp=2", "rollout.engine=vllm", "rollout.vllm.sync_bucket_mb=0.05", "rollout.prompts_per_step=2",
-             "rollout.group_size=4", "rollout.max_new_tokens=12", "data.seq_len=256"]
-
-
-def _export_tiny_llama(path: Path) -> Path:
-    """A tiny Llama with TIED embeddings (as SmolLM2): a sync must reach lm_head too (vLLM's layerwise reload does
-    not keep the tie), which an untied model would not show."""
-    from transformers import AutoModelForCausalLM
-
-    from models.tiny import tiny_config
-    from trainer.data.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer("builtin")
-    config = tiny_config("llama", vocab_size=len(tokenizer))
-    config.tie_word_embeddings = True
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def _spec(model: Path, log: Path, **kw) -> ServerSpec:
-    from trainer.rl.rollout.vllm_engine import cpu_thread_env
-    return ServerSpec(model=str(model), python=VLLM_PYTHON, log_file=str(log), max_model_len=512,
-                      cpu=not torch.cuda.is_available(), env=cpu_thread_env(), startup_timeout_s=300, **kw)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return _export_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
-def server(tiny_dir, tmp_path_factory):
-    started = VLLMServer(_spec(tiny_dir, tmp_path_factory.mktemp("logs") / "server.log")).start()
-    yield started
-    started.stop()
-
-
-def _group_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def _sync_worker(rank, world, url, model_dir, extra=()):
@@ -143,11 +92,12 @@ def _sync_worker(rank, world, url, model_dir, extra=()):
 
 @pytest.mark.parametrize("extra", [[], ["model.lora.rank=4", "rollout.vllm.lora_sync=merged"]],
                          ids=["full", "lora_merged"])
-def test_synced_weights_sample_like_the_trainer(server, tiny_dir, extra):
+def test_synced_weights_sample_like_the_trainer(shared_vllm, extra):
     """LoRA merged: every adapted projection reaches vLLM as W + scale B A under its HF name (the adapter-only
     sync: tests/test_vllm_lora.py)."""
     if extra:
         pytest.importorskip("peft")
+    server, tiny_dir = shared_vllm
     results = run_distributed(_sync_worker, 2, server.url, str(tiny_dir), extra, timeout=600)
     first = results[0]
     assert first["stats"]["sync_buckets"] > 1, first["stats"]  # bucket by bucket, not the whole model at once
@@ -161,23 +111,24 @@ def test_synced_weights_sample_like_the_trainer(server, tiny_dir, extra):
     assert all(r["stale"] and "weight version(s) [7]" in r["stale"] for r in results), results
 
 
-def test_request_timeout_is_an_error_naming_the_key(server):
+def test_request_timeout_is_an_error_naming_the_key(shared_vllm):
     from trainer.rl.rollout.vllm_client import VLLMClient, VLLMError
-    client = VLLMClient(server.url, timeout_s=0.05)
+    client = VLLMClient(shared_vllm[0].url, timeout_s=0.05)
     with pytest.raises(VLLMError, match="rollout.vllm.request_timeout_s"):
         client.generate([5, 6, 7], {"n": 8, "max_tokens": 400, "temperature": 1.0, "ignore_eos": True})
 
 
-def test_startup_failures_name_the_cause_and_the_key(tmp_path, tiny_dir):
+def test_startup_failures_name_the_cause_and_the_key(tmp_path, vllm_server):
+    tiny_dir = vllm_server[1]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ValueError, match="rollout.vllm.port"):
-            VLLMServer(_spec(tiny_dir, tmp_path / "a.log", port=port)).start()
+            VLLMServer(server_spec(tiny_dir, tmp_path / "a.log", port=port)).start()
     start = time.monotonic()
     with pytest.raises(VLLMStartupError, match="model.name") as err:
-        VLLMServer(_spec(tmp_path / "no_such_model", tmp_path / "b.log")).start()
+        VLLMServer(server_spec(tmp_path / "no_such_model", tmp_path / "b.log")).start()
     assert time.monotonic() - start < 200 and "ends with" in str(err.value)
     with pytest.raises(VLLMStartupError, match="rollout.vllm.python"):
         VLLMServer(ServerSpec(model=str(tiny_dir), python=sys.executable, log_file=str(tmp_path / "c.log"),
@@ -186,41 +137,17 @@ def test_startup_failures_name_the_cause_and_the_key(tmp_path, tiny_dir):
         resolve_python(str(tmp_path / "missing" / "python"))
 
 
-def test_a_server_that_dies_mid_run_is_named_with_its_log_and_leaves_nothing(tmp_path, tiny_dir):
-    from trainer.rl.rollout.vllm_client import VLLMError
-    owned = VLLMServer(_spec(tiny_dir, tmp_path / "server.log")).start()
-    pid = owned.process.pid
-    client = owned.client(timeout_s=30)
-    assert client.generate([5, 6, 7], {"n": 1, "max_tokens": 3})
-    owned.process.kill()  # the API server dies (its engine core follows)
-    owned.process.wait()
-    with pytest.raises(VLLMError, match="exited with code -9") as err:
-        client.generate([5, 6, 7], {"n": 1, "max_tokens": 3})
-    assert "server.log ends with" in str(err.value)
-    owned.stop()
-    deadline = time.monotonic() + 30
-    while _group_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _group_alive(pid), "a process of the server's group outlived stop()"
-
-
 def _rl_worker(rank, overrides):
     from trainer.rl.loop import run_rl
     return run_rl(compose_rl(RL_FAST + VLLM_FAST + overrides))
 
 
-def _server_processes(marker: str) -> list[str]:
-    out = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "vllm" in line and "pgrep" not in line]
-
-
 def test_grpo_with_an_owned_server_runs_resumes_and_cleans_up(tmp_path):
-    from tests.test_checkpoints import run_with_own_group
     run_dir = tmp_path / "run"
     common = ["model.name=tiny:llama", "checkpoint.every=1", "checkpoint.keep_last=0", "rollout.eval_prompts=4"]
     history = run_with_own_group(_rl_worker, 2, common + [f"output_dir={run_dir}"], timeout=900)[0]
     assert [h["step"] for h in history] == [1, 2]
-    assert not _server_processes(str(run_dir)), "the owned server outlived the run"
+    assert not server_processes(str(run_dir)), "the owned server outlived the run"
     for h in history:
         assert h["sync_s"] >= 0 and h["generate_s"] > 0 and h["train_s"] > 0
         assert h["logp_mismatch_ratio_max"] < 1 + 1e-4, h  # fp32 engine vs trainer
@@ -240,58 +167,65 @@ def test_grpo_with_an_owned_server_runs_resumes_and_cleans_up(tmp_path):
     assert samples(resumed_dir) == samples(run_dir)
 
 
-def test_sigterm_to_the_trainer_stops_its_server(tmp_path):
+def _trainer_subprocess(out_dir: Path, log: Path, *overrides: str) -> subprocess.Popen:
+    """`torchrun -m trainer.rl` (one rank) with an owned server, max_steps high enough to be stopped by the test."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    out_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "trainer.rl",
-           *RL_FAST, *VLLM_FAST, "model.cp=1", "model.name=tiny:llama", "max_steps=1000", f"output_dir={out_dir}"]
-    trainer = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           *RL_FAST, *VLLM_FAST, "model.cp=1", "model.name=tiny:llama", "max_steps=1000", f"output_dir={out_dir}",
+           *overrides]
+    with log.open("w") as sink:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def _wait_for(condition, trainer: subprocess.Popen, what: str, timeout_s: float = 400) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert trainer.poll() is None, f"the trainer exited before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
+def _wait_gone(out_dir: Path, timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while server_processes(str(out_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not server_processes(str(out_dir))
+
+
+def test_sigterm_to_the_trainer_stops_its_server(tmp_path):
+    out_dir = tmp_path / "run"
+    trainer = _trainer_subprocess(out_dir, tmp_path / "trainer.log")
     try:
-        deadline = time.monotonic() + 400
         metrics = out_dir / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
-            assert trainer.poll() is None, "the trainer exited before its first step"
-            time.sleep(1)
-        assert _server_processes(str(out_dir)), "no server was running during the run"
+        _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), trainer, "first step")
+        assert server_processes(str(out_dir)), "no server was running during the run"
         trainer.send_signal(signal.SIGTERM)
         trainer.wait(timeout=120)
-        deadline = time.monotonic() + 60
-        while _server_processes(str(out_dir)) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert not _server_processes(str(out_dir)), "SIGTERM to the trainer left its vLLM server running"
+        assert _wait_gone(out_dir), "SIGTERM to the trainer left its vLLM server running"
     finally:
         if trainer.poll() is None:
             trainer.kill()
 
 
 def test_a_dead_server_stops_the_run_with_its_log_and_keeps_the_checkpoint(tmp_path):
-    """The owned server dies mid-run (SIGKILL): the trainer exits non-zero within the request timeout, naming the
-    dead server with its log lines; nothing of the server is left; the last checkpoint is complete (resume works
-    from it: the resume test above)."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    """The owned server dies mid-run (SIGKILL to its API server): the trainer's next request fails within the
+    request timeout with the server's exit code and the tail of its log; the trainer exits non-zero; stop() leaves
+    nothing of the server's process group (its engine core outlived the API server); the last checkpoint is
+    complete (resume works from it: the resume test above)."""
     out_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "trainer.rl",
-           *RL_FAST, *VLLM_FAST, "model.cp=1", "model.name=tiny:llama", "max_steps=1000", "checkpoint.every=1",
-           "rollout.vllm.request_timeout_s=60", f"output_dir={out_dir}"]
     log = tmp_path / "trainer.log"
-    with log.open("w") as sink:
-        trainer = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    trainer = _trainer_subprocess(out_dir, log, "checkpoint.every=1", "rollout.vllm.request_timeout_s=60")
     try:
-        deadline = time.monotonic() + 400
-        while not (out_dir / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
-            assert trainer.poll() is None, "the trainer exited before its first checkpoint"
-            time.sleep(1)
-        api = [line.split()[0] for line in _server_processes(str(out_dir)) if "api_server" in line]
+        _wait_for(lambda: (out_dir / "checkpoints" / "latest").exists(), trainer, "first checkpoint")
+        api = [line.split()[0] for line in server_processes(str(out_dir)) if "api_server" in line]
         assert api, "no server was running during the run"
         os.kill(int(api[0]), signal.SIGKILL)
         trainer.wait(timeout=300)
         output = log.read_text()
         assert trainer.returncode != 0
-        assert "vLLM server" in output and ("exited with code" in output or "unreachable" in output), output[-3000:]
-        deadline = time.monotonic() + 60
-        while _server_processes(str(out_dir)) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert not _server_processes(str(out_dir)), "the dead server's engine processes outlived the run"
+        assert "vLLM server exited with code -9" in output and "vllm_server.log ends with" in output, output[-3000:]
+        assert _wait_gone(out_dir), "the dead server's engine processes outlived the run"
+        assert not group_alive(int(api[0])), "a process of the server's group outlived stop()"
         latest = (out_dir / "checkpoints" / "latest").read_text().strip()
         assert (out_dir / "checkpoints" / latest / "complete.json").exists()
     finally:

@@ -11,7 +11,7 @@ import torch
 
 from tests.dist import run_distributed
 from tests.test_rl import RL_FAST, compose_rl
-from tests.test_vllm_engine import SKIP, VLLM_FAST, _export_tiny_llama, _spec
+from tests.vllm_support import SKIP, VLLM_FAST, export_tiny_llama, server_spec
 
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=str(SKIP))
 pytest.importorskip("peft")
@@ -66,8 +66,8 @@ def _adapter_worker(rank, world, url, model_dir):
 
 def test_adapter_sync_sends_only_the_adapters_and_samples_like_the_trainer(tmp_path):
     from trainer.rl.rollout.vllm_server import VLLMServer
-    model = _export_tiny_llama(tmp_path / "tiny")
-    server = VLLMServer(_spec(model, tmp_path / "server.log", lora_rank=4, max_loras=2)).start()
+    model = export_tiny_llama(tmp_path / "tiny")
+    server = VLLMServer(server_spec(model, tmp_path / "server.log", lora_rank=4, max_loras=2)).start()
     try:
         out = run_distributed(_adapter_worker, 2, server.url, str(model), timeout=900)[0]
     finally:

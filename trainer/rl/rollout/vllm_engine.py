@@ -173,4 +173,4 @@ def wait_all_healthy(clients: list[VLLMClient], timeout_s: float) -> None:
         while not client.healthy():
             if time.monotonic() > deadline:
                 raise VLLMError(f"vLLM server {client.url} (rollout.vllm.urls) is not healthy after {timeout_s:.0f} s")
-            time.sleep(1.0)
+            time.sleep(0.25)

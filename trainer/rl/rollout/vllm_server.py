@@ -236,7 +236,7 @@ class VLLMServer:
                                        f"({diagnose(log)}); {self.spec.log_file} ends with:\n{self._tail(log)}")
             if client.healthy(timeout=2):
                 return
-            time.sleep(1.0)
+            time.sleep(0.25)
         log = read_log(self.spec.log_file, self.log_offset)
         raise VLLMStartupError(f"the vLLM server was not healthy within rollout.vllm.startup_timeout_s="
                                f"{self.spec.startup_timeout_s:.0f} s (raise it for a large model; {diagnose(log)}); "
@@ -246,11 +246,18 @@ class VLLMServer:
     def _tail(log: str) -> str:
         return "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
 
-    def failure(self) -> str | None:
+    def failure(self, settle_s: float = 0.0) -> str | None:
         """Why requests fail: the exit code and the log's tail if the server is gone; the first error it logged if
-        it runs but logged one (a dead engine core answers 500); None otherwise."""
+        it runs but logged one (a dead engine core answers 500); None otherwise. settle_s: a request that failed
+        while the server was dying (its connection closed before the process was gone) waits up to this long for
+        the exit, so the error names the exit code rather than a closed connection."""
         if self.process is None:
             return None
+        if settle_s and self.process.poll() is None:
+            try:
+                self.process.wait(timeout=settle_s)
+            except subprocess.TimeoutExpired:
+                pass
         log = read_log(self.spec.log_file, self.log_offset)
         if self.process.poll() is None:
             return f"the vLLM server logged: {diagnose(log)}" if " ERROR " in log else None
@@ -258,7 +265,7 @@ class VLLMServer:
                 f"{self.spec.log_file} ends with:\n{self._tail(log)}")
 
     def client(self, timeout_s: float) -> VLLMClient:
-        return VLLMClient(self.url, timeout_s=timeout_s, describe_failure=self.failure)
+        return VLLMClient(self.url, timeout_s=timeout_s, describe_failure=lambda: self.failure(settle_s=5.0))
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM to the server's whole process group, SIGKILL to what is left after grace_s. The group, not the
