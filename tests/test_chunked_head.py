@@ -100,17 +100,18 @@ def make_batch(rows: int = 2, seq: int = SEQ, vocab: int = 256, seed: int = 0):
     return ids, labels, torch.rand(rows, seq, generator=g)
 
 
-def full_logits_loss(model, ids, labels, weights, temperature):
+def full_logits_loss(model, ids, labels, weights, temperature, top_p=1.0):
     """The unchunked path: SFT's token_loss_sum (T=1) or a GRPO-like weighted -logp sum; (loss, logp, entropy)."""
     logits = model(input_ids=ids).logits
-    logp, entropy = token_logprobs(logits, labels, temperature)
+    logp, entropy = token_logprobs(logits, labels, temperature, top_p)
     mask = labels != -100
     loss = token_loss_sum(logits, labels) if temperature == 1.0 else -(weights * logp * mask).sum()
     return loss, logp * mask, entropy * mask
 
 
-def chunked_loss(model, ids, labels, weights, temperature, chunk):
-    stats = model(input_ids=ids, token_stats=TokenStatsRequest(labels, temperature, entropy=True, chunk_tokens=chunk))
+def chunked_loss(model, ids, labels, weights, temperature, chunk, top_p=1.0):
+    stats = model(input_ids=ids, token_stats=TokenStatsRequest(labels, temperature, entropy=True, chunk_tokens=chunk,
+                                                               top_p=top_p))
     loss = -stats.logp.sum() if temperature == 1.0 else -(weights * stats.logp).sum()
     return loss, stats.logp, stats.entropy
 
@@ -133,6 +134,24 @@ def test_fp32_equals_full_logits(name, temperature):
         print(f"{name} T={temperature} chunk={chunk}: {errors}")
         assert max(errors["loss"], errors["logp"], errors["entropy"], errors["grad"][0]) <= FP32_RTOL, errors
         assert not logp[labels == -100].any() and not entropy[labels == -100].any()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma2"])
+def test_top_p_log_probs_equal_full_logits(name):
+    """rollout.top_p < 1: the log-prob of the nucleus the engine sampled from, chunked as unchunked (forward,
+    entropy, every gradient; Gemma2: through the softcap), and not the full softmax's."""
+    reference = make_model(name)
+    model = install_chunked_head(copy.deepcopy(reference))
+    ids, labels, weights = make_batch()
+    ref_loss, ref_logp, ref_entropy = full_logits_loss(reference, ids, labels, weights, 0.7, top_p=0.8)
+    ref_loss.backward()
+    loss, logp, entropy = chunked_loss(model, ids, labels, weights, 0.7, 7, top_p=0.8)
+    loss.backward()
+    errors = (rel(loss, ref_loss), rel(logp, ref_logp), rel(entropy, ref_entropy), worst_grad(model, reference)[0])
+    assert max(errors) <= FP32_RTOL, errors
+    full = full_logits_loss(reference, ids, labels, weights, 0.7)[1]
+    assert bool(((logp - full)[labels != -100] > 0).all()), "a nucleus log-prob is above the full softmax's"
+    assert entropy.isfinite().all()
 
 
 @pytest.mark.parametrize("name", ["recurrent_gemma", "llama4_text"])

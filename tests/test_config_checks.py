@@ -30,6 +30,21 @@ def test_rl_refuses_keys_it_would_ignore(overrides, match):
         config.validate_rl(cfg, 2)
 
 
+def test_an_owned_server_is_refused_where_ranks_cannot_reach_it_or_others_can(monkeypatch):
+    """Every rank gets the owned server's URL: a loopback one reaches only rank 0's node; any other address serves
+    the unauthenticated control plane beyond the host, so it needs an explicit opt-in."""
+    vllm = RL_FAST + ["rollout.engine=vllm", "rollout.prompts_per_step=4"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"unreachable from the other nodes.*rollout.vllm.urls.*rollout.vllm.host"):
+        config.validate_rl(compose_rl(vllm), 4)
+    config.validate_rl(compose_rl(vllm), 2)  # one node
+    config.validate_rl(compose_rl(vllm + ["rollout.vllm.urls=[http://10.0.0.5:8000]"]), 4)  # the user's servers
+    with pytest.raises(ValueError, match="unauthenticated control plane.*rollout.vllm.expose_control_plane=true"):
+        config.validate_rl(compose_rl(vllm + ["rollout.vllm.host=0.0.0.0"]), 2)
+    exposed = vllm + ["rollout.vllm.host=10.0.0.1", "rollout.vllm.expose_control_plane=true"]
+    config.validate_rl(compose_rl(exposed), 4)  # an address every node reaches, the exposure acknowledged
+
+
 class _FakeRun:
     def __init__(self):
         self.steps = []

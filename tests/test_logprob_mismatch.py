@@ -132,3 +132,51 @@ def _forward_twice_worker(rank, world):
 
 def test_detached_training_logprobs_equal_a_no_grad_forward_bitwise():
     assert run_distributed(_forward_twice_worker, 2) == [True, True]
+
+
+def _top_p_worker(rank, world, top_p):
+    """Step 1, same weights: the hf engine samples at rollout.top_p; the trainer's CP forward (cp=2, chunked head)
+    computes the same tokens' log-probs; returns the mismatch statistics."""
+    import torch.distributed as dist
+
+    from trainer import config
+    from trainer.engine import build_trainer
+    from trainer.rl import grpo
+    from trainer.rl.loop import grpo_backward, micro_batches
+    from trainer.rl.prompts import make_prompts
+    from trainer.rl.rollout.base import SamplingSettings
+    from trainer.rl.rollout.hf import HFRolloutEngine
+    cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", f"rollout.top_p={top_p}",
+                                "rollout.temperature=0.7", "rollout.max_new_tokens=24"])
+    trainer = build_trainer(cfg, validate=config.validate_rl)
+    engine = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device)
+    engine.sync(trainer.model, version=0)
+    prompts = [p.input_ids for p in make_prompts("add", 2, seed=rank, tokenizer=trainer.tokenizer)]
+    groups = engine.sample(prompts, SamplingSettings(n=4, max_new_tokens=24, temperature=0.7, top_p=top_p, seed=rank))
+    rollouts = [grpo.Rollout(p, c.token_ids, c.logprobs, 0.0, advantage=0.0) for p, g in zip(prompts, groups)
+                for c in g]
+    gaps = []  # engine log-prob - the full softmax's at T (teacher-forced on the engine's copy)
+    for r in rollouts:
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([r.prompt_ids + r.completion_ids])).logits[0]
+        full = torch.log_softmax(logits[len(r.prompt_ids) - 1:-1].float() / 0.7, -1)  # [T, V]
+        gaps += (torch.tensor(r.old_logp) - full.gather(-1, torch.tensor(r.completion_ids)[:, None])[:, 0]).tolist()
+    parts = [None] * world
+    dist.all_gather_object(parts, rollouts)
+    stats = grpo_backward(cfg, trainer, micro_batches(cfg, trainer, [r for part in parts for r in part], 0))
+    dist.destroy_process_group()
+    return {**stats, "nucleus_gap": sum(gaps) / len(gaps)}
+
+
+def test_top_p_log_probs_are_the_sampled_distributions():
+    """rollout.top_p=0.8: the engine samples from the nucleus and reports its renormalised log-probs; the trainer's
+    log-probs (policy, old, reference) are of the same nucleus, so at step 1 the engine-trainer mismatch is what
+    it is at top_p=1 (fp32, ~1e-7), not p_full / p_nucleus on every token (the full softmax: ~0.1 nats)."""
+    full = run_distributed(_top_p_worker, 2, 1.0)[0]
+    nucleus = run_distributed(_top_p_worker, 2, 0.8)[0]
+    assert full["train_tokens"] > 50 and nucleus["train_tokens"] > 50
+    for stats in (full, nucleus):
+        assert stats["logp_mismatch_abs_mean"] < 1e-5 and stats["logp_mismatch_ratio_max"] < 1 + 1e-4, stats
+    # the engine reports the nucleus's renormalised log-probs (above the full softmax's), not the full softmax's
+    gaps = (full["nucleus_gap"], nucleus["nucleus_gap"])
+    assert abs(gaps[0]) < 1e-5 and gaps[1] > 1e-2, gaps

@@ -316,3 +316,52 @@ def test_default_targets_are_every_decoder_projection_of_every_family():
         apply_lora(model, SimpleNamespace(rank=2, alpha=4.0, dropout=0.0, target_modules=None), layers, torch.float32)
         adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A." in name}
         assert adapted == set(targets), (family, adapted, targets)
+
+
+def _bf16_copy_worker(rank, world):
+    """An early adapter update (B small, as after a few steps from B = 0) on a bf16 base: the hf engine's copy must
+    carry it as the trainer applies it. Returns, per adapted projection, the relative error of the copy's update
+    (W_eff - W) against scale B A in fp32, and whether the copy's adapters are the trainer's compute-dtype ones."""
+    from trainer import config
+    from trainer.engine import build_trainer
+    from trainer.rl.rollout.hf import HFRolloutEngine
+    cfg = compose_cfg(FAST + LORA + ["model.name=tiny:qwen3", "model.cp=1", "model.dtype=bfloat16"])
+    trainer = build_trainer(cfg, validate=config.validate_sft)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad:
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                p.to_local().copy_(torch.randn(p.to_local().shape, generator=g) * (1e-3 if "lora_B" in name else 0.05))
+    full = {n: _full(p) for n, p in trainer.model.named_parameters()}
+    engine = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device, dtype=torch.bfloat16)
+    engine.sync(trainer.model, version=1)
+    scale, errors, same = 8 / 4, {}, []
+    for name in [n[:-len(".lora_A.default.weight")] for n in full if n.endswith(".lora_A.default.weight")]:
+        exact = scale * full[f"{name}.lora_B.default.weight"].float() @ full[f"{name}.lora_A.default.weight"].float()
+        module = engine.model.get_submodule(name)
+        if hasattr(module, "lora_A"):  # unmerged: the update is the adapter path's
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            same.append(torch.equal(a, full[f"{name}.lora_A.default.weight"].to(a.dtype))
+                        and torch.equal(b, full[f"{name}.lora_B.default.weight"].to(b.dtype)))
+            got = scale * b.float() @ a.float()
+        else:  # merged into the base
+            got = module.weight.float() - full[f"{name}.base_layer.weight"].float()
+        errors[name] = float((got - exact).norm() / exact.norm())
+    return errors, same
+
+
+def test_the_hf_copy_carries_an_early_adapter_update_in_bf16():
+    """Merged into a bf16 base (W + scale B A rounded to bf16) an early update was ~90% lost, so the hf engine
+    sampled from a policy the trainer did not have; the copy now holds the adapters unmerged, in the compute dtype
+    as FSDP2 gives them to the trainer's forward (bf16 rounding of A and B alone: < 1% of the update)."""
+    errors, same = run_distributed(_bf16_copy_worker, 1, timeout=300)[0]
+    assert errors and max(errors.values()) < 0.01, errors
+    assert same and all(same)
+
+
+def test_merged_lora_sync_is_refused_below_fp32():
+    from trainer import config
+    cfg = compose_rl(RL_FAST + LORA + ["rollout.engine=vllm", "rollout.vllm.lora_sync=merged", "model.dtype=bfloat16"])
+    with pytest.raises(ValueError, match="merged with model.dtype=bfloat16.*use rollout.vllm.lora_sync=adapter"):
+        config.validate_rl(cfg, 2)
+    config.validate_rl(compose_rl(RL_FAST + LORA + ["rollout.engine=vllm", "rollout.vllm.lora_sync=merged"]), 2)

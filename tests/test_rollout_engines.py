@@ -1,5 +1,7 @@
 """The rollout engine interface (trainer/rl/rollout/base.py) and the hf engine's batched generation."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -19,6 +21,45 @@ def test_check_versions_refuses_other_weights():
 def test_cut_at_end_keeps_the_end_token():
     assert cut_at_end([5, 6, 2, 7, 2], 2) == [5, 6, 2]
     assert cut_at_end([5, 6], 2) == [5, 6]
+    assert cut_at_end([5, 9, 6, 2], (2, 9)) == [5, 9]  # the first of several stop tokens
+
+
+def test_both_engines_stop_at_the_end_of_turn_and_at_eos():
+    """A tokenizer whose eos differs from its end-of-turn token: the hf engine's completion ends at the first
+    eos it samples (it used to run on to the end of turn), and the vLLM engine asks its server for the same stop
+    set and nothing else (ignore_eos: the server's own idea of eos is not consulted)."""
+    from trainer.rl.rollout.base import end_of_turn_id, stop_token_ids
+    from trainer.rl.rollout.vllm_engine import VLLMRolloutEngine
+    tokenizer = load_tokenizer("builtin")
+    model = tiny_model("llama", vocab_size=len(tokenizer), hidden_size=64, num_layers=2)
+    prompt = tokenizer.encode("What is 2 + 2?")
+    engine = HFRolloutEngine(model, tokenizer, torch.device("cpu"))
+    engine.sync(model, version=0)
+    free = engine.greedy([prompt], max_new_tokens=12)[0]  # the end of turn only: eos is the same token here
+    end = end_of_turn_id(tokenizer)
+    cut = next(i for i in range(1, len(free)) if free[i] not in free[:i] and free[i] != end)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(free[cut])  # an eos that differs from <|im_end|>
+    assert stop_token_ids(tokenizer) == (end, free[cut])
+    engine = HFRolloutEngine(model, tokenizer, torch.device("cpu"))
+    engine.sync(model, version=0)
+    assert engine.greedy([prompt], max_new_tokens=12)[0] == free[:cut + 1]
+    sampled = engine.sample([prompt], SamplingSettings(n=8, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=0))
+    assert all(t not in (end, free[cut]) for c in sampled[0] for t in c.token_ids[:-1])
+
+    class Client:
+        def generate(self, token_ids, sampling, model=None, cache_salt=None):
+            self.sampling, self.salt = sampling, cache_salt
+            return [{"index": 0, "token_ids": [7, free[cut], 9], "logprobs": {"content": [{"logprob": -1.0}] * 3},
+                     "weight_versions": [{"start": 0, "end": 3, "version": "0"}]}]
+
+    vllm = VLLMRolloutEngine.__new__(VLLMRolloutEngine)  # no server: the requests it would send
+    vllm.stop_ids, vllm.clients, vllm.adapter, vllm.lora_rank = stop_token_ids(tokenizer), [Client()], None, None
+    vllm.version, vllm.rank, vllm.pool, vllm.run, vllm.broken = 0, 0, ThreadPoolExecutor(1), "run1", None
+    assert vllm.greedy([prompt], max_new_tokens=12) == [[7, free[cut]]]
+    assert vllm.clients[0].sampling["stop_token_ids"] == [end, free[cut]] and vllm.clients[0].sampling["ignore_eos"]
+    assert vllm.clients[0].salt == "cptrain-run1-v0"  # prefixes shared only among requests of the same weights
+    vllm.sample([prompt], SamplingSettings(n=1, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=0))
+    assert vllm.clients[0].sampling["stop_token_ids"] == [end, free[cut]] and vllm.clients[0].sampling["ignore_eos"]
 
 
 def test_left_padding_right_aligns_prompts():
@@ -53,3 +94,130 @@ def test_one_batched_generate_equals_each_prompt_alone(family):
             logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
             worst = max(worst, (logp - torch.tensor(c.logprobs)).abs().max().item())
     assert worst < 1e-4, f"batched sampling log-probs vs the prompt alone: max abs diff {worst:.3g}"
+
+
+def _choice(tokens, spans):
+    return {"token_ids": tokens, "logprobs": {"content": [{"logprob": -0.5} for _ in tokens]},
+            "weight_versions": [{"start": a, "end": b, "version": v} for a, b, v in spans]}
+
+
+def test_vllm_completions_take_their_versions_from_spans_over_every_token():
+    """The version of a vLLM completion is the one its spans name (the oldest; the newest when weights changed
+    mid-completion); a token no span attributes is an error, never given the engine's current version."""
+    from trainer.rl.rollout.vllm_client import VLLMError
+    from trainer.rl.rollout.vllm_engine import _completion
+    end = 2
+    assert _completion(_choice([5, 6, 2, 9], [(0, 4, "3")]), end) == Completion([5, 6, 2], [-0.5] * 3, 3)
+    switched = _completion(_choice([5, 6, 7, 2], [(0, 2, "3"), (2, 4, "4")]), end)
+    assert (switched.version, switched.newest) == (3, 4)
+    for spans in ([], [(0, 2, "3")], [(0, 1, "3"), (2, 4, "3")], [(0, 4, "default")]):  # none, short, a gap, unsynced
+        with pytest.raises(VLLMError, match="attributed"):
+            _completion(_choice([5, 6, 7, 2], spans), end)
+    assert _completion(_choice([5, 6], []), end, adapter_version=7).version == 7  # LoRA: the adapter's version
+
+
+def test_a_generate_request_whose_connection_fails_is_retried_then_named():
+    """A loopback server that closes the first connections without an answer: the seeded request is sent again
+    (the same tokens: idempotent) and succeeds; a server that never answers fails with the attempts counted."""
+    import http.server
+    import json
+    import threading
+
+    from trainer.rl.rollout.vllm_client import GENERATE_RETRIES, VLLMClient, VLLMError
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        drops, seen = 0, []
+
+        def do_POST(self):
+            Flaky.seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            if len(Flaky.seen) <= Flaky.drops:
+                self.close_connection = True  # no status line: the client sees the connection closed
+                return
+            reply = json.dumps({"choices": [{"token_ids": [4]}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = VLLMClient(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=10)
+        Flaky.drops = 1
+        assert client.generate([5, 6], {"seed": 3}) == [{"token_ids": [4]}]
+        assert len(Flaky.seen) == 2 and Flaky.seen[0] == Flaky.seen[1]  # the same seeded request, sent again
+        Flaky.drops, Flaky.seen = 99, []
+        with pytest.raises(VLLMError, match=f"unreachable .*after {GENERATE_RETRIES + 1} attempts"):
+            client.generate([5, 6], {"seed": 3})
+        assert len(Flaky.seen) == GENERATE_RETRIES + 1
+    finally:
+        server.shutdown()
+
+
+def test_a_failed_sync_never_resumes_generation_on_partial_weights(tmp_path, monkeypatch):
+    """A bucket that fails to load in an in-flight sync: the servers stay paused (no /resume on half-reloaded
+    weights) and the engine refuses to sample afterwards, naming the failed sync."""
+    from trainer.rl.rollout import vllm_engine
+    from trainer.rl.rollout.vllm_client import VLLMError
+    from trainer.rl.rollout.weight_sync import FileWeightSender
+
+    class Client:
+        def __init__(self):
+            self.posted = []
+
+        def post(self, path, body=None):
+            self.posted.append(path)
+            if path == "/update_weights" and self.posted.count(path) == 2:
+                raise VLLMError("bucket 1 failed to load")
+            return {}
+
+    client = Client()
+    sender = FileWeightSender([client], str(tmp_path))
+    buckets = iter([{"a": torch.ones(2)}, {"b": torch.ones(2)}, {"c": torch.ones(2)}])
+    with pytest.raises(VLLMError, match="bucket 1"):
+        sender.send(buckets, version=3, pause=True)
+    assert client.posted[:3] == ["/init_weight_transfer_engine", "/pause?mode=keep", "/start_weight_update"]
+    assert "/resume" not in client.posted and "/finish_weight_update" not in client.posted
+
+    def failing_sync(*args, **kwargs):
+        raise RuntimeError("weight sync to vLLM failed: bucket 1 failed to load")
+
+    monkeypatch.setattr(vllm_engine, "sync_policy", failing_sync)
+    engine = vllm_engine.VLLMRolloutEngine.__new__(vllm_engine.VLLMRolloutEngine)
+    engine.lora_rank, engine.sender, engine.server, engine.broken, engine.group = None, sender, None, None, None
+    engine.stop_ids, engine.rank = (2,), 0
+    engine.vcfg, engine.dtype, engine.version = type("V", (), {"sync_bucket_mb": 1.0})(), torch.float32, 2
+    with pytest.raises(RuntimeError, match="bucket 1"):
+        engine.sync(torch.nn.Linear(2, 2), version=3, in_flight=True)
+    with pytest.raises(VLLMError, match="unusable after a failed weight sync.*bucket 1"):
+        engine.sample([[5, 6]], SamplingSettings(n=1, max_new_tokens=2, temperature=1.0, top_p=1.0, seed=0))
+
+
+def test_a_sync_directory_too_small_is_refused_and_dead_runs_directories_are_removed(tmp_path):
+    """The sync directory's free space is checked against one bucket at startup, naming the keys; the directories
+    of runs that died without cleaning up (SIGKILL) are removed by the next run, a live run's are kept."""
+    import subprocess
+    import sys
+
+    from trainer.rl.rollout.weight_sync import FileWeightSender, process_identity
+
+    class Client:
+        def post(self, path, body=None):
+            return {}
+
+    with pytest.raises(ValueError, match="rollout.vllm.sync_dir=.*rollout.vllm.sync_bucket_mb"):
+        FileWeightSender([Client()], str(tmp_path), bucket_bytes=2**62)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    identity = process_identity(dead.pid)  # read while it runs (or exits: then None, which also stays dead)
+    dead.wait()
+    stale = tmp_path / f"cptrain-weights-{identity or f'{dead.pid}-1'}-abc"
+    live = tmp_path / f"cptrain-weights-{process_identity(1)}-def"  # init: alive
+    for directory in (stale, live):
+        directory.mkdir()
+        (directory / "bucket-0.safetensors").write_bytes(b"x")
+    sender = FileWeightSender([Client()], str(tmp_path), bucket_bytes=1)
+    assert not stale.exists() and live.exists() and sender.directory.exists()
+    sender.close()

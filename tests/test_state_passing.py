@@ -86,6 +86,26 @@ def test_state_passing_equals_each_document_alone_and_ulysses(family, world):
     run_distributed(_exact_worker, world, family)
 
 
+SHORT_LENGTH = 8  # 2 tokens per rank at world 4: less than the conv's K - 1 = 3, so a halo spans 2 earlier shards
+SHORT_SEQ_LENS = [[3, 5], [1, 2, 5]]  # boundaries at 3, and at 1 and 3: strictly inside the halos of ranks 1 and 2
+
+
+def _short_shard_worker(rank, world, family):
+    """The conv halo's multi-shard branch (ShardChain.with_halo: a shard shorter than K - 1, zeros before position
+    0) with document boundaries strictly inside a halo: exact against each document alone, forward and backward."""
+    dims = _dims(world)
+    reference = _model(family)
+    input_ids = torch.randint(0, 256, (len(SHORT_SEQ_LENS), SHORT_LENGTH), generator=torch.Generator().manual_seed(8))
+    proj = torch.randn(len(SHORT_SEQ_LENS), SHORT_LENGTH, 256, generator=torch.Generator().manual_seed(9))
+    state = models.apply_cp(copy.deepcopy(reference), dims, mixer_cp="state")
+    check_packed_model(state, reference, dims, input_ids, SHORT_SEQ_LENS, proj, f"{family} state, 2-token shards")
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "nemotron_h"])
+def test_a_shard_shorter_than_the_conv_halo_with_boundaries_inside_it(family):
+    run_distributed(_short_shard_worker, 4, family)
+
+
 def _more_ranks_than_heads_worker(rank, world):
     dims = _dims(world)
     reference = _model("qwen3_5", linear_num_value_heads=2, linear_num_key_heads=1)

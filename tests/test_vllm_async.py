@@ -41,7 +41,8 @@ def _poll(condition, stop, timeout_s: float = 60.0) -> None:
 
 
 def _async_worker(rank, overrides, slow_trainer_steps=(), slow_engine_steps=()):
-    """run_rl with k=1; returns the metrics and the lag of every rollout that reached a loss. slow_trainer_steps:
+    """run_rl with k=1; returns the metrics and the lag of every rollout the engine delivered (before split_stale
+    drops any: a bound checked after the filter could not fail). slow_trainer_steps:
     the optimizer step of these steps waits until the producer has queued the next batch; slow_engine_steps: the
     producer holds these steps' batches until the trainer has waited HOLD_S for them."""
     from trainer.rl import async_rollouts, loop
@@ -49,10 +50,9 @@ def _async_worker(rank, overrides, slow_trainer_steps=(), slow_engine_steps=()):
     seen = []
     split = async_rollouts.split_stale
 
-    def recording_split(rollouts, group_size, *, trains_at, k):
-        kept, dropped = split(rollouts, group_size, trains_at=trains_at, k=k)
-        seen.extend(trains_at - r.version for r in kept)
-        return kept, dropped
+    def recording_split(rollouts, group_size, *, trains_at, k):  # the lags of what the engine returned, unfiltered
+        seen.extend(trains_at - r.version for r in rollouts)
+        return split(rollouts, group_size, trains_at=trains_at, k=k)
 
     class SlowedProducer(async_rollouts.RolloutProducer):
         latest = None

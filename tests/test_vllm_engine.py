@@ -65,7 +65,8 @@ def _sync_worker(rank, world, url, model_dir, extra=()):
     hf.sync(trainer.model, version=1)
     prompts = [p.input_ids for p in make_prompts("add", 4, seed=rank, tokenizer=trainer.tokenizer)]
     greedy_equal = engine.greedy(prompts, max_new_tokens=12) == hf.greedy(prompts, max_new_tokens=12)
-    groups = engine.sample(prompts, SamplingSettings(n=4, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=rank))
+    groups = engine.sample(prompts, SamplingSettings(n=4, max_new_tokens=12, temperature=1.0, top_p=cfg.rollout.top_p,
+                                                     seed=rank))
     completions = [c for g in groups for c in g]
     check_versions(completions, expected=1)
     rollouts = [grpo.Rollout(p, c.token_ids, c.logprobs, 0.0, advantage=0.0, version=c.version)
@@ -90,11 +91,12 @@ def _sync_worker(rank, world, url, model_dir, extra=()):
             "mismatch": mismatch, "stale": stale, "tokens": sum(len(c.token_ids) for c in completions)}
 
 
-@pytest.mark.parametrize("extra", [[], ["model.lora.rank=4", "rollout.vllm.lora_sync=merged"]],
-                         ids=["full", "lora_merged"])
+@pytest.mark.parametrize("extra", [[], ["model.lora.rank=4", "rollout.vllm.lora_sync=merged"], ["rollout.top_p=0.8"]],
+                         ids=["full", "lora_merged", "top_p"])
 def test_synced_weights_sample_like_the_trainer(shared_vllm, extra):
     """LoRA merged: every adapted projection reaches vLLM as W + scale B A under its HF name (the adapter-only
-    sync: tests/test_vllm_lora.py)."""
+    sync: tests/test_vllm_lora.py). top_p=0.8: vLLM reports the nucleus's log-probs (processed_logprobs) and the
+    trainer computes the same nucleus's, so the mismatch stays at its top_p=1 size (it was ~0.2 nats)."""
     if extra:
         pytest.importorskip("peft")
     server, tiny_dir = shared_vllm
@@ -109,6 +111,48 @@ def test_synced_weights_sample_like_the_trainer(shared_vllm, extra):
     assert m["train_tokens"] > 50
     assert m["logp_mismatch_abs_mean"] < 1e-5 and 1.0 <= m["logp_mismatch_ratio_max"] < 1 + 1e-4, m
     assert all(r["stale"] and "weight version(s) [7]" in r["stale"] for r in results), results
+
+
+def _prefix_worker(rank, world, url, model_dir):
+    """A 300-token prompt (two of vLLM's 128-token CPU blocks) sampled at weights v1, then again after a sync to v2:
+    the second sample's log-probs against a plain forward at v2."""
+    import torch.distributed as dist
+
+    from tests.test_vllm_async import _perturb
+    from trainer import config
+    from trainer.engine import build_trainer
+    from trainer.rl.rollout.base import SamplingSettings
+    from trainer.rl.rollout.hf import HFRolloutEngine
+    from trainer.rl.rollout.vllm_engine import VLLMRolloutEngine
+    cfg = compose_rl(RL_FAST + VLLM_FAST + ["model.cp=1", f"model.name={model_dir}", f"rollout.vllm.urls=[{url}]"])
+    trainer = build_trainer(cfg, validate=config.validate_rl)
+    engine = VLLMRolloutEngine(cfg.rollout.vllm, model_path=model_dir, tokenizer=trainer.tokenizer,
+                               dtype=torch.float32, max_model_len=512, seed=0, log_dir=str(model_dir))
+    prompt = torch.randint(3, len(trainer.tokenizer), (300,), generator=torch.Generator().manual_seed(5)).tolist()
+    settings = SamplingSettings(n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0)
+    worst = {}
+    for version in (1, 2):
+        _perturb(trainer, version)
+        engine.sync(trainer.model, version=version)
+        plain = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device)
+        plain.sync(trainer.model, version=version)
+        worst[version] = 0.0
+        for c in engine.sample([prompt], settings)[0]:
+            with torch.no_grad():
+                logits = plain.model(input_ids=torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1:-1]
+            own = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            worst[version] = max(worst[version], float((own - torch.tensor(c.logprobs)).abs().max()))
+    engine.close()
+    dist.destroy_process_group()
+    return worst
+
+
+def test_a_prompt_seen_before_a_sync_is_not_continued_from_the_old_weights_kv(shared_vllm):
+    """vLLM's weight update keeps the prefix cache: without a per-version cache salt the v2 sample of a prompt
+    sampled at v1 read the v1 KV of its first 256 tokens (its log-probs were neither v1's nor v2's)."""
+    server, model = shared_vllm
+    worst = run_distributed(_prefix_worker, 1, server.url, str(model), timeout=600)[0]
+    assert worst[1] < 1e-4 and worst[2] < 1e-4, worst  # fp32, different kernels
 
 
 def test_request_timeout_is_an_error_naming_the_key(shared_vllm):
@@ -202,6 +246,25 @@ def test_sigterm_to_the_trainer_stops_its_server(tmp_path):
         trainer.send_signal(signal.SIGTERM)
         trainer.wait(timeout=120)
         assert _wait_gone(out_dir), "SIGTERM to the trainer left its vLLM server running"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+
+
+def test_sigkill_of_the_trainer_leaves_no_server_process(tmp_path):
+    """SIGKILL (a preemption: no handler runs) of the trainer rank that owns the server: the server gets SIGTERM
+    from the kernel (PR_SET_PDEATHSIG, set up with a prctl resolved before the fork) and takes its engine down."""
+    out_dir = tmp_path / "run"
+    trainer = _trainer_subprocess(out_dir, tmp_path / "trainer.log")
+    try:
+        metrics = out_dir / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), trainer, "first step")
+        api = [line.split()[0] for line in server_processes(str(out_dir)) if "api_server" in line]
+        assert api, "no server was running during the run"
+        owner = int(Path(f"/proc/{api[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the rank's pid
+        os.kill(owner, signal.SIGKILL)
+        assert _wait_gone(out_dir), "SIGKILL of the trainer left its vLLM server running"
+        trainer.wait(timeout=60)
     finally:
         if trainer.poll() is None:
             trainer.kill()

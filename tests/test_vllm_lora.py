@@ -78,7 +78,8 @@ def test_adapter_sync_sends_only_the_adapters_and_samples_like_the_trainer(tmp_p
         m = r["mismatch"]
         assert m["train_tokens"] > 50
         assert m["logp_mismatch_abs_mean"] < 1e-5 and m["logp_mismatch_ratio_max"] < 1 + 1e-4, m
-    assert out["loaded"] == ["cptrain-v2", "cptrain-v3"]  # the two newest; v1 unloaded
+    run = out["loaded"][0].split("-")[1]  # this run's token: a resumed run never reuses a loaded adapter's name
+    assert out["loaded"] == [f"cptrain-{run}-v2", f"cptrain-{run}-v3"]  # the two newest; v1 unloaded
 
 
 def _rl_worker(rank, world, overrides):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -217,8 +218,12 @@ class VLLMConfig:
     """What the owned server loads at startup (null: model.name; a tiny:* model's initial weights are exported
     first). Only its architecture, config and tokenizer matter: the policy's weights are synced before step 1."""
     host: str = "127.0.0.1"
-    """Interface the owned server binds. Its dev-mode control plane can replace the weights: keep it on
-    localhost or a private interface."""
+    """Interface the owned server binds. Its dev-mode control plane can replace the weights: an address other
+    than loopback needs rollout.vllm.expose_control_plane=true."""
+    expose_control_plane: bool = False
+    """Acknowledge that an owned server on a non-loopback rollout.vllm.host lets anyone who reaches that address
+    replace the policy's weights, pause generation and read the sampled tokens (vLLM's dev-mode endpoints have no
+    authentication; --api-key guards only /v1/*). Needed to bind one."""
     port: int = 0
     """Port of the owned server (0: a free one)."""
     gpu_memory_utilization: float = 0.15
@@ -259,7 +264,8 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature (log-probs for the ratio use the same temperature)."""
     top_p: float = 1.0
-    """Nucleus sampling threshold."""
+    """Nucleus sampling threshold. Below 1 every log-prob the loss compares (engine, policy, old, reference) is of
+    the truncated, renormalised distribution the engine sampled from (models/nucleus.py), not the full softmax."""
     task: str = "arithmetic"
     """data.source=builtin only: the built-in task the prompts come from (trainer.rl.tasks.TASKS: add, sub, mul,
     reverse, sort, arithmetic, mixed)."""
@@ -503,13 +509,17 @@ def validate_rl(cfg, world_size: int) -> None:
                f"{r.eval_prompts} rows held out for eval: raise data.limit or lower rollout.eval_prompts")
     _check(r.timeout_s >= 10, f"rollout.timeout_s={r.timeout_s} must be >= 10")
     _check(r.eval_every >= 0, f"rollout.eval_every={r.eval_every} must be >= 0 (0: start and end only)")
-    validate_rollout_engine(cfg)
+    validate_rollout_engine(cfg, world_size)
     prompt_budget = cfg.data.seq_len - r.max_new_tokens
     _check(prompt_budget >= 16, f"data.seq_len={cfg.data.seq_len} leaves {prompt_budget} tokens for the prompt after "
                                 f"rollout.max_new_tokens={r.max_new_tokens}: raise data.seq_len")
 
 
-def validate_rollout_engine(cfg) -> None:
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def validate_rollout_engine(cfg, world_size: int) -> None:
     """rollout.engine, old_logprobs, is_correction and the vllm keys."""
     r, v = cfg.rollout, cfg.rollout.vllm
     _check(r.engine in ROLLOUT_ENGINES, f"rollout.engine={r.engine!r}: choose one of {ROLLOUT_ENGINES}")
@@ -523,6 +533,11 @@ def validate_rollout_engine(cfg) -> None:
     _check(r.is_cap > 1, f"rollout.is_cap={r.is_cap} must be > 1")
     _check(r.max_off_policy_steps >= 0, f"rollout.max_off_policy_steps={r.max_off_policy_steps} must be >= 0 "
                                          "(0: synchronous; k: rollouts at most k weight versions old)")
+    _check(r.max_off_policy_steps == 0 or r.old_logprobs == "engine" or r.is_correction != "none",
+           f"rollout.max_off_policy_steps={r.max_off_policy_steps} with rollout.old_logprobs=trainer and "
+           "rollout.is_correction=none trains lagged and in-flight tokens as on-policy (the ratio is then 1 for "
+           "rollouts sampled by older weights): set rollout.is_correction (token_truncate, ...) or "
+           "rollout.old_logprobs=engine")
     _check(r.max_off_policy_steps == 0 or r.engine == "vllm",
            f"rollout.max_off_policy_steps={r.max_off_policy_steps} generates while the trainer trains, in another "
            "process: set rollout.engine=vllm (the hf engine generates on the trainer ranks themselves)")
@@ -536,6 +551,19 @@ def validate_rollout_engine(cfg) -> None:
            "rollout.vllm.sync_bucket_mb must be > 0 and rollout.vllm.max_concurrent_requests >= 1")
     _check(0 <= v.port < 65536, f"rollout.vllm.port={v.port} must be a port number (0: a free one)")
     _check(v.lora_sync in LORA_SYNCS, f"rollout.vllm.lora_sync={v.lora_sync!r}: choose one of {LORA_SYNCS}")
+    _check(v.lora_sync != "merged" or cfg.model.lora.rank is None or cfg.model.dtype == "float32",
+           f"rollout.vllm.lora_sync=merged with model.dtype={cfg.model.dtype}: W + scale B A rounded into a "
+           f"{cfg.model.dtype} base loses most of an early adapter update, so vLLM would sample from another policy "
+           "than the trainer's: use rollout.vllm.lora_sync=adapter (the adapters unmerged, as the trainer runs them)")
     for url in v.urls:
         _check(re.match(r"^https?://[^/]+(:\d+)?/?$", url) is not None,
                f"rollout.vllm.urls: {url!r} is not http(s)://host:port")
+    _check(bool(v.urls) or is_loopback(v.host) or v.expose_control_plane,
+           f"rollout.vllm.host={v.host} would serve the owned server's unauthenticated control plane (weight "
+           "updates, pause, the generations) to every host that reaches that address: keep the default 127.0.0.1, "
+           "or set rollout.vllm.expose_control_plane=true on a network you trust")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    _check(bool(v.urls) or local_world >= world_size or not is_loopback(v.host),
+           f"an owned vLLM server on rollout.vllm.host={v.host} (loopback) is unreachable from the other nodes' ranks "
+           f"(LOCAL_WORLD_SIZE={local_world} of WORLD_SIZE={world_size}): start servers yourself and list them in "
+           "rollout.vllm.urls, or set rollout.vllm.host to an address of rank 0's node that every node reaches")

@@ -15,9 +15,10 @@ kinds of weights directly instead of calling the module (the mixers' depthwise c
 head in the chunked head, the embeddings' lookup): adapters there are refused (check_targets), never bypassed.
 
 Names: peft keeps the base weight at `<proj>.base_layer.weight` and the adapter at `<proj>.lora_A.default.weight`.
-hf_state_dict() gives HF's names back (merged: W + (alpha / r) B A, for the hf rollout copy, vLLM's full-weight
-sync and checkpoint.export_merged); the adapter export is peft's own save_pretrained on a plain model, so
-PeftModel.from_pretrained(base, dir) loads it.
+hf_state_dict() gives HF's names back (merged: W + (alpha / r) B A, for vLLM's full-weight sync, refused below
+fp32 where the rounding loses an early update, and checkpoint.export_merged); the hf rollout copy keeps the adapters
+unmerged, as the trainer runs them (trainer/rl/rollout/hf.py rollout_copy); the adapter export is peft's own
+save_pretrained on a plain model, so PeftModel.from_pretrained(base, dir) loads it.
 """
 
 from __future__ import annotations

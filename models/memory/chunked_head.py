@@ -9,8 +9,9 @@
            only the loss tokens (targets != -100), C at a time:
              z = h_c W^T + b           [C, V] in the compute dtype, then fp32 (the unchunked `.float()`)
              y = softcap(z) / T        softcap(z) = c tanh(z / c) (Gemma2's final_logit_softcapping)
+             top_p < 1: y = -inf outside the nucleus the engine sampled from (models/nucleus.py)
              logp_all = log_softmax(y) -> logp = logp_all[target],  entropy = -sum(exp(logp_all) logp_all)
-           backward, per chunk, y recomputed:
+           backward, per chunk, y recomputed (and truncated):
              dy = g (onehot(target) - softmax(y));  dz = dy / T * softcap'(z)   -> compute dtype
              dh_c = dz W   [C, H],   dW += dz^T h_c  (fp32 accumulator, cast to W's dtype once),  db += sum dz
       └─ TokenStats(logp [B, S] fp32, 0 where ignored;  entropy [B, S] fp32 detached, 0 where ignored, or None)
@@ -50,6 +51,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from cp.documents import IGNORE_INDEX
+from models.nucleus import entropy_of, top_p_truncated
 
 CHUNK_BUDGET_BYTES = 256 * 2**20  # one chunk's [C, V] buffers (auto_chunk_tokens)
 MIN_CHUNK_TOKENS = 128  # a GEMM tile's worth of rows: smaller chunks only cost speed
@@ -75,6 +77,7 @@ class TokenStatsRequest:
     temperature: float = 1.0
     entropy: bool = False
     chunk_tokens: int | None = None
+    top_p: float = 1.0  # < 1: log-probs of the nucleus the engine sampled from (models/nucleus.py)
 
 
 @dataclass
@@ -131,23 +134,22 @@ def _scaled_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return (y if temperature == 1.0 else y.div_(temperature)), (t if keep_tanh else None)
 
 
-def _entropy(logp_all: torch.Tensor) -> torch.Tensor:
-    """-sum(p log p) per row of log-probs [C, V] -> [C] (the unchunked formula)."""
-    return -(logp_all.exp().mul_(logp_all)).sum(-1)
 
 
-def _chunk_logprobs(h, weight, bias, targets, softcap, temperature, want_entropy):
+def _chunk_logprobs(h, weight, bias, targets, softcap, temperature, top_p, want_entropy):
     """One chunk's (log-prob of each target [C], entropy [C] or None); its [C, V] buffers die on return."""
     y, _ = _scaled_logits(h, weight, bias, softcap, temperature)
-    logp_all = F.log_softmax(y, -1)  # [C, V]
+    logp_all = F.log_softmax(top_p_truncated(y, targets, top_p), -1)  # [C, V]
     del y
-    return logp_all.gather(1, targets[:, None]).squeeze(1), (_entropy(logp_all) if want_entropy else None)
+    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
+    return logp, (entropy_of(logp_all, top_p < 1) if want_entropy else None)
 
 
-def _logit_grad(h, weight, bias, targets, grad, softcap, temperature) -> torch.Tensor:
-    """d(sum_i grad_i logp_i) / dz for one chunk, [C, V] in the compute dtype (the unchunked backward's ops)."""
+def _logit_grad(h, weight, bias, targets, grad, softcap, temperature, top_p) -> torch.Tensor:
+    """d(sum_i grad_i logp_i) / dz for one chunk, [C, V] in the compute dtype (the unchunked backward's ops;
+    truncated logits get none: softmax is 0 there)."""
     y, t = _scaled_logits(h, weight, bias, softcap, temperature, keep_tanh=softcap is not None)
-    p = F.log_softmax(y, -1).exp_()  # [C, V] softmax(y)
+    p = F.log_softmax(top_p_truncated(y, targets, top_p), -1).exp_()  # [C, V] softmax(y) over the nucleus
     del y
     dy = p.mul_(-grad[:, None]).scatter_add_(1, targets[:, None], grad[:, None])  # grad (onehot - p)
     if temperature != 1.0:
@@ -182,9 +184,9 @@ def _add_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> No
         acc.addmm_(dz.t().float(), h.float())
 
 
-def _chunk_backward(h, weight, bias, targets, grad, softcap, temperature, rows, dh, dw, db) -> None:
+def _chunk_backward(h, weight, bias, targets, grad, softcap, temperature, top_p, rows, dh, dw, db) -> None:
     """One chunk's share of the gradients: dh[rows] = dz W, dw += dz^T h, db += sum dz (each when not None)."""
-    dz = _logit_grad(h, weight, bias, targets, grad, softcap, temperature)  # [C, V]
+    dz = _logit_grad(h, weight, bias, targets, grad, softcap, temperature, top_p)  # [C, V]
     if dh is not None:
         dh.index_copy_(0, rows, dz @ weight)
     if dw is not None:
@@ -206,7 +208,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     See the module docstring; call it through chunked_token_logprobs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, temperature, chunk_tokens, want_entropy):
+    def forward(ctx, hidden, weight, bias, targets, softcap, temperature, top_p, chunk_tokens, want_entropy):
         flat_h = hidden.reshape(-1, hidden.shape[-1])  # [..., H] -> [N, H]
         keep = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # [M] the loss tokens' rows (a sync)
         kept = targets.reshape(-1).index_select(0, keep)  # [...] -> [N] -> [M]
@@ -216,19 +218,19 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         with _autocast_off(hidden.device.type):
             for rows in _chunks(len(keep), chunk):
                 logp_c, entropy_c = _chunk_logprobs(flat_h.index_select(0, keep[rows]), weight, bias, kept[rows],
-                                                    softcap, temperature, want_entropy)
+                                                    softcap, temperature, top_p, want_entropy)
                 logp.view(-1).index_copy_(0, keep[rows], logp_c)  # [...] -> [N]
                 if want_entropy:
                     entropy.view(-1).index_copy_(0, keep[rows], entropy_c)  # [...] -> [N]
         ctx.save_for_backward(hidden, weight, bias, keep, kept)
-        ctx.settings = (softcap, temperature, chunk)
+        ctx.settings = (softcap, temperature, top_p, chunk)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, bias, keep, kept = ctx.saved_tensors
-        softcap, temperature, chunk = ctx.settings
+        softcap, temperature, top_p, chunk = ctx.settings
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         flat_h = hidden.reshape(-1, hidden.shape[-1])  # [..., H] -> [N, H]
         grad = grad_logp.reshape(-1).index_select(0, keep).float()  # [...] -> [N] -> [M]
@@ -238,15 +240,16 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         with _autocast_off(hidden.device.type):
             for rows in _chunks(len(keep), chunk):
                 h = flat_h.index_select(0, keep[rows])  # [C, H]
-                _chunk_backward(h, weight, bias, kept[rows], grad[rows], softcap, temperature, keep[rows], dh, dw, db)
+                _chunk_backward(h, weight, bias, kept[rows], grad[rows], softcap, temperature, top_p, keep[rows],
+                                dh, dw, db)
         return (dh.view(hidden.shape) if need_h else None,  # [N, H] -> [..., H]
                 dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                            bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
-                           entropy: bool = False, chunk_tokens: int | None = None
+                           entropy: bool = False, chunk_tokens: int | None = None, top_p: float = 1.0
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(softcap(hidden W^T + b) / T)[target] per token, [tokens, vocab] never held in full.
 
@@ -263,7 +266,9 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if targets.shape != hidden.shape[:-1] or targets.dtype != torch.long:
         raise ValueError(f"targets {tuple(targets.shape)} {targets.dtype} do not match the hidden states "
                          f"{tuple(hidden.shape)} (labels of the input's shape, long)")
-    logp, ent = ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, softcap, float(temperature),
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    logp, ent = ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, softcap, float(temperature), float(top_p),
                                            chunk_tokens, entropy)
     return logp, (ent if entropy else None)
 
@@ -451,6 +456,7 @@ def _forward_with_token_stats(self, *args, token_stats: TokenStatsRequest | None
         raise ChunkedHeadUnsupported("lm_head.weight is still sharded (DTensor) inside the forward: shard the "
                                      "CausalLM as the FSDP root (trainer/modeling.py parallelize), not lm_head alone")
     logp, entropy = chunked_token_logprobs(stand_in.inputs[0], head.weight, token_stats.targets, bias=head.bias,
-                                           temperature=token_stats.temperature, softcap=softcap,
-                                           entropy=token_stats.entropy, chunk_tokens=token_stats.chunk_tokens)
+                                           temperature=token_stats.temperature, top_p=token_stats.top_p,
+                                           softcap=softcap, entropy=token_stats.entropy,
+                                           chunk_tokens=token_stats.chunk_tokens)
     return TokenStats(logp=logp, entropy=entropy)

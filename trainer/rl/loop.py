@@ -205,11 +205,12 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, o
     ratio_max = 0.0
     for i, (batch, seq_ids, versions, seq_lengths, engine_logp, adv, weight) in enumerate(shards):
         trainer.model.set_requires_gradient_sync(i == len(shards) - 1)
-        logp, entropy = shard_logprobs(trainer.model, batch, temperature=T, entropy=True, chunk_tokens=chunk)
+        logp, entropy = shard_logprobs(trainer.model, batch, temperature=T, entropy=True, chunk_tokens=chunk,
+                                       top_p=r.top_p)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad(), adapters_disabled(ref_model):  # LoRA: the policy itself, adapters off
-                ref_logp, _ = shard_logprobs(ref_model, batch, temperature=T, chunk_tokens=chunk)
+                ref_logp, _ = shard_logprobs(ref_model, batch, temperature=T, chunk_tokens=chunk, top_p=r.top_p)
         mask = (batch.labels != grpo.IGNORE_INDEX).float()
         old_logp = logp.detach() if r.old_logprobs == "trainer" else engine_logp
         tokens = policy_losses.TokenBatch(logp, old_logp, adv, mask, ref_logp=ref_logp, seq_ids=seq_ids,

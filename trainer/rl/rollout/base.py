@@ -80,11 +80,20 @@ class RolloutEngine(ABC):
 
 
 def end_of_turn_id(tokenizer) -> int:
-    """The token that ends a completion: ChatML's <|im_end|> where the vocabulary has it, else eos."""
+    """The token that ends a turn: ChatML's <|im_end|> where the vocabulary has it, else eos."""
     vocab = tokenizer.get_vocab()
     return vocab["<|im_end|>"] if "<|im_end|>" in vocab else tokenizer.eos_token_id
 
 
-def cut_at_end(tokens: list[int], end_id: int) -> list[int]:
-    """A completion up to and including the first end-of-turn token."""
-    return tokens[:tokens.index(end_id) + 1] if end_id in tokens else tokens
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The tokens that end a completion, the same for every engine: the end of turn and eos (a model may end
+    with either; an engine that stopped at one set and another at a different one would train on completions
+    the other could not have sampled)."""
+    return tuple(dict.fromkeys(t for t in (end_of_turn_id(tokenizer), tokenizer.eos_token_id) if t is not None))
+
+
+def cut_at_end(tokens: list[int], stop_ids) -> list[int]:
+    """A completion up to and including its first stop token (stop_ids: one id or several)."""
+    stops = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
+    end = next((i for i, t in enumerate(tokens) if t in stops), None)
+    return tokens if end is None else tokens[:end + 1]

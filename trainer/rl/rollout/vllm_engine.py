@@ -8,7 +8,8 @@
     sync(policy, version):   weight_sync.sync_policy: FSDP2 shards gathered bucket by bucket, rank 0 streams them
                              through vLLM's weight-transfer protocol to every server, version = optimizer steps;
                              LoRA (rollout.vllm.lora_sync=adapter): weight_sync.sync_adapters, the adapters only,
-                             loaded as adapter cptrain-v<version> (vLLM's LoRA: --enable-lora); requests name it
+                             loaded as adapter cptrain-<run>-v<version> (vLLM's LoRA: --enable-lora; <run>: a token
+                             of this run); requests name it
     sample(prompts, s):      every prompt of this rank in flight at once (one request per prompt, n samples,
                              a seed per prompt), spread round-robin over the servers by global prompt index;
                              vLLM batches concurrent requests (continuous batching)
@@ -16,6 +17,11 @@
            version spans the server returns, the version of the first token and, when a sync overlapped the
            request (async GRPO), of the last; the synchronous loop refuses anything but its own version
     greedy(prompts):         temperature 0, same path
+
+Prefix cache: vLLM keeps the KV blocks of earlier prompts across a weight update (its weight transfer does not
+reset them), so a prompt sharing a prefix with one sampled before the sync (a system prompt, a repeated eval
+prompt, an earlier turn) would be continued from KV the old weights computed. Every request carries the weight
+version (and this run's token) as its cache salt: prefixes are shared among requests of the same weights only.
 
 Log-probs: the server runs --logprobs-mode processed_logprobs, the log-prob under the distribution it sampled
 (temperature T; top_p < 1 truncated), which the trainer compares with its own (trainer/rl/logprob_mismatch.py).
@@ -31,11 +37,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.rl.rollout.base import Completion, RolloutEngine, SamplingSettings, cut_at_end, end_of_turn_id
+from trainer.rl.rollout.base import Completion, RolloutEngine, SamplingSettings, cut_at_end, stop_token_ids
 from trainer.rl.rollout.vllm_client import VLLMClient, VLLMError
 from trainer.rl.rollout.vllm_server import ServerSpec, VLLMServer, install_termination_handler, resolve_python
-from trainer.rl.rollout.weight_sync import (FileWeightSender, adapter_name, default_sync_dir, sync_adapters,
-                                            sync_policy)
+from trainer.rl.rollout.weight_sync import FileWeightSender, default_sync_dir, sync_adapters, sync_policy
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -50,22 +55,32 @@ def cpu_thread_env() -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": spec, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
-def _completion(choice: dict, end_id: int, expected_version: int, adapter_version: int | None = None) -> Completion:
+def _completion(choice: dict, stop_ids, adapter_version: int | None = None) -> Completion:
     """One choice of /inference/v1/generate -> Completion; its version from the server's spans (the base weights'
     version), or with LoRA adapters the version of the adapter the request named (every token: a request keeps
-    its adapter)."""
+    its adapter). Every kept token must lie in a span with a numeric version: a token the server does not
+    attribute (no spans, a gap, a never-synced "default" version) is an error, never given a version it may not
+    have had (the version check and the async lag are only as true as the spans)."""
     tokens = choice["token_ids"]
     logprobs = [entry["logprob"] for entry in (choice.get("logprobs") or {}).get("content") or []]
     if len(logprobs) != len(tokens):
         raise VLLMError(f"the server returned {len(tokens)} tokens but {len(logprobs)} log-probs")
-    kept = cut_at_end(tokens, end_id)
+    kept = cut_at_end(tokens, stop_ids)
     if adapter_version is not None:
         return Completion(kept, logprobs[:len(kept)], adapter_version)
-    spans = sorted((span["start"], span["version"]) for span in choice.get("weight_versions") or []
+    spans = sorted((span["start"], span["end"], span["version"]) for span in choice.get("weight_versions") or []
                    if span["end"] > span["start"] and span["start"] < len(kept))  # the kept tokens' spans
-    versions = [int(v) if str(v).lstrip("-").isdigit() else -1 for _, v in spans]  # "default": never synced
-    if not versions:
-        return Completion(kept, logprobs[:len(kept)], expected_version)  # nothing sampled: nothing to attribute
+    covered, versions = 0, []
+    for start, end, version in spans:
+        if start > covered or not str(version).lstrip("-").isdigit():
+            break
+        covered, versions = max(covered, end), versions + [int(version)]
+    if covered < len(kept):
+        raise VLLMError(f"the server attributed {covered} of a completion's {len(kept)} tokens to a weight version "
+                        f"(spans {spans}): a vLLM server run by cptrain (scripts/install_vllm.sh, the flags "
+                        "ServerSpec.command lists) returns spans over every token, each with the version synced")
+    if not kept:
+        raise VLLMError("the server returned an empty completion (no token, not even the end of turn)")
     return Completion(kept, logprobs[:len(kept)], versions[0], versions[-1] if len(set(versions)) > 1 else None)
 
 
@@ -80,7 +95,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self.vcfg, self.dtype, self.group = vcfg, dtype, patient_group
         self.lora_rank, self.keep_adapters = lora_rank, keep_adapters
         self.adapter: tuple[str, int] | None = None  # (name, version) of the newest adapter on the servers
-        self.end_id = end_of_turn_id(tokenizer)
+        self.broken: str | None = None  # why the servers may not be sampled from (a failed sync)
+        self.stop_ids = stop_token_ids(tokenizer)
         self.server: VLLMServer | None = None
         self.sender: FileWeightSender | None = None
         self.rank = dist.get_rank()
@@ -90,7 +106,11 @@ class VLLMRolloutEngine(RolloutEngine):
         if vcfg.urls:
             wait_all_healthy(self.clients, vcfg.startup_timeout_s)
         if self.rank == 0:
-            self.sender = FileWeightSender(self.clients, vcfg.sync_dir or default_sync_dir())
+            self.sender = FileWeightSender(self.clients, vcfg.sync_dir or default_sync_dir(),
+                                           bucket_bytes=int(vcfg.sync_bucket_mb * 2**20))
+        run = [self.sender.run if self.sender else None]
+        dist.broadcast_object_list(run, src=0, group=self.group)
+        self.run = run[0]  # this run's token: its adapter names and prefix-cache salts are its own
         self.pool = ThreadPoolExecutor(max_workers=max(1, vcfg.max_concurrent_requests))
 
     def _start_owned_server(self, model_path: str, max_model_len: int, seed: int, log_dir: str) -> list[str]:
@@ -119,13 +139,19 @@ class VLLMRolloutEngine(RolloutEngine):
     def sync(self, policy: torch.nn.Module, version: int, *, in_flight: bool = False) -> dict:
         """in_flight: requests may be running (async GRPO): they are frozen for the transfer and continue on the
         new weights (vLLM's /pause?mode=keep ... /resume); their tokens' versions say which weights sampled them."""
-        if self.lora_rank is not None:  # the adapters only, as a new adapter: requests in flight keep theirs
-            stats = sync_adapters(policy, self.sender, version, dtype=self.dtype, keep=self.keep_adapters,
-                                  group=self.group)
-            self.adapter = (adapter_name(version), version)  # one assignment: the producer thread reads both
-        else:
-            stats = sync_policy(policy, self.sender, version, bucket_bytes=int(self.vcfg.sync_bucket_mb * 2**20),
-                                dtype=self.dtype, group=self.group, pause=in_flight)
+        try:
+            if self.lora_rank is not None:  # the adapters only, as a new adapter: requests in flight keep theirs
+                stats = sync_adapters(policy, self.sender, version, dtype=self.dtype, keep=self.keep_adapters,
+                                      group=self.group)
+                self.adapter = (stats.pop("adapter"), version)  # one assignment: the producer thread reads both
+            else:
+                stats = sync_policy(policy, self.sender, version, dtype=self.dtype, group=self.group,
+                                    bucket_bytes=int(self.vcfg.sync_bucket_mb * 2**20), pause=in_flight)
+        except Exception as exc:  # the servers may hold part of the new weights: nothing more is sampled from them
+            self.broken = str(exc)
+            if self.server is not None:
+                self.server.stop()
+            raise
         self.version = version
         return stats
 
@@ -133,28 +159,32 @@ class VLLMRolloutEngine(RolloutEngine):
                   offset: int) -> tuple[list[list[dict]], int | None]:
         """Every request in flight at once; request i goes to server (offset + i) % servers. Returns the replies
         and, with LoRA adapters, the version whose adapter they named (else None: the spans tell)."""
+        if self.broken:
+            raise VLLMError(f"the vLLM servers are unusable after a failed weight sync ({self.broken}); an external "
+                            "server is left paused with part of the new weights: restart it")
         name, version = self.adapter or (None, self.version)  # read once: a sync may land while these run
-        futures = [self.pool.submit(self.clients[(offset + i) % len(self.clients)].generate, prompt, params, name)
-                   for i, (prompt, params) in enumerate(zip(prompts, sampling))]
+        salt = f"cptrain-{self.run}-v{version}"  # the prefix cache: KV of these weights only (see the docstring)
+        futures = [self.pool.submit(self.clients[(offset + i) % len(self.clients)].generate, prompt, params, name,
+                                    salt) for i, (prompt, params) in enumerate(zip(prompts, sampling))]
         return [f.result() for f in futures], (version if self.lora_rank is not None else None)
 
     def sample(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
         sampling = [{"n": settings.n, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": -1,
                      "max_tokens": settings.max_new_tokens, "logprobs": 0, "seed": settings.seed * 1009 + i,
-                     "stop_token_ids": [self.end_id], "ignore_eos": False}
+                     "stop_token_ids": list(self.stop_ids), "ignore_eos": True}
                     for i in range(len(prompts))]
         replies, adapter_version = self._requests(prompts, sampling, offset=self.rank * len(prompts))
         groups = []
         for choices in replies:
             ordered = sorted(choices, key=lambda c: c["index"])
-            groups.append([_completion(c, self.end_id, self.version, adapter_version) for c in ordered])
+            groups.append([_completion(c, self.stop_ids, adapter_version) for c in ordered])
         return groups
 
     def greedy(self, prompts: list[list[int]], *, max_new_tokens: int) -> list[list[int]]:
         sampling = [{"n": 1, "temperature": 0.0, "max_tokens": max_new_tokens, "logprobs": 0,
-                     "stop_token_ids": [self.end_id]} for _ in prompts]
-        replies, _ = self._requests(prompts, sampling, offset=self.rank * len(prompts))
-        return [_completion(choices[0], self.end_id, self.version).token_ids for choices in replies]
+                     "stop_token_ids": list(self.stop_ids), "ignore_eos": True} for _ in prompts]
+        replies, adapter_version = self._requests(prompts, sampling, offset=self.rank * len(prompts))
+        return [_completion(choices[0], self.stop_ids, adapter_version).token_ids for choices in replies]
 
     def close(self) -> None:
         if self.sender is not None:

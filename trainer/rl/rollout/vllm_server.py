@@ -147,12 +147,22 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the trainer process dies (Linux PR_SET_PDEATHSIG)."""
+def _resolve_prctl():
+    """libc's prctl, looked up once in the parent: dlopen in the forked child of a multi-threaded trainer may
+    deadlock on a lock another thread held at the fork."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except OSError:
-        pass
+        return None
+
+
+_PRCTL = _resolve_prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the trainer process dies (Linux PR_SET_PDEATHSIG), even by SIGKILL."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def read_log(path: str, offset: int = 0) -> str:

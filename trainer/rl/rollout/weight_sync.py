@@ -20,6 +20,7 @@ does the same). Memory: rank 0 holds one bucket beyond its shard; the others one
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -109,9 +110,11 @@ class LoraMerger:
         return [(f"{module}.weight", merged_weight(parts["W"], parts["A"], parts["B"], self.spec.scale))]
 
 
-def adapter_name(version: int) -> str:
-    """The name weight version `version`'s adapter is loaded under (requests name it as their model)."""
-    return f"cptrain-v{version}"
+def adapter_name(version: int, run: str) -> str:
+    """The name weight version `version`'s adapter is loaded under (requests name it as their model). `run`: a token
+    of this run, so a resumed run (or another) on the same external server never names an adapter loaded before
+    (vLLM would serve the earlier adapter under that name)."""
+    return f"cptrain-{run}-v{version}"
 
 
 def gathered_adapters(policy: torch.nn.Module, *, dtype: torch.dtype, keep: bool) -> dict[str, torch.Tensor]:
@@ -129,13 +132,45 @@ def gathered_adapters(policy: torch.nn.Module, *, dtype: torch.dtype, keep: bool
     return adapters
 
 
+def process_identity(pid: int) -> str | None:
+    """'<pid>-<start time>' of a live process (start time in clock ticks since boot: a reused pid differs), or
+    None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return f"{pid}-{fields[19]}"  # field 22 of stat, counted after the ")" that ends the command name
+
+
+def remove_dead_runs(sync_dir: str) -> list[str]:
+    """Remove the cptrain-weights-<pid>-<start>-* directories of runs whose process is gone (a SIGKILLed run
+    cannot clean up; its buckets would hold shared memory until reboot); a live run's directory is kept."""
+    removed = []
+    for directory in Path(sync_dir).glob("cptrain-weights-*-*-*"):
+        pid, start = directory.name.split("-")[2:4]
+        if pid.isdigit() and process_identity(int(pid)) != f"{pid}-{start}":
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(str(directory))
+    return removed
+
+
 class FileWeightSender:
     """Rank 0's side of the `cptrain_files` protocol over one or more servers (VLLMClient each)."""
 
-    def __init__(self, clients: list, sync_dir: str):
+    def __init__(self, clients: list, sync_dir: str, bucket_bytes: int = 0):
+        """bucket_bytes: the largest bucket a sync writes (checked against the free space of sync_dir)."""
         self.clients = clients
         self.adapters: list[str] = []  # LoRA: the adapter names loaded on the servers, oldest first
-        self.directory = Path(tempfile.mkdtemp(prefix="cptrain-weights-", dir=sync_dir))
+        self.run = secrets.token_hex(4)  # adapter names unique to this run (adapter_name)
+        remove_dead_runs(sync_dir)
+        free = shutil.disk_usage(sync_dir).free
+        if free < bucket_bytes:
+            raise ValueError(f"rollout.vllm.sync_dir={sync_dir} has {free / 2**20:.0f} MiB free, less than one weight "
+                             f"bucket ({bucket_bytes / 2**20:.0f} MiB): lower rollout.vllm.sync_bucket_mb, or point "
+                             "rollout.vllm.sync_dir at a larger filesystem (Docker's /dev/shm is 64 MiB unless "
+                             "--shm-size raises it)")
+        owner = process_identity(os.getpid()) or f"{os.getpid()}-0"  # in the name: remove_dead_runs reads it
+        self.directory = Path(tempfile.mkdtemp(prefix=f"cptrain-weights-{owner}-", dir=sync_dir))
         for client in clients:
             client.post("/init_weight_transfer_engine", {"init_info": {"directory": str(self.directory)}})
 
@@ -148,16 +183,16 @@ class FileWeightSender:
         if pause:
             for client in self.clients:
                 client.post("/pause?mode=keep")
-        try:
+        # a failure leaves the servers paused: never resume generation on partly reloaded weights (the engine is
+        # marked unusable, an owned server stopped: VLLMRolloutEngine.sync)
+        for client in self.clients:
+            client.post("/start_weight_update")
+        count, sent = self._send_buckets(buckets, save_file)
+        for client in self.clients:
+            client.post("/finish_weight_update", {"weight_version": str(version)})
+        if pause:
             for client in self.clients:
-                client.post("/start_weight_update")
-            count, sent = self._send_buckets(buckets, save_file)
-            for client in self.clients:
-                client.post("/finish_weight_update", {"weight_version": str(version)})
-        finally:
-            if pause:
-                for client in self.clients:
-                    client.post("/resume")
+                client.post("/resume")
         return {"sync_s": time.perf_counter() - start, "sync_bytes": float(sent), "sync_buckets": float(count)}
 
     def send_adapter(self, adapters: dict[str, torch.Tensor], version: int, spec, *, keep: int) -> dict:
@@ -166,7 +201,7 @@ class FileWeightSender:
         may still name those)."""
         from safetensors.torch import save_file
         start = time.perf_counter()
-        name = adapter_name(version)
+        name = adapter_name(version, self.run)
         directory = self.directory / name
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir()
@@ -181,7 +216,8 @@ class FileWeightSender:
                 client.post("/v1/unload_lora_adapter", {"lora_name": old})
             shutil.rmtree(self.directory / old, ignore_errors=True)
         sent = sum(t.numel() * t.element_size() for t in adapters.values())
-        return {"sync_s": time.perf_counter() - start, "sync_bytes": float(sent), "sync_buckets": 1.0}
+        return {"sync_s": time.perf_counter() - start, "sync_bytes": float(sent), "sync_buckets": 1.0,
+                "adapter": name}
 
     def _send_buckets(self, buckets, save_file) -> tuple[int, int]:
         sent, count = 0, 0
