@@ -33,9 +33,9 @@ VLLM_FAST = ["model.cp=2", "rollout.engine=vllm", "rollout.vllm.sync_bucket_mb=0
              "rollout.group_size=4", "rollout.max_new_tokens=12", "data.seq_len=256"]
 
 
-def export_tiny_llama(path: Path) -> Path:
+def export_tiny_llama(path: Path, seed: int = 1) -> Path:
     """A tiny Llama with TIED embeddings (as SmolLM2): a sync must reach lm_head too (vLLM's layerwise reload does
-    not keep the tie), which an untied model would not show."""
+    not keep the tie), which an untied model would not show. seed: its weights."""
     from transformers import AutoModelForCausalLM
 
     from models.tiny import tiny_config
@@ -43,7 +43,7 @@ def export_tiny_llama(path: Path) -> Path:
     tokenizer = load_tokenizer("builtin")
     config = tiny_config("llama", vocab_size=len(tokenizer))
     config.tie_word_embeddings = True
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -96,6 +96,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.lora_rank, self.keep_adapters = lora_rank, keep_adapters
         self.adapter: tuple[str, int] | None = None  # (name, version) of the newest adapter on the servers
         self.broken: str | None = None  # why the servers may not be sampled from (a failed sync)
+        self.base_synced = False  # LoRA: the frozen base goes to the servers once (whatever they were started on)
         self.stop_ids = stop_token_ids(tokenizer)
         self.server: VLLMServer | None = None
         self.sender: FileWeightSender | None = None
@@ -139,14 +140,22 @@ class VLLMRolloutEngine(RolloutEngine):
     def sync(self, policy: torch.nn.Module, version: int, *, in_flight: bool = False) -> dict:
         """in_flight: requests may be running (async GRPO): they are frozen for the transfer and continue on the
         new weights (vLLM's /pause?mode=keep ... /resume); their tokens' versions say which weights sampled them."""
+        bucket_bytes = int(self.vcfg.sync_bucket_mb * 2**20)
         try:
+            base = {}
+            if self.lora_rank is not None and not self.base_synced:  # once: the servers' base is the policy's
+                base = sync_policy(policy, self.sender, version, dtype=self.dtype, group=self.group,
+                                   bucket_bytes=bucket_bytes, merge_lora=False)
+                self.base_synced = True
             if self.lora_rank is not None:  # the adapters only, as a new adapter: requests in flight keep theirs
                 stats = sync_adapters(policy, self.sender, version, dtype=self.dtype, keep=self.keep_adapters,
                                       group=self.group)
                 self.adapter = (stats.pop("adapter"), version)  # one assignment: the producer thread reads both
+                for key in base.keys() & {"sync_s", "sync_bytes", "sync_buckets"}:
+                    stats[key] += base[key]
             else:
                 stats = sync_policy(policy, self.sender, version, dtype=self.dtype, group=self.group,
-                                    bucket_bytes=int(self.vcfg.sync_bucket_mb * 2**20), pause=in_flight)
+                                    bucket_bytes=bucket_bytes, pause=in_flight)
         except Exception as exc:  # the servers may hold part of the new weights: nothing more is sampled from them
             self.broken = str(exc)
             if self.server is not None:

@@ -41,17 +41,18 @@ def default_sync_dir() -> str:
 
 
 def gathered_buckets(policy: torch.nn.Module, *, bucket_bytes: int, dtype: torch.dtype,
-                     keep: bool) -> Iterator[dict[str, torch.Tensor]]:
+                     keep: bool, merge_lora: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """The policy's full state dict in buckets of about `bucket_bytes` (a collective: every rank iterates it in
     lock-step). keep=False (every rank but the sender): the tensors are gathered and dropped, buckets are empty.
     A tied weight (lm_head = embed_tokens) is gathered once and sent under each of its names: vLLM's layerwise
     reload does not keep the tie, so a name left out would keep its old values (measured: a stale lm_head).
-    LoRA: each adapted projection is sent merged under its HF name (W + scale B A, in fp32 before the cast)."""
+    LoRA: each adapted projection is sent merged under its HF name (W + scale B A, in fp32 before the cast), or with
+    merge_lora=False its frozen base alone (the base of a server that runs the adapters itself)."""
     params = policy.state_dict(keep_vars=True)
     names_of: dict[int, int] = {}
     for tensor in params.values():
         names_of[id(tensor)] = names_of.get(id(tensor), 0) + 1
-    merger = LoraMerger(lora_spec(policy))
+    merger = LoraMerger(lora_spec(policy), merge=merge_lora)
     bucket, size, gathered, tied = {}, 0, set(), {}
     for name, tensor in params.items():
         key = id(tensor)
@@ -81,10 +82,11 @@ def gathered_buckets(policy: torch.nn.Module, *, bucket_bytes: int, dtype: torch
 
 class LoraMerger:
     """Names and tensors in state-dict order -> (HF name, tensor) ready to send: without LoRA each one as it comes;
-    with LoRA a projection's base weight waits for its lora_A and lora_B (the next entries) and leaves merged."""
+    with LoRA a projection's base weight waits for its lora_A and lora_B (the next entries) and leaves merged (or,
+    merge=False, alone: the adapters are dropped)."""
 
-    def __init__(self, spec):
-        self.spec, self.pending = spec, {}
+    def __init__(self, spec, merge: bool = True):
+        self.spec, self.merge, self.pending = spec, merge, {}
 
     def add(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if self.spec is None:
@@ -107,6 +109,8 @@ class LoraMerger:
         if len(parts) < 3:
             return []
         del self.pending[module]
+        if not self.merge:
+            return [(f"{module}.weight", parts["W"])]
         return [(f"{module}.weight", merged_weight(parts["W"], parts["A"], parts["B"], self.spec.scale))]
 
 
@@ -240,11 +244,12 @@ class FileWeightSender:
 
 
 def sync_policy(policy: torch.nn.Module, sender: FileWeightSender | None, version: int, *, bucket_bytes: int,
-                dtype: torch.dtype, group=None, pause: bool = False) -> dict:
+                dtype: torch.dtype, group=None, pause: bool = False, merge_lora: bool = True) -> dict:
     """Every trainer rank: gather bucket by bucket; rank 0 (sender not None) sends. Then every rank learns the
     statistics (and any failure) of the sender, so a failed sync stops every rank with the same error."""
     stats, error = {}, None
-    buckets = gathered_buckets(policy, bucket_bytes=bucket_bytes, dtype=dtype, keep=sender is not None)
+    buckets = gathered_buckets(policy, bucket_bytes=bucket_bytes, dtype=dtype, keep=sender is not None,
+                               merge_lora=merge_lora)
     if sender is None:
         for _ in buckets:  # lock-step all-gathers
             pass
