@@ -1,6 +1,8 @@
 """The rollout engine interface (trainer/rl/rollout/base.py) and the hf engine's batched generation."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +223,33 @@ def test_a_sync_directory_too_small_is_refused_and_dead_runs_directories_are_rem
     sender = FileWeightSender([Client()], str(tmp_path), bucket_bytes=1)
     assert not stale.exists() and live.exists() and sender.directory.exists()
     sender.close()
+
+
+def test_the_owner_watchdog_kills_a_server_that_hangs_after_its_trainer_died(tmp_path):
+    """vllm_plugin's owner watchdog (loaded into the API server): the trainer (here an intermediate process) dies by
+    SIGKILL; a server that ignores SIGTERM and hangs (vLLM 0.32's uvicorn shutdown did) is killed with its process
+    group after the grace period."""
+    import subprocess
+    import sys
+
+    plugin = str(Path(__file__).resolve().parents[1] / "vllm_plugin")
+    hanging_server = ("import os, signal, sys, time; sys.path.insert(0, %r); "
+                      "import cptrain_vllm_plugin.owner_watch as w; w.GRACE_S, w.POLL_S = 0.5, 0.05; "
+                      "signal.signal(signal.SIGTERM, signal.SIG_IGN); w.watch_owner(); "
+                      "open(%r, 'w').write(str(os.getpid())); time.sleep(120)") % (plugin, str(tmp_path / "pid"))
+    trainer = ("import os, subprocess, sys, time; "
+               "env = {**os.environ, 'CPTRAIN_OWNER_PID': str(os.getpid())}; "
+               "subprocess.Popen([sys.executable, '-c', %r], env=env, start_new_session=True); "
+               "time.sleep(120)") % hanging_server
+    owner = subprocess.Popen([sys.executable, "-c", trainer])
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "pid").exists():
+        assert time.monotonic() < deadline and owner.poll() is None, "the stand-in server did not start"
+        time.sleep(0.05)
+    server = int((tmp_path / "pid").read_text())
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{server}").exists() and "Z" not in Path(f"/proc/{server}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the server outlived its trainer past the grace period"
+        time.sleep(0.05)

@@ -218,7 +218,8 @@ class VLLMServer:
             spec.port = free_port(spec.host)
         self.url = f"http://{spec.host}:{spec.port}"
         Path(spec.log_file).parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **spec.env}
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **spec.env,
+               "CPTRAIN_OWNER_PID": str(os.getpid())}  # the plugin's watchdog: the server dies with this process
         if spec.lora_rank is not None:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # /v1/load_lora_adapter, /v1/unload_lora_adapter
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
