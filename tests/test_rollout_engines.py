@@ -253,3 +253,36 @@ def test_the_owner_watchdog_kills_a_server_that_hangs_after_its_trainer_died(tmp
     while Path(f"/proc/{server}").exists() and "Z" not in Path(f"/proc/{server}/stat").read_text().split()[2]:
         assert time.monotonic() < deadline, "the server outlived its trainer past the grace period"
         time.sleep(0.05)
+
+
+def test_a_request_past_its_timeout_is_an_error_naming_the_key():
+    """A server that answers after the request timeout (a loopback stand-in that holds the reply: deterministic,
+    where a real server's generation time is not): the error names rollout.vllm.request_timeout_s, and a timed-out
+    request is not sent again (only failed connections are)."""
+    import http.server
+    import threading
+
+    from trainer.rl.rollout.vllm_client import VLLMClient, VLLMError
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        seen = 0
+
+        def do_POST(self):
+            Slow.seen += 1
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(1.0)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = VLLMClient(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=0.2)
+        with pytest.raises(VLLMError, match="did not answer within .*rollout.vllm.request_timeout_s"):
+            client.generate([5, 6, 7], {"n": 8, "max_tokens": 400})
+        assert Slow.seen == 1
+    finally:
+        server.shutdown()
