@@ -118,12 +118,20 @@ def test_vllm_completions_take_their_versions_from_spans_over_every_token():
     assert _completion(_choice([5, 6], []), end, adapter_version=7).version == 7  # LoRA: the adapter's version
 
 
+def _loopback_server(handler):
+    """A stand-in HTTP server on 127.0.0.1 (a free port) serving in a daemon thread; call .shutdown() after."""
+    import http.server
+    import threading
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def test_a_generate_request_whose_connection_fails_is_retried_then_named():
     """A loopback server that closes the first connections without an answer: the seeded request is sent again
     (the same tokens: idempotent) and succeeds; a server that never answers fails with the attempts counted."""
     import http.server
     import json
-    import threading
 
     from trainer.rl.rollout.vllm_client import GENERATE_RETRIES, VLLMClient, VLLMError
 
@@ -144,8 +152,7 @@ def test_a_generate_request_whose_connection_fails_is_retried_then_named():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _loopback_server(Flaky)
     try:
         client = VLLMClient(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=10)
         Flaky.drops = 1
@@ -260,7 +267,6 @@ def test_a_request_past_its_timeout_is_an_error_naming_the_key():
     where a real server's generation time is not): the error names rollout.vllm.request_timeout_s, and a timed-out
     request is not sent again (only failed connections are)."""
     import http.server
-    import threading
 
     from trainer.rl.rollout.vllm_client import VLLMClient, VLLMError
 
@@ -277,8 +283,7 @@ def test_a_request_past_its_timeout_is_an_error_naming_the_key():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _loopback_server(Slow)
     try:
         client = VLLMClient(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=0.2)
         with pytest.raises(VLLMError, match="did not answer within .*rollout.vllm.request_timeout_s"):
