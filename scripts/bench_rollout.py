@@ -67,7 +67,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     results["meta"] = {"command": command_line(__file__, argv), "date": now(), "machine": machine(),
                        "code_state": code_state(("trainer/rl/loop.py", "trainer/rl/rollout/vllm_engine.py",
-                                                 "trainer/rl/rollout/weight_sync.py"))}
+                                                 "trainer/rl/rollout/weights/sync.py",
+                                                 "trainer/rl/rollout/weights/file_transport.py"))}
     made = results.setdefault("made_by", {})  # part -> the command, date and commit that measured it
     for part in args.parts:
         log(f"{part}:")

@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from trainer.data.records import tool_use_sft_rows  # noqa: E402
 from trainer.rl.tasks import TASKS, make_examples, task_messages  # noqa: E402
 
 ASSETS = REPO / "trainer" / "data" / "assets"
@@ -158,6 +159,7 @@ def make_assets(out: Path) -> None:
     write_jsonl(sft, out / "sft_tasks.jsonl")
     write_jsonl(evals, out / "eval_tasks.jsonl")
     write_jsonl(small_arith_rows(SMALL_ARITH_SEED), out / "small_arith.jsonl")
+    write_jsonl(tool_use_sft_rows(), out / "tool_use_sft.jsonl")  # SFT on tool calls (trainer/data/records.py)
     # the tokenizer sees the chat text of all tasks, not only the mixture's sample
     extra = [row for task in TASKS for row in sft_rows(task, 200, GENERIC_SEED)]
     texts = chatml_texts(sft + extra) + generic_text(GENERIC_SENTENCES, GENERIC_SEED)

@@ -22,6 +22,8 @@ from trainer import config
     (["rollout.task=mixed", "rollout.eval_prompts=4"], r"rollout.eval_prompts=4 must be 0 .* or >= 5"),
     (["log_every=0"], r"log_every=0 must be >= 1"),
     (["checkpoint.keep_last=-1"], r"checkpoint.keep_last=-1 must be >= 0"),
+    (["model.lora.rank=4", "model.dtype=bfloat16", "checkpoint.export_hf=true", "checkpoint.export_merged=true"],
+     r"export_merged=true writes W \+ scale B A in bfloat16.*checkpoint.export_dtype=float32"),
     (["model.mixer_cp=scan"], r"model.mixer_cp='scan': choose ulysses or state"),
 ])
 def test_rl_refuses_keys_it_would_ignore(overrides, match):
@@ -31,17 +33,26 @@ def test_rl_refuses_keys_it_would_ignore(overrides, match):
 
 
 def test_an_owned_server_is_refused_where_ranks_cannot_reach_it_or_others_can(monkeypatch):
-    """Every rank gets the owned server's URL: a loopback one reaches only rank 0's node; any other address serves
-    the unauthenticated control plane beyond the host, so it needs an explicit opt-in."""
+    """The owned server listens on a private Unix socket: unreachable from other nodes (refused there unless TCP on
+    a routable address is acknowledged with expose_control_plane); host/port without that opt-in would be ignored
+    (refused); external servers may be TCP or Unix sockets."""
     vllm = RL_FAST + ["rollout.engine=vllm", "rollout.prompts_per_step=4"]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=r"unreachable from the other nodes.*rollout.vllm.urls.*rollout.vllm.host"):
+    with pytest.raises(ValueError, match=r"unreachable from the other nodes.*rollout.vllm.urls.*expose_control_plane"):
         config.validate_rl(compose_rl(vllm), 4)
     config.validate_rl(compose_rl(vllm), 2)  # one node
-    config.validate_rl(compose_rl(vllm + ["rollout.vllm.urls=[http://10.0.0.5:8000]"]), 4)  # the user's servers
-    with pytest.raises(ValueError, match="unauthenticated control plane.*rollout.vllm.expose_control_plane=true"):
-        config.validate_rl(compose_rl(vllm + ["rollout.vllm.host=0.0.0.0"]), 2)
-    exposed = vllm + ["rollout.vllm.host=10.0.0.1", "rollout.vllm.expose_control_plane=true"]
+    for urls in ("[http://10.0.0.5:8000]", "[unix:/run/vllm/a.sock]"):  # the user's servers
+        config.validate_rl(compose_rl(vllm + [f"rollout.vllm.urls={urls}"]), 4)
+    with pytest.raises(ValueError, match="neither http"):
+        config.validate_rl(compose_rl(vllm + ["rollout.vllm.urls=[ftp://a]"]), 2)
+    for key in ("rollout.vllm.host=0.0.0.0", "rollout.vllm.port=8000"):
+        with pytest.raises(ValueError, match="would be ignored.*Unix socket.*rollout.vllm.expose_control_plane=true"):
+            config.validate_rl(compose_rl(vllm + [key]), 2)
+    loopback_tcp = vllm + ["rollout.vllm.expose_control_plane=true"]
+    config.validate_rl(compose_rl(loopback_tcp), 2)
+    with pytest.raises(ValueError, match="unreachable from the other nodes"):
+        config.validate_rl(compose_rl(loopback_tcp), 4)
+    exposed = loopback_tcp + ["rollout.vllm.host=10.0.0.1"]
     config.validate_rl(compose_rl(exposed), 4)  # an address every node reaches, the exposure acknowledged
 
 

@@ -67,7 +67,7 @@ def _grpo_worker(rank, world, overrides):
 
     from trainer import config
     from trainer.engine import build_trainer
-    from trainer.rl.loop import grpo_backward, micro_batches
+    from trainer.rl.training import grpo_backward, micro_batches
     cfg = compose_rl(RL_FAST + overrides)
     trainer = build_trainer(cfg, validate=config.validate_rl)
     vocab = trainer.model.config.vocab_size
@@ -118,7 +118,7 @@ def _forward_twice_worker(rank, world):
     from trainer import config
     from trainer.engine import build_trainer
     from trainer.loss import shard_logprobs
-    from trainer.rl.loop import micro_batches
+    from trainer.rl.training import micro_batches
     cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", "data.micro_batch_size=1"])
     trainer = build_trainer(cfg, validate=config.validate_rl)
     (rows, dims), *_ = micro_batches(cfg, trainer, fixed_rollouts(len(trainer.tokenizer), seed=2), pad_id=0)
@@ -142,7 +142,7 @@ def _top_p_worker(rank, world, top_p):
     from trainer import config
     from trainer.engine import build_trainer
     from trainer.rl import grpo
-    from trainer.rl.loop import grpo_backward, micro_batches
+    from trainer.rl.training import grpo_backward, micro_batches
     from trainer.rl.prompts import make_prompts
     from trainer.rl.rollout.base import SamplingSettings
     from trainer.rl.rollout.hf import HFRolloutEngine

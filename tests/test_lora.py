@@ -115,7 +115,7 @@ def _grpo_worker(rank, world, overrides):
 
     from trainer import config
     from trainer.engine import build_trainer
-    from trainer.rl.loop import build_reference, grpo_backward, micro_batches
+    from trainer.rl.training import build_reference, grpo_backward, micro_batches
     cfg = compose_rl(RL_FAST + LORA + overrides)
     trainer = build_trainer(cfg, validate=config.validate_rl)
     _set_adapters(trainer.model)

@@ -177,3 +177,41 @@ def test_token_budget_plans_one_row_of_budget_x_cp(capsys):
     assert "token budget 512 per rank" in out
     assert "cp=1 -: refused at startup (data.max_tokens_per_rank=512 x cp=1 cannot hold" in out
     assert sum(line.startswith("| 2 ") for line in out.splitlines()) == len(plan.TECHNIQUES)
+
+
+def _measure_rl(rank: int, world: int, top_ps: tuple[float, ...], seq_len: int) -> list[float]:
+    """The peak of a GRPO log-prob step (the chunked head's log-probs and entropy, backward) per top_p."""
+    from trainer.loss import shard_logprobs
+    dims = cp.ParallelDims(world_size=world, cp=world)
+    dims.build()
+    model = models.apply_cp(build_model(model_config(**WORKLOAD), "sdpa", torch.device("cpu"), torch.float32), dims,
+                            attn="sdpa")
+    install_long_context(model, _keys("chunked"))
+    ids, labels, _ = lm_batch(seq_len, WORKLOAD["vocab"], seq_len, torch.device("cpu"))
+    peaks = []
+    for top_p in top_ps:
+        for measured in (False, True):  # a warm-up first: gradient buffers
+            gc.collect()
+            with PeakMemory(torch.device("cpu")) as peak:
+                logp, _ = shard_logprobs(model, cp.setup_cp_params(ids, dims, labels=labels), entropy=True,
+                                         top_p=top_p)
+                (-logp.sum()).backward()
+            model.zero_grad(set_to_none=False)
+        peaks.append(float(peak.bytes))
+    return peaks
+
+
+def test_the_planner_counts_the_nucleus_buffers_of_top_p():
+    """rollout.top_p < 1: the chunked head sorts and masks each [chunk, vocab] block (models/nucleus.py); the
+    prediction follows the measured peak at top_p = 1 and 0.8, within the tolerance."""
+    top_ps, seq_len = (1.0, 0.8), 1024
+    measured = run_distributed(_measure_rl, 1, top_ps, seq_len)[0]
+    with fake_world(1):
+        dims = cp.ParallelDims(world_size=1, cp=1)
+        dims.build()
+        predicted = [simulate_step(model_config(**WORKLOAD), dims, _keys("chunked"), seq_len=seq_len,
+                                   dtype=torch.float32, trainer="rl", top_p=top_p).peak for top_p in top_ps]
+    errors = [p / m - 1 for p, m in zip(predicted, measured)]
+    assert measured[1] > measured[0] * 1.1 and predicted[1] > predicted[0] * 1.1, (measured, predicted)
+    print(f"measured {measured}, predicted {predicted}, errors {errors}")
+    assert all(abs(e) <= TOLERANCE for e in errors), f"prediction errors {errors} (measured {measured})"

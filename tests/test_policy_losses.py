@@ -79,7 +79,7 @@ def test_grpo_entry_is_the_old_function():
 
 
 def test_loss_defaults_for_advantage_scaling_and_zero_advantage_groups():
-    from trainer.rl.loop import drop_zero_advantage_groups
+    from trainer.rl.training import drop_zero_advantage_groups
     cfg = loss_cfg()
     assert policy_losses.scale_advantages(cfg) and not policy_losses.skip_zero_advantage(cfg)
     cfg.loss.type = "dr_grpo"
@@ -106,7 +106,7 @@ def _loss_grad_worker(rank, world, overrides):
     import torch.distributed as dist
 
     from trainer.engine import build_trainer
-    from trainer.rl.loop import build_reference, grpo_backward, micro_batches
+    from trainer.rl.training import build_reference, grpo_backward, micro_batches
     cfg = compose_rl(RL_FAST + overrides)
     trainer = build_trainer(cfg, validate=config.validate_rl)
     vocab = len(trainer.tokenizer)

@@ -166,7 +166,8 @@ def _rollout_mismatch_worker(rank, world, engine_dtypes):
     from trainer.engine import build_trainer
     from trainer.rl.prompts import make_prompts
     from trainer.loss import token_logprobs
-    from trainer.rl.loop import gather_cp_group, generate_rollouts, micro_batches
+    from trainer.rl.rollouts import RolloutMaker
+    from trainer.rl.training import gather_cp_group, micro_batches
     from trainer.rl.rollout.hf import HFRolloutEngine
     from trainer.data.tokenizer import pad_token_id
     cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", "model.dtype=bfloat16",
@@ -179,7 +180,7 @@ def _rollout_mismatch_worker(rank, world, engine_dtypes):
         dtype = modeling.compute_dtype(cfg.model) if engine_dtype is None else modeling.DTYPES[engine_dtype]
         engine = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device, dtype=dtype)
         engine.sync(trainer.model, trainer.step)
-        rollouts, _ = generate_rollouts(cfg, trainer, engine, prompts, rewards)
+        rollouts, _ = RolloutMaker(cfg, trainer.tokenizer, rewards).generate(engine, prompts, trainer.step)
         diffs = []
         pad = pad_token_id(trainer.tokenizer)
         for rows, _ in micro_batches(cfg, trainer, gather_cp_group(rollouts, trainer), pad):

@@ -77,13 +77,36 @@ def fixed_rollouts(vocab: int, seed: int = 0, *, count: int = 6, prompt_lengths=
     return rollouts
 
 
-def _loss_grad_worker(rank, world, overrides):
+def multi_turn_rollouts(vocab: int, seed: int = 0, *, count: int = 6) -> list:
+    """`count` random multi-turn trajectories: a prompt, then 3 sampled turns with environment replies between them
+    (no loss: masked spans in the MIDDLE of each document), per-token versions, grouped by prompt."""
+    rng = random.Random(seed)
+    rollouts = []
+    for i in range(count):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(5, 20))]
+        ids, mask = [], []
+        for turn in range(3):
+            if turn:
+                reply = rng.randint(4, 25)
+                ids += [rng.randrange(vocab) for _ in range(reply)]
+                mask += [False] * reply
+            sampled = rng.randint(3, 18)
+            ids += [rng.randrange(vocab) for _ in range(sampled)]
+            mask += [True] * sampled
+        rollouts.append(grpo.Rollout(prompt, ids, [-rng.random() * 3 if m else 0.0 for m in mask], 0.0,
+                                     advantage=rng.uniform(-1, 1), loss_mask=mask,
+                                     token_versions=[0 if m else -1 for m in mask], group=i // 2))
+    return rollouts
+
+
+def _loss_grad_worker(rank, world, overrides, multi_turn=False):
     from trainer.engine import build_trainer
-    from trainer.rl.loop import grpo_backward, micro_batches
+    from trainer.rl.training import grpo_backward, micro_batches
     from trainer import config
     cfg = compose_rl(RL_FAST + overrides)
     trainer = build_trainer(cfg, validate=config.validate_rl)
-    batches = micro_batches(cfg, trainer, fixed_rollouts(len(trainer.tokenizer)), pad_id=0)
+    make = multi_turn_rollouts if multi_turn else fixed_rollouts
+    batches = micro_batches(cfg, trainer, make(len(trainer.tokenizer)), pad_id=0)
     stats = grpo_backward(cfg, trainer, batches)
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
              for n, p in trainer.model.named_parameters()}
@@ -100,11 +123,47 @@ def test_grpo_loss_and_gradient_at_cp2_equal_cp1(model, style, norm):
     ref_loss, ref_grads = run_distributed(_loss_grad_worker, 1, common + ["model.cp=1"])[0]
     loss, grads = run_distributed(_loss_grad_worker, 2, common + ["model.cp=2", f"model.cp_style={style}"])[0]
     # fp32: CP changes only summation order; a wrong normaliser or leaked document is O(1e-2) or more
+    _close(loss, grads, ref_loss, ref_grads)
+
+
+def _close(loss, grads, ref_loss, ref_grads) -> None:
     assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss)), (loss, ref_loss)
     for name, g in grads.items():
-        ref = ref_grads[name]
-        err = (g - ref).abs().max().item()
-        assert err <= 1e-5 * max(1.0, ref.abs().max().item()), f"{name}: grad max abs err {err:.3g}"
+        err = (g - ref_grads[name]).abs().max().item()
+        assert err <= 1e-5 * max(1.0, ref_grads[name].abs().max().item()), f"{name}: grad max abs err {err:.3g}"
+
+
+_MULTI_TURN_REFERENCE = {}
+
+
+@pytest.mark.parametrize("world,style,norm", [(2, "ulysses", "token"), (2, "ring", "sequence"),
+                                              (4, "ulysses", "sequence"), (4, "hybrid", "token")])
+def test_multi_turn_grpo_loss_and_gradient_under_cp_equal_cp1(world, style, norm):
+    """Trajectories with environment replies (masked spans mid-document) packed into rows whose documents cross the
+    CP shard boundaries: loss and every gradient at cp 2 / 4, ulysses / ring / hybrid equal cp=1 (fp32)."""
+    common = ["model.name=tiny:qwen3", f"loss.normalization={norm}", "loss.kl_coef=0.05", "data.micro_batch_size=1",
+              f"rollout.prompts_per_step={world}"]
+    if norm not in _MULTI_TURN_REFERENCE:
+        _MULTI_TURN_REFERENCE[norm] = run_distributed(_loss_grad_worker, 1, common + ["model.cp=1"], True)[0]
+    ref_loss, ref_grads = _MULTI_TURN_REFERENCE[norm]
+    extra = ["model.cp_ulysses=2"] if style == "hybrid" else []
+    loss, grads = run_distributed(_loss_grad_worker, world,
+                                  common + [f"model.cp={world}", f"model.cp_style={style}", *extra], True)[0]
+    _close(loss, grads, ref_loss, ref_grads)
+
+
+def test_environment_tokens_carry_no_loss():
+    """Packing a multi-turn trajectory: labels, old log-probs, weights and versions only where the token was
+    sampled; sequence normalisation counts sampled tokens only."""
+    [r] = multi_turn_rollouts(64, count=1)
+    (rows,) = grpo.pack_rollouts([r], seq_len=256, rows_per_batch=1, pad_id=0, sequence_norm=True)
+    p = len(r.prompt_ids)
+    for i, sampled in enumerate(r.loss_mask):
+        position = p - 1 + i
+        assert (rows.labels[0, position].item() != -100) == sampled
+        assert rows.weights[0, position].item() == (pytest.approx(1 / sum(r.loss_mask)) if sampled else 0.0)
+        assert rows.versions[0, position].item() == (0 if sampled else -1)
+    assert rows.seq_lengths.tolist() == [sum(r.loss_mask)]
 
 
 def _run_worker(rank, world, overrides):
@@ -123,6 +182,30 @@ def test_short_grpo_run_writes_metrics_and_samples(tmp_path):
     assert samples and {"prompt", "completion", "answer", "reward"} <= set(samples[0])
 
 
+def test_a_multi_turn_grpo_run_logs_its_episodes(tmp_path):
+    """rollout.env=guess_number on the hf engine at cp=2: episode metrics per step, and rollouts.jsonl holds each
+    logged episode as trained (ids, loss mask, log-probs and versions aligned; sampled tokens at the step's
+    version; environment tokens with none)."""
+    overrides = [f"output_dir={tmp_path}", "rollout.env=guess_number", "rollout.max_turns=3",
+                 "rollout.max_new_tokens=8", "rollout.eval_prompts=2", "rollout.log_episodes=3",
+                 "reward.functions=[format]", "reward.weights=[0.1]", "rollout.truncated=overlong_penalty"]
+    history = run_distributed(_run_worker, 2, overrides, timeout=600)[0]
+    for h in history:
+        for key in ("turns_mean", "env_token_frac", "truncated_frac", "episode_len_mean", "episode_len_max",
+                    "episodes_dropped", "reward_env_solved", "reward_env_efficiency", "reward_format"):
+            assert isinstance(h[key], (int, float)) and math.isfinite(h[key]), key
+        assert h["turns_mean"] >= 1 and h["episodes_dropped"] == 0
+    episodes = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in episodes] == [1, 1, 1, 2, 2, 2]
+    for e in episodes:
+        n = len(e["token_ids"])
+        assert n == len(e["loss_mask"]) == len(e["logprobs"]) == len(e["versions"]) and any(e["loss_mask"])
+        assert all(v == e["step"] - 1 for v, m in zip(e["versions"], e["loss_mask"]) if m)
+        assert all(v == -1 and lp == 0.0 for v, lp, m in zip(e["versions"], e["logprobs"], e["loss_mask"]) if not m)
+        assert e["messages"][0]["role"] == "system" and e["task"] == "guess_number"
+        assert set(e["reward_parts"]) == {"format", "env_solved", "env_efficiency"}
+
+
 def test_missing_sft_checkpoint_is_named():
     from trainer.rl.loop import check_init_model
     with pytest.raises(ValueError, match="run the SFT default first"):
@@ -134,7 +217,7 @@ def _direction_worker(rank, world):
     from trainer import config
     from trainer.engine import build_trainer, optimizer_step
     from trainer.loss import token_logprobs
-    from trainer.rl.loop import grpo_backward, micro_batches
+    from trainer.rl.training import grpo_backward, micro_batches
     import cp
     import torch.distributed as dist
     cfg = compose_rl(RL_FAST + ["model.name=tiny:qwen3", "model.cp=2", "optim.lr=1e-3", "optim.warmup_steps=0",

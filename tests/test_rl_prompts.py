@@ -168,7 +168,7 @@ def test_two_grpo_steps_on_the_math_prompts_at_cp2(tmp_path):
     ], timeout=600)[0]
     assert [h["step"] for h in history] == [1, 2]
     assert all(h[f"reward_{name}"] == 1.0 for h in history), "the id and answer columns reached the reward"
-    assert seen and all(columns == ["answer", "id"] for columns in seen)
+    assert seen and all(columns == ["answer", "id", "messages"] for columns in seen)  # messages: the episode's
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["reward_correctness"]) for h in history)
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     rows = (ASSETS_DIR / "math_word_problems.jsonl").read_text().splitlines()

@@ -171,7 +171,7 @@ def test_a_failed_sync_never_resumes_generation_on_partial_weights(tmp_path, mon
     weights) and the engine refuses to sample afterwards, naming the failed sync."""
     from trainer.rl.rollout import vllm_engine
     from trainer.rl.rollout.vllm_client import VLLMError
-    from trainer.rl.rollout.weight_sync import FileWeightSender
+    from trainer.rl.rollout.weights.file_transport import FileWeightSender
 
     class Client:
         def __init__(self):
@@ -197,6 +197,7 @@ def test_a_failed_sync_never_resumes_generation_on_partial_weights(tmp_path, mon
     monkeypatch.setattr(vllm_engine, "sync_policy", failing_sync)
     engine = vllm_engine.VLLMRolloutEngine.__new__(vllm_engine.VLLMRolloutEngine)
     engine.lora_rank, engine.sender, engine.server, engine.broken, engine.group = None, sender, None, None, None
+    engine.adapter_sender, engine.sync_dir, engine.clients = None, None, []
     engine.stop_ids, engine.rank = (2,), 0
     engine.vcfg, engine.dtype, engine.version = type("V", (), {"sync_bucket_mb": 1.0})(), torch.float32, 2
     with pytest.raises(RuntimeError, match="bucket 1"):
@@ -207,18 +208,18 @@ def test_a_failed_sync_never_resumes_generation_on_partial_weights(tmp_path, mon
 
 def test_a_sync_directory_too_small_is_refused_and_dead_runs_directories_are_removed(tmp_path):
     """The sync directory's free space is checked against one bucket at startup, naming the keys; the directories
-    of runs that died without cleaning up (SIGKILL) are removed by the next run, a live run's are kept."""
+    of runs that died without cleaning up (SIGKILL) are removed by the next run, a live run's are kept; the run's
+    own directory is private (0700)."""
     import subprocess
     import sys
 
-    from trainer.rl.rollout.weight_sync import FileWeightSender, process_identity
+    from trainer.rl.rollout import vllm_engine
+    from trainer.rl.rollout.weights.run_dirs import private_run_dir, process_identity
 
-    class Client:
-        def post(self, path, body=None):
-            return {}
-
+    engine = vllm_engine.VLLMRolloutEngine.__new__(vllm_engine.VLLMRolloutEngine)
+    engine.vcfg = type("V", (), {"sync_dir": str(tmp_path), "sync_bucket_mb": 2.0**42})()
     with pytest.raises(ValueError, match="rollout.vllm.sync_dir=.*rollout.vllm.sync_bucket_mb"):
-        FileWeightSender([Client()], str(tmp_path), bucket_bytes=2**62)
+        engine._open_transports()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     identity = process_identity(dead.pid)  # read while it runs (or exits: then None, which also stays dead)
     dead.wait()
@@ -227,9 +228,8 @@ def test_a_sync_directory_too_small_is_refused_and_dead_runs_directories_are_rem
     for directory in (stale, live):
         directory.mkdir()
         (directory / "bucket-0.safetensors").write_bytes(b"x")
-    sender = FileWeightSender([Client()], str(tmp_path), bucket_bytes=1)
-    assert not stale.exists() and live.exists() and sender.directory.exists()
-    sender.close()
+    own = private_run_dir(str(tmp_path), "weights")
+    assert not stale.exists() and live.exists() and own.stat().st_mode & 0o777 == 0o700
 
 
 def test_the_owner_watchdog_kills_a_server_that_hangs_after_its_trainer_died(tmp_path):

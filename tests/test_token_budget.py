@@ -240,7 +240,7 @@ def _grpo_grad_worker(rank, world, overrides):
 
     from trainer import config
     from trainer.engine import build_trainer
-    from trainer.rl.loop import gather_cp_group, grpo_backward, micro_batches, token_budget_micro_batches
+    from trainer.rl.training import gather_cp_group, grpo_backward, micro_batches, token_budget_micro_batches
 
     cfg = compose_rl(RL_FAST + overrides)
     trainer = build_trainer(cfg, validate=config.validate_rl)

@@ -6,6 +6,9 @@
                   greedy completions equal the trainer's plain copy at the same weights, its sampled log-probs
                   the trainer's CP forward within 1e-4 (fp32; different kernels), every token tagged with the version
     stale         a server whose weights carry another version: its rollouts are refused
+    security      the owned server listens on a Unix socket in a 0700 directory, no TCP port; another user cannot
+                  connect; the weight-transfer plugin reads only a private cptrain-weights-* directory's
+                  .safetensors files, and a sync passes through exactly that
     failures      taken port, missing model, a python without vLLM: startup errors naming the key (the request
                   timeout: tests/test_rollout_engines.py, a loopback stand-in); an owned server killed mid-run: the
                   trainer's next request fails with its exit code and log lines, no process of its group left
@@ -15,6 +18,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -46,7 +50,7 @@ def _sync_worker(rank, world, url, model_dir, extra=()):
     from trainer import config
     from trainer.engine import build_trainer
     from trainer.rl import grpo
-    from trainer.rl.loop import grpo_backward, micro_batches
+    from trainer.rl.training import grpo_backward, micro_batches
     from trainer.rl.prompts import make_prompts
     from trainer.rl.rollout.base import SamplingSettings, StaleRolloutError, check_versions
     from trainer.rl.rollout.hf import HFRolloutEngine
@@ -155,6 +159,151 @@ def test_a_prompt_seen_before_a_sync_is_not_continued_from_the_old_weights_kv(sh
     assert worst[1] < 1e-4 and worst[2] < 1e-4, worst  # fp32, different kernels
 
 
+def _listening_tcp_inodes() -> set[str]:
+    """The socket inodes of every listening TCP socket in this network namespace."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        inodes |= {row.split()[9] for row in rows if row.split()[3] == "0A"}  # st 0A: LISTEN
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The socket inodes a process holds open."""
+    links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    return {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
+
+
+def _connect_as(uid: int, path: str) -> int:
+    """errno of connecting to a Unix socket as another user (0: connected); forked, no exec."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to `uid`, try, report, exit without running any Python cleanup
+        code = 255
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+            code = 0
+        except OSError as exc:
+            code = exc.errno or 254
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    code = os.read(read, 1)[0]
+    os.close(read)
+    os.waitpid(pid, 0)
+    return code
+
+
+def test_the_owned_server_is_reachable_by_its_run_only(shared_vllm, tmp_path):
+    """vLLM's dev-mode control plane has no authentication: the server listens on a Unix socket in a 0700
+    directory and on no TCP port; another user is refused the path (root ignores modes: the test drops to uid
+    65534); the weight-transfer plugin reads only a private run directory's .safetensors files, and while each
+    bucket loads the run's sync directory is 0700 and holds that one .safetensors file, nothing else."""
+    from safetensors.torch import load_file
+
+    from trainer.rl.rollout.vllm_client import VLLMError
+    from trainer.rl.rollout.weights.file_transport import FileWeightSender
+    from trainer.rl.rollout.weights.run_dirs import private_run_dir
+
+    server, model = shared_vllm
+    path = server.url.removeprefix("unix:")
+    assert server.url.startswith("unix:") and Path(path).exists()
+    private = Path(path).parent.stat()
+    assert private.st_mode & 0o777 == 0o700 and private.st_uid == os.getuid()
+    # the HTTP API server (the control plane) listens on no TCP port (its engine core and worker hold loopback
+    # ports of vLLM's own torch.distributed / gloo setup, which serve no HTTP)
+    assert _socket_inodes(server.process.pid), "the server's sockets were not found"
+    assert not _socket_inodes(server.process.pid) & _listening_tcp_inodes(), "the API server listens on TCP"
+    if os.getuid() == 0:
+        assert _connect_as(65534, path) == errno.EACCES  # another user: no connection, so no request at all
+    client = server.client(timeout_s=60)
+    assert client.healthy()  # this run's user
+    shared = tmp_path / "cptrain-weights-shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    with pytest.raises(VLLMError, match="mode 0700"):
+        client.post("/init_weight_transfer_engine", {"init_info": {"directory": str(shared)}})
+    own = private_run_dir(str(tmp_path), "weights")
+    client.post("/init_weight_transfer_engine", {"init_info": {"directory": str(own)}})
+    (own / "bucket-0.bin").write_bytes(b"not a safetensors file")
+    (tmp_path / "bucket-1.safetensors").write_bytes(b"outside")
+    for file in (own / "bucket-0.bin", own / ".." / "bucket-1.safetensors"):
+        client.post("/start_weight_update")  # (vLLM ends an update whose bucket failed)
+        with pytest.raises(VLLMError, match="not a .safetensors file in the weight directory"):
+            client.post("/update_weights", {"update_info": {"file": str(file)}})
+    (own / "bucket-0.bin").unlink()
+    seen = []
+
+    class Watching:  # the directory as the server sees it at each bucket
+        def post(self, path, body=None):
+            if path == "/update_weights":
+                directory = Path(body["update_info"]["file"]).parent
+                seen.append((directory.stat().st_mode & 0o777, sorted(p.name for p in directory.iterdir())))
+            return client.post(path, body)
+
+    weights = load_file(str(model / "model.safetensors"))
+    sender = FileWeightSender([Watching()], own)
+    stats = sender.send(({name: tensor} for name, tensor in weights.items()), version=11)
+    assert len(seen) == stats["sync_buckets"] == len(weights) > 1
+    assert all(mode == 0o700 and names == [f"bucket-{i}.safetensors"] for i, (mode, names) in enumerate(seen)), seen
+    assert client.weight_version() == "11" and not list(sender.directory.iterdir())
+
+
+def _episodes_worker(rank, world, url, model_dir):
+    """Three-turn episodes on the vLLM engine: token exactness (tests/test_episodes.py), the engine's log-prob of
+    every sampled token against a plain forward over the whole trajectory (environment tokens included), and the
+    servers' prefix-cache hit rate (an episode's turns on one server reuse its earlier turns' KV)."""
+    import math
+
+    import torch.distributed as dist
+
+    from tests.test_episodes import Recorder, ThreeTurnEnv, _force_stop, _runner, _settings, assert_token_exact
+    from trainer import config
+    from trainer.engine import build_trainer
+    from trainer.rl.rollout.hf import HFRolloutEngine
+    from trainer.rl.rollout.vllm_engine import VLLMRolloutEngine
+    cfg = compose_rl(RL_FAST + VLLM_FAST + ["model.cp=1", f"model.name={model_dir}", f"rollout.vllm.urls=[{url}]"])
+    trainer = build_trainer(cfg, validate=config.validate_rl)
+    engine = VLLMRolloutEngine(cfg.rollout.vllm, model_path=model_dir, tokenizer=trainer.tokenizer,
+                               dtype=torch.float32, max_model_len=512, seed=0, log_dir=str(model_dir))
+    engine.sync(trainer.model, version=0)
+    engine.step_metrics()  # the counters so far
+    recorder = Recorder(_force_stop(engine, 6))
+    rows = [{"prompt": "Describe the weather. " * 12}, {"prompt": "Name three colours and say why. " * 9}]  # ~170 ids
+    episodes = _runner(ThreeTurnEnv).run(recorder, rows, _settings(n=2), routes=[0, 1])
+    assert_token_exact(episodes, recorder, n=2, turns=3, version=0)
+    plain = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device)
+    plain.sync(trainer.model, version=0)
+    worst = 0.0
+    for e in episodes:
+        ids = e.prompt_ids + e.ids
+        with torch.no_grad():
+            logits = plain.model(input_ids=torch.tensor([ids])).logits[0].float()  # [L, V]
+        logp = torch.log_softmax(logits, -1)
+        for i, (token, sampled, engine_logp) in enumerate(zip(e.ids, e.sampled, e.logprobs)):
+            if sampled and not math.isnan(engine_logp):  # NaN: the test's forced stop token
+                worst = max(worst, abs(float(logp[len(e.prompt_ids) + i - 1, token]) - engine_logp))
+    hit_rate = engine.step_metrics().get("prefix_cache_hit_rate", 0.0)
+    engine.close()
+    dist.destroy_process_group()
+    return worst, hit_rate
+
+
+def test_multi_turn_episodes_on_vllm_are_token_exact_and_reuse_the_prefix_cache(shared_vllm):
+    server, model = shared_vllm
+    worst, hit_rate = run_distributed(_episodes_worker, 1, server.url, str(model), timeout=600)[0]
+    assert worst < 1e-4, f"engine vs trainer log-prob on multi-turn trajectories: max abs diff {worst:.3g}"
+    assert hit_rate > 0.3, f"prefix-cache hit rate {hit_rate:.2f}: later turns did not reuse earlier turns' KV"
+
+
 def test_startup_failures_name_the_cause_and_the_key(tmp_path, vllm_server):
     tiny_dir = vllm_server[1]
     with socket.socket() as taken:
@@ -162,7 +311,7 @@ def test_startup_failures_name_the_cause_and_the_key(tmp_path, vllm_server):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ValueError, match="rollout.vllm.port"):
-            VLLMServer(server_spec(tiny_dir, tmp_path / "a.log", port=port)).start()
+            VLLMServer(server_spec(tiny_dir, tmp_path / "a.log", tcp=True, port=port)).start()
     start = time.monotonic()
     with pytest.raises(VLLMStartupError, match="model.name") as err:
         VLLMServer(server_spec(tmp_path / "no_such_model", tmp_path / "b.log")).start()

@@ -23,7 +23,7 @@ def _adapter_worker(rank, world, url, model_dir):
     from trainer import config
     from trainer.engine import build_trainer
     from trainer.rl import grpo
-    from trainer.rl.loop import grpo_backward, micro_batches
+    from trainer.rl.training import grpo_backward, micro_batches
     from trainer.rl.prompts import make_prompts
     from trainer.rl.rollout.base import SamplingSettings, check_versions
     from trainer.rl.rollout.hf import HFRolloutEngine
@@ -70,7 +70,8 @@ def test_adapter_sync_sends_only_the_adapters_and_samples_like_the_trainer(tmp_p
     from trainer.rl.rollout.vllm_server import VLLMServer
     model = export_tiny_llama(tmp_path / "tiny")
     other = export_tiny_llama(tmp_path / "other", seed=2)  # the server starts on ANOTHER base: the sync fixes it
-    server = VLLMServer(server_spec(other, tmp_path / "server.log", lora_rank=4, max_loras=2)).start()
+    # TCP on loopback (an external server given by http URL; the shared server is a private Unix socket)
+    server = VLLMServer(server_spec(other, tmp_path / "server.log", lora_rank=4, max_loras=2, tcp=True)).start()
     try:
         out = run_distributed(_adapter_worker, 2, server.url, str(model), timeout=900)[0]
     finally:

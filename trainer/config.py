@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import contextlib
 import os
 import re
@@ -109,6 +111,9 @@ class DataConfig:
     tokenizer: str = "auto"
     """auto (tiny:* models: builtin; any other model: the model's own tokenizer, from model.name) | builtin
     (bundled byte-level BPE) | HF id or local path. Checked against the model's embedding table at startup."""
+    chat_template: Optional[str] = None
+    """A Jinja file that replaces the tokenizer's chat template (SFT rows, RL prompts and episodes), e.g. one that
+    renders earlier turns unchanged, which multi-turn episodes need (null: the tokenizer's own)."""
     seq_len: int = 512
     """Tokens per packed row (documents packed, a pad document fills the rest)."""
     micro_batch_size: int = 1
@@ -167,7 +172,8 @@ class CheckpointConfig:
     """At the end, also write output_dir/hf: safetensors + config + tokenizer, loadable by from_pretrained."""
     export_merged: bool = False
     """With model.lora.rank: also write output_dir/hf with the adapters merged into full weights (the adapter
-    itself is always exported, to output_dir/adapter, when export_hf is on)."""
+    itself is always exported, to output_dir/adapter, when export_hf is on). Needs an fp32 export
+    (checkpoint.export_dtype=float32 unless model.dtype is float32): bf16 rounds a small update away."""
     export_dtype: Optional[str] = None
     """dtype of the HF export's weights: float32 | bfloat16 | float16 (null: model.dtype, the compute dtype).
     Checkpoints always hold the fp32 master weights."""
@@ -210,22 +216,25 @@ class VLLMConfig:
     """rollout.engine=vllm: where the vLLM servers come from and how weights reach them."""
 
     urls: list[str] = field(default_factory=list)
-    """Existing servers (http://host:port), started with the flags trainer/rl/rollout/vllm_server.py ServerSpec
-    lists; requests are spread over them (data-parallel inference). Empty: rank 0 starts and owns one server."""
+    """Existing servers (http://host:port, or unix:/path/to/socket for one started with --uds), started with the
+    flags trainer/rl/rollout/vllm_server.py ServerSpec lists; requests are spread over them (data-parallel
+    inference). Empty: rank 0 starts and owns one server."""
     python: Optional[str] = None
     """The python of the vLLM environment (null: $CPTRAIN_VLLM_PYTHON, else .venv-vllm from scripts/install_vllm.sh)."""
     model: Optional[str] = None
     """What the owned server loads at startup (null: model.name; a tiny:* model's initial weights are exported
     first). Only its architecture, config and tokenizer matter: the policy's weights are synced before step 1."""
-    host: str = "127.0.0.1"
-    """Interface the owned server binds. Its dev-mode control plane can replace the weights: an address other
-    than loopback needs rollout.vllm.expose_control_plane=true."""
     expose_control_plane: bool = False
-    """Acknowledge that an owned server on a non-loopback rollout.vllm.host lets anyone who reaches that address
-    replace the policy's weights, pause generation and read the sampled tokens (vLLM's dev-mode endpoints have no
-    authentication; --api-key guards only /v1/*). Needed to bind one."""
+    """false: the owned server listens only on a Unix socket in a directory private to this run (mode 0700): no
+    other user of the host and no other host can reach it. true: it listens on TCP rollout.vllm.host:port, and
+    anyone who reaches that address can replace the policy's weights, pause generation and read the sampled tokens
+    (vLLM's dev-mode endpoints have no authentication; --api-key guards only /v1/*); needed for ranks on other
+    nodes. Use it on a network (and a host) you trust."""
+    host: str = "127.0.0.1"
+    """Interface the owned server binds, with rollout.vllm.expose_control_plane=true only (loopback: every local
+    user reaches it; another address: every host that routes to it)."""
     port: int = 0
-    """Port of the owned server (0: a free one)."""
+    """TCP port of the owned server, with rollout.vllm.expose_control_plane=true only (0: a free one)."""
     gpu_memory_utilization: float = 0.15
     """vLLM's --gpu-memory-utilization: the share of the server's GPU memory for weights + KV cache (on a GPU
     ~0.85 of a GPU of its own); on CPU the share of host memory for the KV cache (0.15 fits 24 GB hosts)."""
@@ -266,6 +275,32 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling threshold. Below 1 every log-prob the loss compares (engine, policy, old, reference) is of
     the truncated, renormalised distribution the engine sampled from (models/nucleus.py), not the full softmax."""
+    env: str = "single_turn"
+    """The environment episodes run in (trainer/rl/envs): single_turn (one model turn per prompt, scored by
+    reward.functions: GRPO on prompts), a built-in (calculator: a calculate tool; guess_number: feedback over
+    turns; long_doc: long tool results), or an importable "pkg.mod:Class" with reset / step / reward
+    (trainer/rl/envs/base.py). Built-ins bring their own task rows (data.source=builtin)."""
+    env_args: dict = field(default_factory=dict)
+    """Keyword arguments of the environment's constructor (one instance per episode)."""
+    max_turns: int = 8
+    """Model turns per episode; an episode still going after them is truncated."""
+    max_episode_tokens: Optional[int] = None
+    """The prompt and every later token of an episode (the document the trainer packs; null: data.seq_len). A turn
+    or a reply that would pass it truncates the episode."""
+    truncated: str = "keep"
+    """What a truncated episode (max_new_tokens, max_turns or max_episode_tokens reached) trains on: keep (as it is,
+    its reward as scored), mask (no loss on its tokens; it still counts in its group's advantages) or
+    overlong_penalty (DAPO's soft overlong punishment: the reward falls linearly over the last
+    rollout.overlong_buffer tokens of the budget, -1 past it)."""
+    overlong_buffer: Optional[int] = None
+    """DAPO's L_cache for rollout.truncated=overlong_penalty (null: a quarter of the episode's budget after the
+    prompt)."""
+    max_failed_episodes: float = 0.25
+    """The share of a step's episodes whose environment may raise (each is dropped and counted) before the step
+    fails naming the environment and the task."""
+    log_episodes: int = 2
+    """Episodes per step written to output_dir/rollouts.jsonl (rank 0's first ones: messages, token ids, loss mask,
+    engine log-probs, versions, reward parts, turns, truncation); 0: none."""
     task: str = "arithmetic"
     """data.source=builtin only: the built-in task the prompts come from (trainer.rl.tasks.TASKS: add, sub, mul,
     reverse, sort, arithmetic, mixed)."""
@@ -402,9 +437,18 @@ def validate_common(cfg, world_size: int) -> None:
                                  "(same memory and speed, fp32's exponent range); checkpoint.export_dtype=float16 "
                                  "still exports fp16 weights")
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: choose one of {DTYPES}")
+    template = cfg.data.chat_template
+    _check(template is None or os.path.isfile(template), f"data.chat_template={template} is not a file (a Jinja chat "
+                                                         "template)")
     export = cfg.checkpoint.export_dtype
     _check(export is None or export in EXPORT_DTYPES,
            f"checkpoint.export_dtype={export!r}: choose one of {EXPORT_DTYPES} or null (= model.dtype)")
+    merged_dtype = export or m.dtype
+    _check(not (cfg.checkpoint.export_hf and cfg.checkpoint.export_merged and m.lora.rank is not None)
+           or merged_dtype == "float32",
+           f"checkpoint.export_merged=true writes W + scale B A in {merged_dtype}: rounded into that dtype, most of a "
+           "small adapter update is lost (the export would not be the trained policy). Set "
+           "checkpoint.export_dtype=float32, or use the adapter export (output_dir/adapter, always written)")
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
     _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose one of {SCHEDULES}")
     _check(o.warmup_steps >= 0 and o.grad_accum >= 1, "optim.warmup_steps must be >= 0 and optim.grad_accum >= 1")
@@ -470,6 +514,11 @@ def _validate_builtin_prompts(cfg) -> None:
                                    "rollout.task prompts): remove it, or set data.source to a prompt dataset")
     _check(r.system_prompt is None, "rollout.system_prompt is only used with a user prompt dataset (data.source): "
                                     "the built-in tasks use trainer.rl.tasks.SYSTEM_PROMPT; remove it")
+    from trainer.rl.envs import resolve_env
+    if hasattr(resolve_env(r.env), "make_rows"):  # a built-in environment brings its own task rows
+        _check(r.task == RolloutConfig.task, f"rollout.task={r.task} is not used with rollout.env={r.env}, which makes "
+                                             "its own task rows: remove it")
+        return
     from trainer.rl.tasks import TASKS, task_components
     _check(r.task in TASKS, f"rollout.task={r.task!r}: choose one of {', '.join(TASKS)}")
     parts = task_components(r.task)
@@ -488,6 +537,7 @@ def validate_rl(cfg, world_size: int) -> None:
     _check(r.max_new_tokens >= 1 and r.temperature > 0 and 0 < r.top_p <= 1,
            "rollout.max_new_tokens >= 1, rollout.temperature > 0 and 0 < rollout.top_p <= 1 are required")
     _check(l.normalization in ("token", "sequence"), f"loss.normalization={l.normalization!r}: token or sequence")
+    validate_episodes(cfg)
     from trainer.rl.policy_losses import POLICY_LOSSES
     _check(l.type in POLICY_LOSSES, f"loss.type={l.type!r}: choose one of {', '.join(POLICY_LOSSES)}")
     _check(l.type == "grpo" or l.normalization == "token",
@@ -517,6 +567,27 @@ def validate_rl(cfg, world_size: int) -> None:
 
 def is_loopback(host: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def validate_episodes(cfg) -> None:
+    """rollout.env and the episode keys."""
+    from trainer.rl.envs import resolve_env
+    from trainer.rl.rollouts import TRUNCATION_POLICIES
+    r = cfg.rollout
+    resolve_env(r.env)  # ValueError naming rollout.env
+    _check(r.max_turns >= 1, f"rollout.max_turns={r.max_turns} must be >= 1")
+    _check(r.max_episode_tokens is None or r.max_episode_tokens <= cfg.data.seq_len or cfg.data.max_tokens_per_rank,
+           f"rollout.max_episode_tokens={r.max_episode_tokens} is longer than a packed row (data.seq_len="
+           f"{cfg.data.seq_len}): raise data.seq_len, or plan long episodes with data.max_tokens_per_rank (a document "
+           "longer than a rank's share is split over the CP group)")
+    _check(r.truncated in TRUNCATION_POLICIES,
+           f"rollout.truncated={r.truncated!r}: choose one of {', '.join(TRUNCATION_POLICIES)}")
+    _check(r.overlong_buffer is None or (r.truncated == "overlong_penalty" and r.overlong_buffer >= 1),
+           f"rollout.overlong_buffer={r.overlong_buffer} is used only with rollout.truncated=overlong_penalty, and "
+           "must be >= 1")
+    _check(0 <= r.max_failed_episodes < 1, f"rollout.max_failed_episodes={r.max_failed_episodes} must be in [0, 1)")
+    _check(r.log_episodes >= 0, f"rollout.log_episodes={r.log_episodes} must be >= 0")
+    _check(isinstance(r.env_args, Mapping), "rollout.env_args must be a mapping of keyword arguments")
 
 
 def validate_rollout_engine(cfg, world_size: int) -> None:
@@ -556,14 +627,19 @@ def validate_rollout_engine(cfg, world_size: int) -> None:
            f"{cfg.model.dtype} base loses most of an early adapter update, so vLLM would sample from another policy "
            "than the trainer's: use rollout.vllm.lora_sync=adapter (the adapters unmerged, as the trainer runs them)")
     for url in v.urls:
-        _check(re.match(r"^https?://[^/]+(:\d+)?/?$", url) is not None,
-               f"rollout.vllm.urls: {url!r} is not http(s)://host:port")
-    _check(bool(v.urls) or is_loopback(v.host) or v.expose_control_plane,
-           f"rollout.vllm.host={v.host} would serve the owned server's unauthenticated control plane (weight "
-           "updates, pause, the generations) to every host that reaches that address: keep the default 127.0.0.1, "
-           "or set rollout.vllm.expose_control_plane=true on a network you trust")
+        _check(re.match(r"^(https?://[^/]+(:\d+)?/?|unix:/.+)$", url) is not None,
+               f"rollout.vllm.urls: {url!r} is neither http(s)://host:port nor unix:/path/to/socket")
+    if v.urls:
+        return
+    _check(v.expose_control_plane or (v.host == "127.0.0.1" and v.port == 0),
+           f"rollout.vllm.host={v.host} / port={v.port} would be ignored: the owned server listens on a Unix socket "
+           "in a directory private to the run (its unauthenticated control plane reachable by this run only); set "
+           "rollout.vllm.expose_control_plane=true to serve TCP on host:port instead, on a network you trust")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    _check(bool(v.urls) or local_world >= world_size or not is_loopback(v.host),
-           f"an owned vLLM server on rollout.vllm.host={v.host} (loopback) is unreachable from the other nodes' ranks "
-           f"(LOCAL_WORLD_SIZE={local_world} of WORLD_SIZE={world_size}): start servers yourself and list them in "
-           "rollout.vllm.urls, or set rollout.vllm.host to an address of rank 0's node that every node reaches")
+    if local_world < world_size:
+        _check(v.expose_control_plane and not is_loopback(v.host),
+               f"an owned vLLM server is unreachable from the other nodes' ranks (LOCAL_WORLD_SIZE={local_world} of "
+               f"WORLD_SIZE={world_size}): it listens on a Unix socket on rank 0's node (or on loopback "
+               f"rollout.vllm.host={v.host}). Start servers yourself and list them in rollout.vllm.urls, or set "
+               "rollout.vllm.expose_control_plane=true with rollout.vllm.host an address of rank 0's node that every "
+               "node reaches")

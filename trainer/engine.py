@@ -65,6 +65,8 @@ def build_trainer(cfg: DictConfig, *, validate: Callable[[DictConfig, int], None
     runtime.seed_everything(cfg.seed)
     tokenizer_name = resolve_tokenizer_name(cfg.data.tokenizer, cfg.model.name)
     tokenizer = load_tokenizer(tokenizer_name)
+    if cfg.data.chat_template:
+        tokenizer.chat_template = Path(cfg.data.chat_template).read_text()
     model = modeling.build_model(cfg.model, len(tokenizer), seed=cfg.seed)
     check_tokenizer_fits_model(tokenizer, model, tokenizer_name=tokenizer_name, model_name=cfg.model.name)
     cp.assert_cp_style_supports_model(cfg.model.cp_style, model)

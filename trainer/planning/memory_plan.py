@@ -224,7 +224,7 @@ def plan(cfg, *, world: int, trainer: str = "sft", techniques=None, all_styles: 
                     # the largest micro-batch: fixed rows, or one row filling the budget on every rank of the group
                     seq_len, rows = ((budget * cp_size, 1) if budget else (cfg.data.seq_len, cfg.data.micro_batch_size))
                     step = simulate_step(model_config, dims, keys, seq_len=seq_len, rows=rows, dtype=dtype,
-                                         trainer=trainer)
+                                         trainer=trainer, top_p=cfg.rollout.top_p if trainer == "rl" else 1.0)
                     estimates.append(Estimate(replace(probe, technique=name), **state, activations=step.activations,
                                               attention=step.attention, logits=step.logits))
     return estimates, refusals

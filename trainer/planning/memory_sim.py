@@ -340,12 +340,13 @@ def _drop_parameter_gradients(model: torch.nn.Module) -> list:
 
 
 def simulate_step(model_config, dims: cp.ParallelDims, mcfg, *, seq_len: int, dtype: torch.dtype, rows: int = 1,
-                  trainer: str = "sft", mixers: str = "fused") -> StepMemory:
+                  trainer: str = "sft", mixers: str = "fused", top_p: float = 1.0) -> StepMemory:
     """Peak activation memory of one micro-batch of `rows` sequences of `seq_len` tokens (one document per row,
     every token a loss token; S / cp of each on this rank) on rank 0 of `dims` (built in a fake_world), with the
     techniques of `mcfg` (model.* keys: chunked_head, head_chunk_tokens, tiled_mlp, mlp_tile_tokens,
     activation_checkpointing, activation_offload, mixer_cp).
-    trainer: "sft" (token cross-entropy) | "rl" (GRPO: log-probs and entropy of the policy).
+    trainer: "sft" (token cross-entropy) | "rl" (GRPO: log-probs and entropy of the policy; top_p < 1: of the
+    nucleus, whose sort and mask add [chunk, vocab] buffers to each head chunk).
     mixers: "fused" (DeltaNet / Mamba2 as their fused GPU kernels allocate: what a GPU run holds; fast) |
     "twin" (the CPU twins of models/mixers/varlen_scans.py, op by op: what a CPU run holds; slow at long S)."""
     from trainer.modeling import install_long_context
@@ -362,7 +363,7 @@ def simulate_step(model_config, dims: cp.ParallelDims, mcfg, *, seq_len: int, dt
     try:
         with _simulated(memory, mixers):
             if trainer == "rl":
-                logp, _ = shard_logprobs(model, batch, entropy=True, chunk_tokens=mcfg.head_chunk_tokens)
+                logp, _ = shard_logprobs(model, batch, entropy=True, chunk_tokens=mcfg.head_chunk_tokens, top_p=top_p)
                 (-logp.sum()).backward()
             else:
                 shard_loss_sum(model, batch, chunk_tokens=mcfg.head_chunk_tokens).backward()

@@ -138,9 +138,9 @@ class RolloutProducer:
 def split_stale(rollouts: list, group_size: int, *, trains_at: int, k: int) -> tuple[list, int]:
     """(rollouts to train on, rollouts dropped): a group is dropped whole when one of its rollouts is older than
     k versions of the policy it trains at (group advantages need the whole group)."""
+    from trainer.rl.rollouts import prompt_groups
     kept, dropped = [], 0
-    for start in range(0, len(rollouts), group_size):
-        group = rollouts[start:start + group_size]
+    for group in prompt_groups(rollouts, group_size):
         if max(trains_at - r.version for r in group) > k:
             dropped += len(group)
         else:

@@ -1,8 +1,10 @@
 """GRPO pieces as pure functions: group advantages, the clipped per-token objective, packing rollouts.
 
-    rollouts (prompt ids, completion ids, old log-probs, reward) per sample, G samples per prompt
+    rollouts (prompt ids, completion ids, old log-probs, reward) per sample, G samples per prompt; a multi-turn
+    episode's completion is every token after the prompt (its sampled turns and the environment's replies), with
+    loss_mask True on the sampled tokens only
       ─ group_advantages ─> A_i = (r_i - mean_group) [/ std_group]
-      ─ pack_rollouts ─> rows [B, S]: input_ids, labels (completion tokens only, shifted),
+      ─ pack_rollouts ─> rows [B, S]: input_ids, labels (sampled completion tokens only, shifted),
                           old_logp, advantages, weights (token: 1, sequence: 1 / completion length)
                           (trainer/data/packing.py next_fit_rows + assemble_row: the SFT loader's packing)
       ─ cp.setup_cp_params + cp.shard ─> this rank's shard
@@ -44,14 +46,25 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
 
 @dataclass
 class Rollout:
-    """One sampled completion of one prompt."""
+    """One episode of one prompt: the prompt ids, then every later token (single-turn: the sampled completion;
+    multi-turn: sampled turns and environment replies, loss_mask telling which were sampled)."""
 
     prompt_ids: list[int]
     completion_ids: list[int]
-    old_logp: list[float]  # the sampling engine's log-prob of each completion token
+    old_logp: list[float]  # the sampling engine's log-prob of each completion token (0.0 where not sampled)
     reward: float
     advantage: float = 0.0
     version: int = 0  # the weight version that sampled its first token (trainer.rl.rollout.base.check_versions)
+    loss_mask: list[bool] | None = None  # per completion token: sampled (trained) or not; None: all sampled
+    token_versions: list[int] | None = None  # per completion token: the version that sampled it (None: `version`)
+    group: int = -1  # the prompt's index in the step: advantages compare a group (-1: consecutive group_size)
+
+    def sampled(self) -> list[bool]:
+        return self.loss_mask if self.loss_mask is not None else [True] * len(self.completion_ids)
+
+    @property
+    def sampled_count(self) -> int:
+        return sum(self.sampled())
 
 
 @dataclass
@@ -70,18 +83,21 @@ class RolloutRows:
 
 
 def _rollout_columns(r: Rollout, seq_id: int, sequence_norm: bool) -> dict[str, list]:
-    """One prompt+completion document as assemble_row columns: labels, old log-probs, advantages, weights
-    and seq_ids only at the positions that predict a completion token."""
+    """One prompt+completion document as assemble_row columns: labels, old log-probs, advantages, weights, seq_ids
+    and versions only at the positions that predict a SAMPLED completion token (environment tokens: context only)."""
     n, p = len(r.prompt_ids) + len(r.completion_ids), len(r.prompt_ids)
     labels, old, adv, weight, seq_ids = [IGNORE_INDEX] * n, [0.0] * n, [0.0] * n, [0.0] * n, [-1] * n
     versions = [-1] * n
+    sampled, count = r.sampled(), max(r.sampled_count, 1)
     for i, token in enumerate(r.completion_ids):  # position p-1+i predicts completion token i
+        if not sampled[i]:
+            continue
         labels[p - 1 + i] = token
         old[p - 1 + i] = r.old_logp[i]
         adv[p - 1 + i] = r.advantage
-        weight[p - 1 + i] = 1.0 / len(r.completion_ids) if sequence_norm else 1.0
+        weight[p - 1 + i] = 1.0 / count if sequence_norm else 1.0
         seq_ids[p - 1 + i] = seq_id
-        versions[p - 1 + i] = r.version
+        versions[p - 1 + i] = r.token_versions[i] if r.token_versions is not None else r.version
     return {"input_ids": r.prompt_ids + r.completion_ids, "labels": labels, "old_logp": old, "advantages": adv,
             "weights": weight, "seq_ids": seq_ids, "versions": versions}
 
@@ -102,7 +118,7 @@ def pack_rollouts(rollouts: list[Rollout], *, seq_len: int, rows_per_batch: int,
                                seq_len, pad) for docs, first in zip(chunk, firsts)]
         columns = {name: torch.tensor([row[name] for row, _ in packed]) for name in pad}  # RolloutRows fields
         batches.append(RolloutRows(**columns, seq_lens=[seq_lens for _, seq_lens in packed],
-                                   seq_lengths=torch.tensor([len(r.completion_ids) for docs in chunk for r in docs])))
+                                   seq_lengths=torch.tensor([r.sampled_count for docs in chunk for r in docs])))
     return batches
 
 

@@ -38,11 +38,17 @@ class Prompt:
     input_ids: list[int]
     task: str = ""
     columns: dict | None = field(default=None, compare=False)  # a user dataset's other columns (None: builtin)
+    messages: tuple = field(default=(), compare=False)  # the chat messages input_ids render (() for env rows)
 
     def reward_columns(self) -> dict:
         """What rewards get as keyword columns: built-in tasks {answer, task}; a user dataset, its row's
         columns other than prompt / messages."""
         return {"answer": self.answer, "task": self.task} if self.columns is None else dict(self.columns)
+
+    def env_row(self) -> dict:
+        """What an environment gets as `row`: the prompt text, the reward columns and the prompt's chat
+        messages (`prompt_messages`: what single-turn GRPO sends)."""
+        return {"prompt": self.prompt, **self.reward_columns(), "prompt_messages": [dict(m) for m in self.messages]}
 
 
 def encode_prompt(tokenizer, prompt: str, *, system_prompt: str | None = SYSTEM_PROMPT) -> list[int]:
@@ -50,10 +56,24 @@ def encode_prompt(tokenizer, prompt: str, *, system_prompt: str | None = SYSTEM_
     return template_ids(tokenizer, task_messages(prompt, system_prompt=system_prompt), add_generation_prompt=True)
 
 
+def task_prompt(tokenizer, example: dict, system_prompt: str | None) -> Prompt:
+    """A built-in task example -> its Prompt ([system], user prompt; the generation prompt)."""
+    messages = task_messages(example["prompt"], system_prompt=system_prompt)
+    return Prompt(prompt=example["prompt"], answer=example["answer"], task=example["task"],
+                  input_ids=template_ids(tokenizer, messages, add_generation_prompt=True), messages=tuple(messages))
+
+
 def _to_prompts(examples: Sequence[dict], tokenizer, system_prompt: str | None) -> list[Prompt]:
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None)
-    return [Prompt(prompt=ex["prompt"], answer=ex["answer"], task=ex["task"],
-                   input_ids=encode_prompt(tokenizer, ex["prompt"], system_prompt=system_prompt)) for ex in examples]
+    return [task_prompt(tokenizer, ex, system_prompt) for ex in examples]
+
+
+def env_prompts(rows: Sequence[dict]) -> list[Prompt]:
+    """A built-in environment's own rows (make_rows) -> Prompts without ids: the environment's reset gives the
+    messages of each episode."""
+    return [Prompt(prompt=str(row["prompt"]), answer=str(row.get("answer", "")), input_ids=[],
+                   task=str(row.get("task", "")), columns={k: v for k, v in row.items() if k != "prompt"})
+            for row in rows]
 
 
 def make_prompts(task: str, n: int, seed: int, tokenizer=None, *, exclude_prompts: Collection[str] = (),
@@ -95,8 +115,7 @@ def load_eval_prompts(tokenizer=None, *, tasks: Sequence[str] | None = None, lim
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None)
     rows = [r for r in read_builtin("eval") if tasks is None or r["task"] in tasks]
     rows = rows if limit is None else rows[:limit]
-    return [Prompt(prompt=r["prompt"], answer=r["answer"], task=r["task"],
-                   input_ids=encode_prompt(tokenizer, r["prompt"], system_prompt=system_prompt)) for r in rows]
+    return [task_prompt(tokenizer, r, system_prompt) for r in rows]
 
 
 def rows_to_prompts(rows: Sequence[dict], tokenizer, *, source: str = "data",
@@ -112,8 +131,9 @@ def rows_to_prompts(rows: Sequence[dict], tokenizer, *, source: str = "data",
         columns = {k: v for k, v in row.items() if k not in _PROMPT_COLUMNS}
         answer = columns.get("answer")
         prompts.append(Prompt(prompt=messages[-1]["content"], answer="" if answer is None else str(answer),
-                              input_ids=template_ids(tokenizer, messages, add_generation_prompt=True),
-                              task=str(columns.get("task", "")), columns=columns))
+                              input_ids=template_ids(tokenizer, messages, add_generation_prompt=True,
+                                                     tools=row.get("tools")),
+                              task=str(columns.get("task", "")), columns=columns, messages=tuple(messages)))
     return prompts
 
 

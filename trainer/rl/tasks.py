@@ -17,7 +17,9 @@
                                    per-sample (prompt, completion, answer) one is adapted (columns["answer"])
       open_answers (data.source is a user dataset): correctness / similarity read extract_final_answer:
                                    <answer>..</answer>, \\boxed{..}, "The answer is N", else the last number;
-                                   built-in tasks keep the strict <answer> tag (what their SFT data teaches)
+                                   answers_match compares it with math-verify (trainer.rl.math_answers: 0.5 ==
+                                   \\frac{1}{2}, 1,000 == 1000; word answers as text); built-in tasks keep the
+                                   strict <answer> tag and exact match (what their SFT data teaches)
 
 The model must answer in ANSWER_FORMAT ("<answer>81</answer>"); a short working line before the
 tag is allowed. Rewards are plain functions; `resolve_reward` turns a config string (a built-in
@@ -32,6 +34,8 @@ import random
 import re
 import string
 from collections.abc import Callable, Collection, Sequence
+
+from trainer.rl.math_answers import answers_equivalent
 
 Reward = Callable[[str, str, str], float]  # (prompt, completion, answer) -> reward
 BatchedReward = Callable[..., list]  # (prompts, completions, **columns) -> [reward per completion]
@@ -269,6 +273,8 @@ REWARDS: dict[str, Reward] = {"correctness": correctness_reward, "similarity": s
 
 _BOXED = "\\boxed{"
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+# "The answer is $\\frac{1}{2}$" / "\\(x+1\\)": math in delimiters (a price like "$5 and ... $3" is not: see _is_math)
+_ANSWER_IS_LATEX = re.compile(r"answer\s*(?:is|:)\s*:?\s*(?:\$\$?([^$]{1,200}?)\$|\\\((.{1,200}?)\\\))", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
@@ -285,25 +291,25 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+def _is_math(span: str) -> bool:
+    """A $..$ span after "answer is" that is math: one token ("7", "x+y") or LaTeX / an equation."""
+    return not re.search(r"\s", span.strip()) or re.search(r"[\\^{}=/]", span) is not None
+
+
 def extract_final_answer(completion: str) -> str | None:
     """The final answer in the usual conventions, first that applies: the last <answer>...</answer>,
-    the last \\boxed{...}, the last "The answer is N" / "answer: N", else the last number; None if none."""
+    the last \\boxed{...}, the last "The answer is N" / "answer: N" (N a number, or math in $..$ / \\(..\\)),
+    else the last number; None if none."""
     for found in (extract_answer(completion), _last_boxed(completion)):
         if found:
             return found
-    stated = _ANSWER_IS.findall(completion)
+    stated = [(m.start(), (m.group(1) or m.group(2)).strip()) for m in _ANSWER_IS_LATEX.finditer(completion)
+              if _is_math(m.group(1) or m.group(2))]  # first: at the same place, "$2\\pi$" beats the number 2
+    stated += [(m.start(), m.group(1)) for m in _ANSWER_IS.finditer(completion)]
     if stated:
-        return stated[-1]
+        return max(stated, key=lambda found: found[0])[1]
     numbers = _NUMBER.findall(completion)
     return numbers[-1] if numbers else None
-
-
-def _as_number(text: str) -> float | None:
-    cleaned = text.strip().strip("$").rstrip(".").replace(",", "").strip()
-    try:
-        return float(cleaned)
-    except ValueError:
-        return None
 
 
 def reference_answer(answer: str) -> str:
@@ -312,18 +318,10 @@ def reference_answer(answer: str) -> str:
 
 
 def answers_match(extracted: str | None, answer: str) -> bool:
-    """Equal as numbers (1,234 == 1234.0; a number inside a tagged or boxed answer counts), else as
-    case-insensitive text."""
-    if extracted is None:
-        return False
-    target = reference_answer(answer)
-    target_number = _as_number(target)
-    if target_number is not None:
-        numbers = _NUMBER.findall(extracted)
-        value = _as_number(extracted) if _as_number(extracted) is not None else \
-            (_as_number(numbers[-1]) if numbers else None)
-        return value is not None and abs(value - target_number) <= 1e-9 * max(1.0, abs(target_number))
-    return extracted.strip().lower() == target.lower()
+    """The extracted final answer equals the dataset's answer: as math with math-verify (1,234 == 1234.0,
+    \\frac{1}{2} == 0.5, x = 5 == 5, "12 apples" == 12), or as case-insensitive text for a word answer
+    ("Paris") or one math-verify cannot parse (trainer.rl.math_answers.answers_equivalent)."""
+    return answers_equivalent(extracted, reference_answer(answer))
 
 
 def open_correctness_reward(prompt: str, completion: str, answer: str) -> float:
@@ -332,7 +330,7 @@ def open_correctness_reward(prompt: str, completion: str, answer: str) -> float:
 
 
 def open_similarity_reward(prompt: str, completion: str, answer: str) -> float:
-    """`similarity` on user datasets: edit-distance credit on extract_final_answer (1.0 when it matches)."""
+    """`similarity` on user datasets: edit-distance credit on extract_final_answer (1.0 when answers_match)."""
     extracted = extract_final_answer(completion)
     if extracted is None:
         return 0.0

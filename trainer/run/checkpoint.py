@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from models.adapters.lora import adapter_weights, hf_state_dict, lora_spec
 from models.apply import plain_model
 from trainer.run.runtime import fsync_dir, write_atomic
+from trainer.run.rank_zero import rank_zero_outcome
 
 COMPLETE = "complete.json"
 CONFIG = "config.json"
@@ -111,7 +112,7 @@ def _clear_previous_run(output_dir: str) -> None:
     out = Path(output_dir)
     for name in ("checkpoints", "hf"):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl", "rollouts.jsonl"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -122,33 +123,29 @@ def _clear_staging(output_dir: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _decide_start(cfg) -> tuple[str | None, str | None]:
-    """(checkpoint directory to resume from or None, error message or None), on rank 0."""
+def _decide_start(cfg) -> str | None:
+    """Rank 0: the checkpoint directory to resume from (None: a fresh start); ValueError naming the fix."""
     _clear_staging(cfg.output_dir)
     if cfg.resume:
         path = latest_checkpoint(cfg.output_dir)
         if path is None:
-            return None, (f"resume=true but {cfg.output_dir}/checkpoints has no complete checkpoint: "
-                          "set resume=false to start a new run")
-        return str(path), None
+            raise ValueError(f"resume=true but {cfg.output_dir}/checkpoints has no complete checkpoint: "
+                             "set resume=false to start a new run")
+        return str(path)
     previous = _previous_run_files(cfg.output_dir)
     if previous and not cfg.get("overwrite", False):
-        return None, (f"output_dir={cfg.output_dir} already holds another run's checkpoints "
-                      f"({', '.join(previous[-3:])}): set resume=true to continue it, overwrite=true to delete "
-                      "its checkpoints, metrics and HF export and start fresh, or choose another output_dir")
+        raise ValueError(f"output_dir={cfg.output_dir} already holds another run's checkpoints "
+                         f"({', '.join(previous[-3:])}): set resume=true to continue it, overwrite=true to delete "
+                         "its checkpoints, metrics and HF export and start fresh, or choose another output_dir")
     if previous:
         _clear_previous_run(cfg.output_dir)
-    return None, None
+    return None
 
 
 def resume_point(cfg) -> Path | None:
     """Every rank: the checkpoint this run resumes from (None: a fresh start). Rank 0 decides, so every
     rank loads the same directory or raises the same ValueError."""
-    decision = [_decide_start(cfg) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(decision, src=0)
-    path, error = decision[0]
-    if error:
-        raise ValueError(error)
+    path = rank_zero_outcome(lambda: _decide_start(cfg), error_type=ValueError)
     return Path(path) if path else None
 
 

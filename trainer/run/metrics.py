@@ -4,9 +4,9 @@ Only rank 0 writes. W&B runs offline by default (files under output_dir/wandb, s
 `wandb sync`); `wandb.mode=online` streams, `disabled` skips it. `log_every` N: W&B and the progress
 bar's numbers get every N-th step (and the last); metrics.jsonl gets every step.
 
-Resume: metrics.jsonl and samples.jsonl keep the lines of the steps up to the checkpoint's and drop
-the rest; a line that does not parse (the torn last write of a crash) is dropped with a warning,
-and the file is replaced atomically.
+Resume: metrics.jsonl, samples.jsonl, eval.jsonl and rollouts.jsonl keep the lines of the steps up to the
+checkpoint's and drop the rest; a line that does not parse (the torn last write of a crash) is dropped with a
+warning, and the file is replaced atomically.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class MetricsLogger:
         if rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for path in (self.path, self.path.parent / "samples.jsonl", self.path.parent / "eval.jsonl"):
+        for path in (self.path, *(self.path.parent / f"{name}.jsonl" for name in ("samples", "eval", "rollouts"))):
             keep_steps_up_to(path, start_step)
         self.path.touch()
         if cfg.wandb.mode != "disabled":

@@ -18,6 +18,7 @@ nodes (prime-rl's filesystem backend does the same). The protocol around it is v
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +43,19 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
     directory: str | None = None
 
     def init_transfer_engine(self, init_info: FileInitInfo) -> None:
-        if not os.path.isdir(init_info.directory):
-            raise ValueError(f"cptrain_files: weight directory {init_info.directory} does not exist on the server "
-                             "host (rollout.vllm.sync_dir must be shared by the trainer and the server)")
-        self.directory = os.path.realpath(init_info.directory)
+        self.directory = None
+        path = init_info.directory
+        try:
+            info = os.lstat(path)
+        except OSError:
+            raise ValueError(f"cptrain_files: weight directory {path} does not exist on the server host "
+                             "(rollout.vllm.sync_dir must be shared by the trainer and the server)") from None
+        if not stat.S_ISDIR(info.st_mode) or not os.path.basename(path).startswith("cptrain-weights-"):
+            raise ValueError(f"cptrain_files: {path} is not a cptrain weight directory (cptrain-weights-*)")
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ValueError(f"cptrain_files: weight directory {path} must belong to the server's user with mode "
+                             f"0700 (it is uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o})")
+        self.directory = os.path.realpath(path)
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -57,9 +67,11 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
 
         if self.directory is None:
             raise RuntimeError("cptrain_files: /init_weight_transfer_engine was not called")
-        path = os.path.realpath(update_info.file)
-        if os.path.dirname(path) != self.directory:
-            raise ValueError(f"cptrain_files: {path} is outside the weight directory {self.directory}")
+        path = update_info.file
+        if (os.path.dirname(os.path.realpath(path)) != self.directory or not path.endswith(".safetensors")
+                or not stat.S_ISREG(os.lstat(path).st_mode)):
+            raise ValueError(f"cptrain_files: {path} is not a .safetensors file in the weight directory "
+                             f"{self.directory}")
         tensors = load_file(path, device="cpu")
         self.model.load_weights(list(tensors.items()))
 

@@ -22,7 +22,7 @@ def _score(cfg, trainer, prompt_ids, groups) -> dict:
     from trainer.loss import shard_logprobs
     from trainer.rl import grpo
     from trainer.rl.logprob_mismatch import mismatch_sums
-    from trainer.rl.loop import gather_cp_group, global_max, micro_batches
+    from trainer.rl.training import gather_cp_group, global_max, micro_batches
 
     rollouts = [grpo.Rollout(p, c.token_ids, c.logprobs, 0.0) for p, g in zip(prompt_ids, groups) for c in g]
     sums, ratio_max, tokens = {"mismatch_abs": 0.0, "mismatch_k3": 0.0}, 0.0, 0.0

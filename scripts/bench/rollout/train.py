@@ -37,7 +37,7 @@ def _rollouts(tokenizer, rank: int, count: int = 32):
 
 def _grpo_step(cfg, trainer, rollouts):
     from trainer.engine import optimizer_step
-    from trainer.rl.loop import gather_cp_group, grpo_backward, micro_batches, token_budget_micro_batches
+    from trainer.rl.training import gather_cp_group, grpo_backward, micro_batches, token_budget_micro_batches
 
     if trainer.budget:
         batches, _ = token_budget_micro_batches(cfg, trainer, rollouts, 2)
@@ -52,7 +52,7 @@ def _sft_step(cfg, trainer, rollouts):
     import cp
     from trainer.engine import optimizer_step
     from trainer.rl import grpo
-    from trainer.rl.loop import gather_cp_group
+    from trainer.rl.training import gather_cp_group
     from trainer.sft import backward_on_shards
 
     everyone = gather_cp_group(rollouts, trainer)

@@ -7,7 +7,7 @@ not know which one runs.
                      RolloutEngine (sync / sample / greedy / close), check_versions
     hf.py            rollout.engine=hf: transformers.generate on a plain copy of the gathered weights, in process
     vllm_engine.py   rollout.engine=vllm: vLLM servers, owned (vllm_server.py) or given (rollout.vllm.urls);
-                     HTTP in vllm_client.py; weights through vLLM's weight-transfer protocol (weight_sync.py)
+                     HTTP in vllm_client.py; weights through vLLM's weight-transfer protocol (weights/)
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@
       engine.sync(policy, version)           collective: the policy's weights become the engine's, tagged
                                              `version` (= optimizer steps applied; hf: a plain copy,
                                              vllm: buckets through vLLM's weight-transfer protocol)
-      engine.sample(prompts, settings)       this rank's prompts, ALL submitted at once ->
-                                             per prompt, settings.n Completion(token_ids, logprobs, version)
+      engine.sample(prompts, settings, routes)   this rank's prompts, ALL submitted at once ->
+                                             per prompt, settings.n Completion(token_ids, logprobs, version);
+                                             routes: a key per prompt, equal keys go to the same server (the
+                                             turns of one episode: its prefix stays in that server's cache)
       check_versions(completions, version)   a completion sampled with other weights is refused, never trained on
     eval: engine.greedy(prompts, max_new_tokens) -> completion token ids per prompt
     end:  engine.close()                     stops what the engine owns (servers), also on failure
@@ -39,6 +41,7 @@ class Completion:
     version: int  # the weight version that sampled its FIRST token (its oldest: what its lag is measured from)
     newest: int | None = None  # the version of its last token when weights changed mid-completion (async GRPO's
                                # in-flight updates); None: every token has `version`
+    token_versions: list[int] | None = None  # per token, where they differ (None: every token has `version`)
 
 
 class StaleRolloutError(RuntimeError):
@@ -68,12 +71,18 @@ class RolloutEngine(ABC):
         statistics (bytes, seconds) for the step's metrics."""
 
     @abstractmethod
-    def sample(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
-        """settings.n completions of each prompt, all prompts submitted together."""
+    def sample(self, prompts: list[list[int]], settings: SamplingSettings,
+               routes: list[int] | None = None) -> list[list[Completion]]:
+        """settings.n completions of each prompt, all prompts submitted together; routes: a server key per prompt
+        (None: spread by position)."""
 
     @abstractmethod
     def greedy(self, prompts: list[list[int]], *, max_new_tokens: int) -> list[list[int]]:
         """The greedy completion (token ids) of each prompt."""
+
+    def step_metrics(self) -> dict:
+        """Engine-side metrics of the step so far (vLLM: the servers' prefix-cache hit rate); read once per step."""
+        return {}
 
     def close(self) -> None:
         """Release what the engine owns (idempotent)."""

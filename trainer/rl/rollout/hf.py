@@ -89,7 +89,8 @@ class HFRolloutEngine(RolloutEngine):
         return out, ids.shape[1]
 
     @torch.no_grad()
-    def sample(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
+    def sample(self, prompts: list[list[int]], settings: SamplingSettings,
+               routes: list[int] | None = None) -> list[list[Completion]]:  # routes: one model here
         torch.manual_seed(settings.seed)
         rows = [p for p in prompts for _ in range(settings.n)]  # prompt-major: group i = rows[i*n:(i+1)*n]
         results: list[Completion] = []

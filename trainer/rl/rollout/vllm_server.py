@@ -1,7 +1,9 @@
 """A vLLM server the trainer owns (DESIGN rule 14): started, watched, stopped; its failures are errors, not hangs.
 
     VLLMServer(spec).start()
-      port free?                      no: ValueError naming rollout.vllm.port (before anything starts)
+      where it listens                a Unix socket in a private directory (mkdtemp: 0700, this user only), or with
+                                      tcp=True (rollout.vllm.expose_control_plane) host:port; port free? no:
+                                      ValueError naming rollout.vllm.port (before anything starts)
       <python> -m vllm.entrypoints.openai.api_server --model ... (its own venv: scripts/install_vllm.sh)
           own process group; PR_SET_PDEATHSIG: the server gets SIGTERM if the trainer process dies, even by SIGKILL
           stdout + stderr -> output_dir/vllm_server.log
@@ -10,12 +12,16 @@
                                       past rollout.vllm.startup_timeout_s: stopped, VLLMStartupError
     .failure()                        None while running; else the exit code and the log's tail (the client puts it
                                       in every error once the server is gone)
-    .stop()                           SIGTERM to the process group, SIGKILL after 20 s; idempotent; also run at
-                                      interpreter exit and on SIGTERM (install_termination_handler)
+    .stop()                           SIGTERM to the process group, SIGKILL after 20 s, the private directory
+                                      removed; idempotent; also run at interpreter exit and on SIGTERM
+                                      (install_termination_handler)
 
-The server is bound to rollout.vllm.host (127.0.0.1 by default) because it runs in vLLM's dev mode
-(VLLM_SERVER_DEV_MODE=1: the weight-transfer endpoints), an open control plane: anyone who reaches the port
-can replace the weights. Bind it to localhost or a private interface only.
+Security: the server runs in vLLM's dev mode (VLLM_SERVER_DEV_MODE=1: the weight-transfer endpoints), whose
+control plane (/update_weights, /pause, /collective_rpc, /sleep, /init_weight_transfer_engine) has no
+authentication; vLLM's --api-key guards only /v1/*. So by default it listens on nothing but a Unix socket in a
+directory only this user can enter: other users of the host cannot connect (the kernel refuses them the path),
+nor can other hosts. TCP (any interface, loopback included, where every local user can connect) only with
+tcp=True, which the trainer sets for rollout.vllm.expose_control_plane=true.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.rl.rollout.vllm_client import VLLMClient, VLLMError
-from trainer.rl.rollout.weight_sync import BACKEND
+from trainer.rl.rollout.vllm_client import UNIX_PREFIX, VLLMClient, VLLMError
+from trainer.rl.rollout.weights.file_transport import BACKEND
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_VENV_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -76,6 +83,7 @@ class ServerSpec:
     model: str
     python: str
     log_file: str
+    tcp: bool = False  # False: a Unix socket in a private directory (host, port unused); True: host:port
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port
     dtype: str = "float32"
@@ -90,9 +98,11 @@ class ServerSpec:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
-    def command(self) -> list[str]:
-        args = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
+    def command(self, socket_path: str | None = None) -> list[str]:
+        """socket_path: where a private server listens (tcp=False)."""
+        listen = ["--uds", socket_path] if socket_path else ["--host", self.host, "--port", str(self.port)]
+        args = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, *listen,
+                "--dtype", self.dtype,
                 "--gpu-memory-utilization", str(self.gpu_memory_utilization),
                 "--max-model-len", str(self.max_model_len), "--seed", str(self.seed),
                 "--logprobs-mode", "processed_logprobs",  # the log-prob of the distribution sampled: at T, top_p
@@ -209,14 +219,21 @@ class VLLMServer:
         self.spec = spec
         self.process: subprocess.Popen | None = None
         self.url, self.log_offset = "", 0
+        self.private_dir: str | None = None  # tcp=False: the 0700 directory holding the socket
 
     def start(self) -> "VLLMServer":
         spec = self.spec
-        if spec.port:
-            check_port_free(spec.host, spec.port)
-        else:
-            spec.port = free_port(spec.host)
-        self.url = f"http://{spec.host}:{spec.port}"
+        socket_path = None
+        if spec.tcp:
+            if spec.port:
+                check_port_free(spec.host, spec.port)
+            else:
+                spec.port = free_port(spec.host)
+            self.url = f"http://{spec.host}:{spec.port}"
+        else:  # short path: a Unix socket's path is limited to 107 bytes
+            self.private_dir = tempfile.mkdtemp(prefix="cptrain-vllm-")  # mode 0700
+            socket_path = os.path.join(self.private_dir, "server.sock")
+            self.url = UNIX_PREFIX + socket_path
         Path(spec.log_file).parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **spec.env,
                "CPTRAIN_OWNER_PID": str(os.getpid())}  # the plugin's watchdog: the server dies with this process
@@ -228,7 +245,7 @@ class VLLMServer:
         env.update(spec.env)
         with open(spec.log_file, "ab") as log:
             self.log_offset = log.tell()
-            self.process = subprocess.Popen(spec.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+            self.process = subprocess.Popen(spec.command(socket_path), stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True, preexec_fn=_die_with_parent)
         _RUNNING.append(self)
         try:
@@ -284,25 +301,32 @@ class VLLMServer:
         process, self.process = self.process, None
         if self in _RUNNING:
             _RUNNING.remove(self)
-        if process is None:
-            return
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        if process is not None:
+            _stop_group(process, grace_s)
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            self.private_dir = None
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the group, SIGKILL to what is left after grace_s, reaping the API server."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            process.poll()  # reap the API server: a zombie still counts as a member of the group
             try:
-                os.killpg(process.pid, sig)
+                os.killpg(process.pid, 0)
             except ProcessLookupError:
                 break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                process.poll()  # reap the API server: a zombie still counts as a member of the group
-                try:
-                    os.killpg(process.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.2)
-            else:
-                continue
-            break
-        process.poll()
+            time.sleep(0.2)
+        else:
+            continue
+        break
+    process.poll()
 
 
 __all__ = ["ServerSpec", "VLLMServer", "VLLMStartupError", "VLLMError", "resolve_python",

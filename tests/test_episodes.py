@@ -1,0 +1,247 @@
+"""Multi-turn episodes (trainer/rl/episodes.py, rendering.py, rollouts.py) on the real hf engine and a tiny model.
+
+    token exactness   a 3-turn episode: what the engine was sent each turn is the episode's ids so far, byte for
+                      byte; what it returned is in the trajectory as returned (stop token included); each
+                      environment segment decodes to exactly the template's rendering of the replies alone
+    masks             sampled tokens carry loss, log-probs and versions; environment and template tokens none
+    budgets           max_turns, max_episode_tokens, max_new_tokens: truncated, marked, and what
+                      rollout.truncated says (mask, overlong_penalty)
+    failures          an environment that raises drops its episode; past the bound the step fails naming the
+                      environment and the task; a reply that is not a list of messages names the class
+    template          one that re-renders earlier turns (drops <think> blocks) is refused with the fix named
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.data.tokenizer import load_tokenizer
+from trainer.rl.episodes import Budgets, EpisodeRunner
+from trainer.rl.rendering import EpisodeRenderer, TemplateError, check_template
+from trainer.rl.rollout.base import SamplingSettings, stop_token_ids
+
+TOKENIZER = load_tokenizer("builtin")
+STOPS = stop_token_ids(TOKENIZER)
+REPLIES = ["Try again: be more specific.", "Almost. One more time."]
+
+
+class Recorder:
+    """A rollout engine's calls, recorded around the real engine."""
+
+    def __init__(self, engine):
+        self.engine, self.sent, self.returned, self.routes, self.version = engine, [], [], [], engine.version
+
+    def sample(self, prompts, settings, routes=None):
+        self.sent.append([list(p) for p in prompts])
+        self.routes.append(list(routes))
+        out = self.engine.sample(prompts, settings, routes)
+        self.returned.append([[list(c.token_ids) for c in group] for group in out])
+        return out
+
+    def greedy(self, prompts, *, max_new_tokens):
+        return self.engine.greedy(prompts, max_new_tokens=max_new_tokens)
+
+
+class ThreeTurnEnv:
+    """Replies twice, then ends: three model turns."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def reset(self, row):
+        return [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": row["prompt"]}]
+
+    def step(self, messages, row):
+        turn = sum(m["role"] == "assistant" for m in messages)
+        if turn > len(REPLIES):
+            return [], True
+        return [{"role": "user", "content": REPLIES[turn - 1]}], False
+
+    def reward(self, messages, row):
+        return {"turns": float(sum(m["role"] == "assistant" for m in messages))}
+
+
+@pytest.fixture(scope="module")
+def hf_engine():
+    from models.tiny import tiny_model
+    from trainer.rl.rollout.hf import HFRolloutEngine
+    model = tiny_model("qwen3", seed=0, vocab_size=len(TOKENIZER), hidden_size=64, num_layers=2)
+    engine = HFRolloutEngine(model, TOKENIZER, torch.device("cpu"))
+    engine.sync(model, 0)
+    return engine
+
+
+def _settings(n=2, max_new_tokens=12, seed=3):
+    return SamplingSettings(n=n, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, seed=seed)
+
+
+def _runner(env=ThreeTurnEnv, **budgets):
+    values = {"max_turns": 8, "max_new_tokens": 12, "max_episode_tokens": 512, **budgets}
+    return EpisodeRunner(env, TOKENIZER, STOPS, Budgets(**values))
+
+
+def _force_stop(engine, every: int):
+    """The engine's turns end at a stop token after at most `every` tokens: a random tiny model rarely samples one,
+    and the test needs complete turns (the sampled prefix is kept exactly; only where it ends is chosen)."""
+    class Stopping:
+        version = engine.version
+
+        def sample(self, prompts, settings, routes=None):
+            out = engine.sample(prompts, settings, routes)
+            for group in out:
+                for c in group:
+                    if not c.token_ids or c.token_ids[-1] not in STOPS:  # NaN: a log-prob no engine computed
+                        c.token_ids = c.token_ids[:every - 1] + [STOPS[0]]
+                        c.logprobs = c.logprobs[:every - 1] + [float("nan")]
+                        if c.token_versions is not None:
+                            c.token_versions = c.token_versions[:every - 1] + c.token_versions[-1:]
+            return out
+    return Stopping()
+
+
+def turn_spans(e) -> list[tuple[int, int]]:
+    """(start, end) in e.ids of each sampled turn."""
+    spans, start = [], None
+    for i, sampled in enumerate(e.sampled + [False]):
+        if sampled and start is None:
+            start = i
+        if not sampled and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def assert_token_exact(episodes, recorder, n: int, turns: int, version: int) -> None:
+    """Every turn: the engine was sent the episode's ids so far and its reply is in the trajectory unchanged; the
+    environment segments decode to exactly the template's rendering of the replies; every turn of an episode went
+    to one route (server)."""
+    assert len(recorder.sent) == turns
+    for index, e in enumerate(episodes):
+        full, spans = e.prompt_ids + e.ids, turn_spans(e)
+        assert len(spans) == turns == e.turns and e.done and not e.truncated, (spans, e.turns, e.truncated, e.error)
+        for t, (start, end) in enumerate(spans):
+            if t == 0:  # the group's one request, its sample index % n
+                sent, returned = recorder.sent[0][e.group], recorder.returned[0][e.group][index % n]
+                route = recorder.routes[0][e.group]
+            else:
+                sent, returned = recorder.sent[t][index], recorder.returned[t][index][0]
+                assert recorder.routes[t][index] == route, "an episode's turns went to different servers"
+            assert sent == full[:len(e.prompt_ids) + start], f"turn {t}: the engine was sent other ids"
+            assert returned == e.ids[start:end] and returned[-1] in STOPS, f"turn {t}: the sampled ids changed"
+        for t, ((_, end), (next_start, _)) in enumerate(zip(spans, spans[1:])):
+            segment = TOKENIZER.decode(e.ids[end:next_start], skip_special_tokens=False)
+            assert segment == f"\n<|im_start|>user\n{REPLIES[t]}<|im_end|>\n<|im_start|>assistant\n"
+            assert all(v == -1 for v in e.versions[end:next_start])
+            assert all(lp == 0.0 for lp in e.logprobs[end:next_start])
+        assert all(v == version for v, s in zip(e.versions, e.sampled) if s)
+        assert e.messages[-1]["role"] == "assistant" and e.reward == {"turns": float(turns)}
+
+
+def test_a_three_turn_episode_trains_exactly_the_tokens_sent_and_returned(hf_engine):
+    recorder = Recorder(_force_stop(hf_engine, 6))
+    rows = [{"prompt": "What is 2 + 3?"}, {"prompt": "Name a colour."}]
+    episodes = _runner().run(recorder, rows, _settings(), routes=[0, 1])
+    assert len(recorder.sent[0]) == 2  # turn 1: one request of n samples per prompt (as single-turn GRPO sends)
+    assert_token_exact(episodes, recorder, n=2, turns=3, version=0)
+
+
+def test_single_turn_episodes_are_one_request_of_n_samples_per_prompt(hf_engine):
+    from trainer.rl.envs.base import SingleTurnEnv
+    from trainer.rl.prompts import make_prompts
+    prompts = make_prompts("add", 2, seed=1, tokenizer=TOKENIZER)
+    recorder = Recorder(hf_engine)
+    episodes = _runner(SingleTurnEnv, max_turns=1).run(recorder, [p.env_row() for p in prompts], _settings(n=3),
+                                                        routes=[0, 1])
+    assert recorder.sent == [[p.input_ids for p in prompts]]  # what single-turn GRPO always sent
+    direct = hf_engine.sample([p.input_ids for p in prompts], _settings(n=3))
+    assert [e.ids for e in episodes] == [c.token_ids for group in direct for c in group]  # same seed, same tokens
+    assert all(all(e.sampled) and e.turns == 1 for e in episodes)
+
+
+def test_budgets_truncate_and_mark_episodes(hf_engine):
+    engine = _force_stop(hf_engine, 6)
+    rows = [{"prompt": "Say hi."}]
+    turns = _runner(max_turns=2).run(engine, rows, _settings(n=1), routes=[0])[0]
+    assert (turns.turns, turns.truncated) == (2, "max_turns")
+    opening = len(EpisodeRenderer(TOKENIZER, STOPS).opening(ThreeTurnEnv().reset(rows[0])))
+    tokens = _runner(max_episode_tokens=opening + 14).run(engine, rows, _settings(n=1), routes=[0])[0]
+    assert tokens.truncated == "max_episode_tokens" and tokens.length <= opening + 14
+    cut = _runner(max_new_tokens=3).run(hf_engine, rows, _settings(n=1, max_new_tokens=3, seed=5), routes=[0])[0]
+    if cut.ids[-1] not in STOPS:
+        assert (cut.truncated, cut.turns, len(cut.ids)) == ("max_new_tokens", 1, 3)
+
+
+class Failing(ThreeTurnEnv):
+    def step(self, messages, row):
+        if "fail" in row["prompt"]:
+            raise RuntimeError("the tool server is down")
+        return super().step(messages, row)
+
+
+class Malformed(ThreeTurnEnv):
+    def step(self, messages, row):
+        return "not a list", False
+
+
+def test_a_failing_environment_drops_its_episodes_until_the_bound(hf_engine):
+    engine = _force_stop(hf_engine, 4)
+    rows = [{"prompt": "ok"}, {"prompt": "ok too"}, {"prompt": "ok three"}, {"prompt": "fail", "task": "flaky"}]
+    episodes = _runner(Failing).run(engine, rows, _settings(n=1), routes=[0, 1, 2, 3])
+    assert [e.error is not None for e in episodes] == [False, False, False, True]
+    assert "the tool server is down" in episodes[3].error
+    with pytest.raises(RuntimeError, match=r"2 of 2 episodes failed in environment Failing.*'flaky'.*tool server"):
+        _runner(Failing).run(engine, [rows[3]], _settings(n=2), routes=[0])
+    with pytest.raises(TypeError, match="Malformed.step must return a list of"):
+        _runner(Malformed).run(engine, rows[:1], _settings(n=1), routes=[0])
+
+
+class AsyncEnv(ThreeTurnEnv):
+    async def reset(self, row):
+        return super().reset(row)
+
+    async def step(self, messages, row):
+        return [], True
+
+    async def reward(self, messages, row):
+        return 0.5
+
+
+def test_async_environments_run_like_sync_ones(hf_engine):
+    episode = _runner(AsyncEnv).run(_force_stop(hf_engine, 4), [{"prompt": "hi"}], _settings(n=1), routes=[0])[0]
+    assert episode.turns == 1 and episode.reward == 0.5 and episode.error is None
+
+
+QWEN3_LIKE = ("{%- for m in messages %}{%- if m.role == 'assistant' and not loop.last %}"
+              "{{- '<|im_start|>assistant\\n' + (m.content.split('</think>')[-1] | trim) + '<|im_end|>\\n' }}"
+              "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+              "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_template_that_rerenders_earlier_turns_is_refused_with_the_fix():
+    check_template(TOKENIZER, STOPS)  # the builtin ChatML template extends conversations exactly
+    check_template(TOKENIZER, STOPS, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    other = load_tokenizer("builtin")
+    other.chat_template = QWEN3_LIKE  # drops an earlier turn's <think> block once a later turn exists
+    with pytest.raises(TemplateError, match="data.chat_template"):
+        check_template(other, STOPS)
+
+
+def test_truncation_policies_mask_or_penalise():
+    from trainer.rl.rollouts import overlong_penalty
+    assert overlong_penalty(10, most=100, buffer=20) == 0.0
+    assert overlong_penalty(90, most=100, buffer=20) == pytest.approx(-0.5)
+    assert overlong_penalty(130, most=100, buffer=20) == -1.0
+
+
+def test_an_environments_tools_reach_the_model_as_sft_renders_them():
+    """A tool environment on a template that ignores tools=: the episode's opening carries the tool schemas in the
+    system message, exactly as SFT renders a tool-use row (trainer/data/chat.py prepare_chat)."""
+    from trainer.data.chat import template_ids
+    from trainer.rl.envs.calculator import CalculatorEnv
+    env = CalculatorEnv()
+    messages = env.reset(CalculatorEnv.make_rows(1, seed=0)[0])
+    ids = EpisodeRenderer(TOKENIZER, STOPS, env.tools).opening(messages)
+    assert ids == template_ids(TOKENIZER, messages, add_generation_prompt=True, tools=env.tools)
+    text = TOKENIZER.decode(ids)
+    assert "<tools>" in text and '"name": "calculate"' in text and text.count("<tools>") == 1
