@@ -245,3 +245,47 @@ def test_an_environments_tools_reach_the_model_as_sft_renders_them():
     assert ids == template_ids(TOKENIZER, messages, add_generation_prompt=True, tools=env.tools)
     text = TOKENIZER.decode(ids)
     assert "<tools>" in text and '"name": "calculate"' in text and text.count("<tools>") == 1
+
+
+def _truncation_worker(rank, world, policy, max_turns):
+    """RolloutMaker on the hf engine, guess_number, 8-token turns: most episodes are cut (max_new_tokens)."""
+    import torch.distributed as dist
+
+    from tests.test_rl import RL_FAST, compose_rl
+    from trainer import config
+    from trainer.engine import build_trainer
+    from trainer.rl.envs.guess import GuessNumberEnv
+    from trainer.rl.prompts import env_prompts
+    from trainer.rl.rollout.hf import HFRolloutEngine
+    from trainer.rl.rollouts import RolloutMaker
+    from trainer.rl.tasks import resolve_batched_reward
+    cfg = compose_rl(RL_FAST + ["model.cp=1", "rollout.env=guess_number", "rollout.max_new_tokens=8",
+                                f"rollout.max_turns={max_turns}", f"rollout.truncated={policy}",
+                                "reward.functions=[format]", "reward.weights=[1.0]"])
+    trainer = build_trainer(cfg, validate=config.validate_rl)
+    engine = HFRolloutEngine(trainer.model, trainer.tokenizer, trainer.device)
+    engine.sync(trainer.model, 0)
+    maker = RolloutMaker(cfg, trainer.tokenizer, [resolve_batched_reward("format")])
+    rollouts, sums = maker.generate(engine, env_prompts(GuessNumberEnv.make_rows(2, seed=3)), 0)
+    maker.close()
+    dist.destroy_process_group()
+    return [(r.loss_mask, r.reward, r.completion_ids) for r in rollouts], sums["truncated"], sums["n"]
+
+
+def test_truncated_episodes_train_as_rollout_truncated_says():
+    """mask: a truncated episode keeps its reward (its group's advantages) and trains no token; overlong_penalty:
+    one-turn episodes lose linearly over the last quarter of their 8-token budget (DAPO's L_max), 1 at 8 tokens."""
+    from tests.dist import run_distributed
+    kept, truncated, n = run_distributed(_truncation_worker, 1, "keep", 2)[0]
+    masked, _, _ = run_distributed(_truncation_worker, 1, "mask", 2)[0]
+    assert truncated >= 1 and n == 8
+    for (keep_mask, keep_reward, ids), (mask, mask_reward, _) in zip(kept, masked):
+        assert mask_reward == keep_reward and any(keep_mask)  # the same seeded episodes
+        assert mask == keep_mask or not any(mask)
+    assert sum(not any(mask) for mask, _, _ in masked) == truncated
+    one_turn, _, _ = run_distributed(_truncation_worker, 1, "keep", 1)[0]
+    penalised, _, _ = run_distributed(_truncation_worker, 1, "overlong_penalty", 1)[0]
+    for (_, reward, ids), (_, penalty_reward, _) in zip(one_turn, penalised):
+        expected = 0.0 if len(ids) <= 6 else (6 - len(ids)) / 2  # L_max 8, buffer 2: 7 tokens -0.5, 8 tokens -1
+        assert penalty_reward == pytest.approx(reward + expected)
+    assert any(len(ids) == 8 for _, _, ids in one_turn)

@@ -126,6 +126,10 @@ class EpisodeRunner:
             e.messages = check_messages(call(e.env.reset, e.row), type(e.env).__name__, "reset")
             e.renderer = self._renderer(e.env)
             e.prompt_ids = e.renderer.opening(e.messages)
+            if len(e.prompt_ids) >= self.budgets.max_episode_tokens:
+                raise ValueError(f"the opening messages are {len(e.prompt_ids)} tokens, no room left in "
+                                 f"rollout.max_episode_tokens={self.budgets.max_episode_tokens} (null: data.seq_len): "
+                                 "raise it")
 
         self._each(reset, episodes)
         turn = 0

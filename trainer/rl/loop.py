@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -69,24 +70,38 @@ def sync_engine(engine: RolloutEngine, trainer: Trainer) -> dict:
     return engine.sync(trainer.model, trainer.step)
 
 
-def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, maker: RolloutMaker, ref_model, pad_id,
-            wait_group=None, producer: RolloutProducer | None = None) -> tuple[dict, dict]:
+@dataclass
+class RLRun:
+    """What a GRPO run holds across steps: the two sides and what joins them."""
+
+    trainer: Trainer  # the policy under CP + FSDP, its optimizer, dims, token budgets
+    engine: RolloutEngine  # hf or vllm
+    maker: RolloutMaker  # the rollouts side: environments, episodes, rewards, advantages
+    sampler: PromptSampler  # this rank's prompts per step (checkpointed)
+    ref_model: object = None  # the KL reference (None: loss.kl_coef = 0)
+    pad_id: int = 0
+    wait_group: object = None  # a gloo group waiting up to rollout.timeout_s for the slowest generator
+    producer: RolloutProducer | None = None  # async GRPO's producer thread (None: synchronous)
+
+
+def rl_step(cfg, run: RLRun) -> tuple[dict, dict]:
     """One optimizer step; its rollouts come from the synchronous path (sync weights | episodes) or, with
     rollout.max_off_policy_steps >= 1, from the producer that made them while earlier steps trained (the weights go
     to the engine right after the optimizer step). Times: sync, generate, train apart. Returns the metrics and
     the step's sums (samples and episode records among them)."""
+    trainer, engine, producer, wait_group = run.trainer, run.engine, run.producer, run.wait_group
     start = time.perf_counter()
     runtime.reset_peak_memory(trainer.device)
     if producer is None:
         sync = sync_engine(engine, trainer)
         synced = time.perf_counter()
-        rollouts, sums = maker.generate(engine, sampler.next_prompts(), trainer.step)
+        rollouts, sums = run.maker.generate(engine, run.sampler.next_prompts(), trainer.step)
         wait_for_generation(wait_group)
         generated = time.perf_counter()
         timing = {"sync_s": synced - start, "generate_s": generated - synced}
         extra = {}
     else:
-        rollouts, sums, timing, extra = take_async_batch(cfg, trainer, producer, sampler, wait_group)
+        rollouts, sums, timing, extra = take_async_batch(cfg, trainer, producer, run.sampler, wait_group)
         generated = time.perf_counter()
     metrics = reward_metrics(sums, rollouts)
     metrics.update(extra)
@@ -95,12 +110,12 @@ def rl_step(cfg, trainer: Trainer, engine: RolloutEngine, sampler, maker: Rollou
     if policy_losses.skip_zero_advantage(cfg):
         metrics["groups_skipped_frac"] = global_sum(dropped, trainer) / max(global_sum(groups, trainer), 1.0)
     if trainer.budget:
-        batches, plan_metrics = token_budget_micro_batches(cfg, trainer, train, pad_id)
+        batches, plan_metrics = token_budget_micro_batches(cfg, trainer, train, run.pad_id)
         metrics.update(plan_metrics)
     else:
-        batches = micro_batches(cfg, trainer, gather_cp_group(train, trainer), pad_id)
+        batches = micro_batches(cfg, trainer, gather_cp_group(train, trainer), run.pad_id)
     lr = trainer.scheduler.get_last_lr()[0]
-    metrics.update(grpo_backward(cfg, trainer, batches, ref_model))
+    metrics.update(grpo_backward(cfg, trainer, batches, run.ref_model))
     check_finite(metrics["loss"], trainer.step + 1)
     metrics.update(lr=lr, grad_norm=optimizer_step(trainer))
     trainer.step += 1
@@ -227,10 +242,10 @@ def run_rl(cfg: DictConfig) -> list[dict]:
         with closing(build_engine(cfg, trainer, wait_group)) as engine, closing(maker):
             eval_start = held_out_eval() if eval_prompts else None
             producer = start_producer(cfg, trainer, engine, sampler, maker)
+            run = RLRun(trainer, engine, maker, sampler, ref_model, pad_id, wait_group, producer)
             try:
                 for _ in training_steps(trainer, sampler):
-                    metrics, sums = rl_step(cfg, trainer, engine, sampler, maker, ref_model, pad_id, wait_group,
-                                            producer)
+                    metrics, sums = rl_step(cfg, run)
                     every = cfg.rollout.eval_every
                     if eval_prompts and every and trainer.step % every == 0 and trainer.step < cfg.max_steps:
                         metrics["eval_accuracy"] = held_out_eval()

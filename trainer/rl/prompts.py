@@ -51,11 +51,6 @@ class Prompt:
         return {"prompt": self.prompt, **self.reward_columns(), "prompt_messages": [dict(m) for m in self.messages]}
 
 
-def encode_prompt(tokenizer, prompt: str, *, system_prompt: str | None = SYSTEM_PROMPT) -> list[int]:
-    """Chat-template token ids of [system], user `prompt`, then the assistant generation prompt."""
-    return template_ids(tokenizer, task_messages(prompt, system_prompt=system_prompt), add_generation_prompt=True)
-
-
 def task_prompt(tokenizer, example: dict, system_prompt: str | None) -> Prompt:
     """A built-in task example -> its Prompt ([system], user prompt; the generation prompt)."""
     messages = task_messages(example["prompt"], system_prompt=system_prompt)

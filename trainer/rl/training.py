@@ -19,6 +19,8 @@ and a document longer than a rank's share is split over the CP group like any lo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -88,70 +90,101 @@ def token_budget_micro_batches(cfg, trainer: Trainer, rollouts: list, pad_id: in
     return batches, plan.metrics()
 
 
-def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, object]], ref_model=None) -> dict:
-    """Forward + backward of every micro-batch (rows, the ParallelDims / CPSubgroup it runs under; None: this
-    rank alone) with the loss.type policy loss; returns globally reduced statistics, the engine-trainer log-prob
-    mismatch among them. rollout.old_logprobs=trainer: the ratio divides by the policy's own log-probs at the
-    sampling weights, i.e. this forward's, detached (this step's weights sampled the rollouts); the loss is then
-    weighted by rollout.is_correction (trainer/rl/logprob_mismatch.py)."""
-    device, T, chunk, r = trainer.device, cfg.rollout.temperature, cfg.model.head_chunk_tokens, cfg.rollout
-    policy_loss = policy_losses.get_policy_loss(cfg.loss.type)
-    settings = policy_losses.LossSettings(clip_low=cfg.loss.clip_eps_low, clip_high=cfg.loss.clip_eps_high,
-                                          kl_coef=cfg.loss.kl_coef)
-    shards = []
-    for rows, dims in batches:
-        batch = cp.setup_cp_params(rows.input_ids.to(device), dims, labels=rows.labels.to(device),
-                                   seq_lens=rows.seq_lens, style=None if dims else "ulysses")
-        extra = [cp.shard(t.to(device), batch.params) for t in (rows.old_logp, rows.advantages, rows.weights)]
-        seq_ids, versions = (cp.shard(t.to(device), batch.params, pad_value=-1) for t in (rows.seq_ids, rows.versions))
-        shards.append((batch, seq_ids, versions, rows.seq_lengths.to(device), *extra))
-    norm = policy_loss.normalizer(global_sum(sum(float(w.sum()) for *_, w in shards), trainer), cfg)
-    stats = dict.fromkeys(("loss", "clipped", "kl", "entropy", "tokens", "mismatch_abs", "mismatch_k3",
-                           "is_weight", "is_capped", "lagged_tokens", "lagged_abs", "lagged_k3"), 0.0)
-    ratio_max = 0.0
-    for i, (batch, seq_ids, versions, seq_lengths, engine_logp, adv, weight) in enumerate(shards):
-        trainer.model.set_requires_gradient_sync(i == len(shards) - 1)
-        logp, entropy = shard_logprobs(trainer.model, batch, temperature=T, entropy=True, chunk_tokens=chunk,
-                                       top_p=r.top_p)
-        ref_logp = None
-        if ref_model is not None:
-            with torch.no_grad(), adapters_disabled(ref_model):  # LoRA: the policy itself, adapters off
-                ref_logp, _ = shard_logprobs(ref_model, batch, temperature=T, chunk_tokens=chunk, top_p=r.top_p)
-        mask = (batch.labels != grpo.IGNORE_INDEX).float()
-        old_logp = logp.detach() if r.old_logprobs == "trainer" else engine_logp
-        tokens = policy_losses.TokenBatch(logp, old_logp, adv, mask, ref_logp=ref_logp, seq_ids=seq_ids,
-                                          seq_lengths=seq_lengths, cp_group=batch.params.cp_group)
-        loss_tok, loss_stats = policy_loss.token_loss(tokens, settings)
-        if r.is_correction != "none":
-            is_w, capped = is_weights(tokens, engine_logp, r.is_correction, r.is_cap)
-            loss_tok = loss_tok * is_w
-            stats["is_weight"] += float(is_w.sum())
-            stats["is_capped"] += capped
-        loss = policy_losses.rank_loss(loss_tok, weight, mask, norm)
-        loss.backward()
-        mismatch = mismatch_sums(logp, engine_logp, mask)
-        ratio_max = max(ratio_max, mismatch.pop("mismatch_ratio_max"))
-        for key, value in mismatch.items():
-            stats[key] += value
-        lagged = mask * (versions < trainer.step).float()  # sampled by older weights (async GRPO)
-        lag = mismatch_sums(logp, engine_logp, lagged)
-        stats.update(lagged_tokens=stats["lagged_tokens"] + float(lagged.sum()),
-                     lagged_abs=stats["lagged_abs"] + lag["mismatch_abs"], lagged_k3=stats["lagged_k3"] + lag["mismatch_k3"])
-        stats["loss"] += loss.item()
-        stats["clipped"] += float((loss_stats["clipped"] * mask).sum())
-        stats["kl"] += float((loss_stats["kl"] * mask).sum())
-        stats["entropy"] += float((entropy * mask).sum())
-        stats["tokens"] += float(mask.sum())
-    reduced = {k: global_sum(v, trainer) for k, v in stats.items()}
+STAT_KEYS = ("loss", "clipped", "kl", "entropy", "tokens", "mismatch_abs", "mismatch_k3", "is_weight", "is_capped",
+             "lagged_tokens", "lagged_abs", "lagged_k3")  # per-rank sums over a step's micro-batches
+
+
+@dataclass(frozen=True)
+class LossRecipe:
+    """What the policy-gradient loss needs from the config, read once per step."""
+
+    policy_loss: object  # trainer/rl/policy_losses.py entry of loss.type
+    settings: policy_losses.LossSettings
+    temperature: float
+    top_p: float
+    chunk_tokens: int | None
+    old_from_trainer: bool  # rollout.old_logprobs=trainer
+    is_correction: str
+    is_cap: float
+    split_lag: bool  # async GRPO: mismatch metrics apart for fresh and lagged tokens
+
+    @classmethod
+    def of(cls, cfg) -> "LossRecipe":
+        r, loss = cfg.rollout, cfg.loss
+        return cls(policy_losses.get_policy_loss(loss.type),
+                   policy_losses.LossSettings(clip_low=loss.clip_eps_low, clip_high=loss.clip_eps_high,
+                                              kl_coef=loss.kl_coef),
+                   r.temperature, r.top_p, cfg.model.head_chunk_tokens, r.old_logprobs == "trainer",
+                   r.is_correction, r.is_cap, bool(r.max_off_policy_steps))
+
+
+@dataclass
+class Shard:
+    """A micro-batch on this rank: the CP batch and the per-token columns on its shard."""
+
+    batch: object  # cp.CPBatch
+    seq_ids: torch.Tensor
+    versions: torch.Tensor
+    seq_lengths: torch.Tensor
+    engine_logp: torch.Tensor
+    advantages: torch.Tensor
+    weights: torch.Tensor
+
+
+def shard_rows(rows: grpo.RolloutRows, dims, device) -> Shard:
+    """Packed rows -> this rank's shard (dims: the ParallelDims / CPSubgroup they run under; None: alone)."""
+    batch = cp.setup_cp_params(rows.input_ids.to(device), dims, labels=rows.labels.to(device),
+                               seq_lens=rows.seq_lens, style=None if dims else "ulysses")
+    old, adv, weight = (cp.shard(t.to(device), batch.params) for t in (rows.old_logp, rows.advantages, rows.weights))
+    seq_ids, versions = (cp.shard(t.to(device), batch.params, pad_value=-1) for t in (rows.seq_ids, rows.versions))
+    return Shard(batch, seq_ids, versions, rows.seq_lengths.to(device), old, adv, weight)
+
+
+def shard_backward(model, shard: Shard, recipe: LossRecipe, norm, *, step: int,
+                   ref_model=None) -> tuple[dict, float]:
+    """Forward + backward of one shard; (its statistics' sums, its largest engine/trainer ratio)."""
+    batch = shard.batch
+    logp, entropy = shard_logprobs(model, batch, temperature=recipe.temperature, entropy=True,
+                                   chunk_tokens=recipe.chunk_tokens, top_p=recipe.top_p)
+    ref_logp = None
+    if ref_model is not None:
+        with torch.no_grad(), adapters_disabled(ref_model):  # LoRA: the policy itself, adapters off
+            ref_logp, _ = shard_logprobs(ref_model, batch, temperature=recipe.temperature,
+                                         chunk_tokens=recipe.chunk_tokens, top_p=recipe.top_p)
+    mask = (batch.labels != grpo.IGNORE_INDEX).float()  # sampled tokens only: environment tokens have no label
+    old_logp = logp.detach() if recipe.old_from_trainer else shard.engine_logp
+    tokens = policy_losses.TokenBatch(logp, old_logp, shard.advantages, mask, ref_logp=ref_logp,
+                                      seq_ids=shard.seq_ids, seq_lengths=shard.seq_lengths,
+                                      cp_group=batch.params.cp_group)
+    loss_tok, loss_stats = recipe.policy_loss.token_loss(tokens, recipe.settings)
+    sums = dict.fromkeys(STAT_KEYS, 0.0)
+    if recipe.is_correction != "none":
+        is_w, capped = is_weights(tokens, shard.engine_logp, recipe.is_correction, recipe.is_cap)
+        loss_tok = loss_tok * is_w
+        sums.update(is_weight=float(is_w.sum()), is_capped=capped)
+    loss = policy_losses.rank_loss(loss_tok, shard.weights, mask, norm)
+    loss.backward()
+    mismatch = mismatch_sums(logp, shard.engine_logp, mask)
+    ratio_max = mismatch.pop("mismatch_ratio_max")
+    lagged = mask * (shard.versions < step).float()  # sampled by older weights (async GRPO)
+    lag = mismatch_sums(logp, shard.engine_logp, lagged)
+    sums.update(mismatch, lagged_tokens=float(lagged.sum()), lagged_abs=lag["mismatch_abs"],
+                lagged_k3=lag["mismatch_k3"], loss=loss.item(), clipped=float((loss_stats["clipped"] * mask).sum()),
+                kl=float((loss_stats["kl"] * mask).sum()), entropy=float((entropy * mask).sum()),
+                tokens=float(mask.sum()))
+    return sums, ratio_max
+
+
+def step_metrics(reduced: dict, ratio_max: float, recipe: LossRecipe) -> dict:
+    """Global sums -> the step's loss metrics (means over the trained tokens)."""
     tokens = max(reduced["tokens"], 1.0)
     metrics = {"loss": reduced["loss"], "clip_frac": reduced["clipped"] / tokens, "kl": reduced["kl"] / tokens,
                "entropy": reduced["entropy"] / tokens, "train_tokens": int(reduced["tokens"]),
                "logp_mismatch_abs_mean": reduced["mismatch_abs"] / tokens,
-               "logp_mismatch_kl": reduced["mismatch_k3"] / tokens,
-               "logp_mismatch_ratio_max": global_max(ratio_max)}
-    if r.is_correction != "none":
+               "logp_mismatch_kl": reduced["mismatch_k3"] / tokens, "logp_mismatch_ratio_max": ratio_max}
+    if recipe.is_correction != "none":
         metrics.update(is_weight_mean=reduced["is_weight"] / tokens, is_capped_frac=reduced["is_capped"] / tokens)
-    if r.max_off_policy_steps:  # the mismatch apart for lag 0 (the engine's numerics alone) and lag >= 1 (+ the lag)
+    if recipe.split_lag:  # the mismatch apart for lag 0 (the engine's numerics alone) and lag >= 1 (+ the lag)
         lagged, fresh = reduced["lagged_tokens"], tokens - reduced["lagged_tokens"]
         metrics.update(lagged_token_frac=lagged / tokens,
                        logp_mismatch_abs_mean_lag0=(reduced["mismatch_abs"] - reduced["lagged_abs"]) / max(fresh, 1),
@@ -159,6 +192,24 @@ def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, o
                        logp_mismatch_abs_mean_lagged=reduced["lagged_abs"] / max(lagged, 1),
                        logp_mismatch_kl_lagged=reduced["lagged_k3"] / max(lagged, 1))
     return metrics
+
+
+def grpo_backward(cfg, trainer: Trainer, batches: list[tuple[grpo.RolloutRows, object]], ref_model=None) -> dict:
+    """Forward + backward of every micro-batch (rows, the ParallelDims / CPSubgroup it runs under; None: this
+    rank alone) with the loss.type policy loss; returns globally reduced statistics, the engine-trainer log-prob
+    mismatch among them. rollout.old_logprobs=trainer: the ratio divides by the policy's own log-probs at the
+    sampling weights, i.e. this forward's, detached (this step's weights sampled the rollouts); the loss is then
+    weighted by rollout.is_correction (trainer/rl/logprob_mismatch.py)."""
+    recipe = LossRecipe.of(cfg)
+    shards = [shard_rows(rows, dims, trainer.device) for rows, dims in batches]
+    norm = recipe.policy_loss.normalizer(global_sum(sum(float(s.weights.sum()) for s in shards), trainer), cfg)
+    totals, ratio_max = dict.fromkeys(STAT_KEYS, 0.0), 0.0
+    for i, shard in enumerate(shards):
+        trainer.model.set_requires_gradient_sync(i == len(shards) - 1)  # FSDP: reduce gradients once, at the end
+        sums, ratio = shard_backward(trainer.model, shard, recipe, norm, step=trainer.step, ref_model=ref_model)
+        totals = {key: totals[key] + sums[key] for key in STAT_KEYS}
+        ratio_max = max(ratio_max, ratio)
+    return step_metrics({key: global_sum(totals[key], trainer) for key in STAT_KEYS}, global_max(ratio_max), recipe)
 
 
 def global_max(value: float) -> float:
