@@ -1,4 +1,5 @@
-"""Multi-turn environments, measured: what a long episode costs a rank to train, at cp=1 and cp=2.
+"""Multi-turn environments, measured: what a long episode costs a rank to train (cp=1 vs cp=2), and a real model
+learning in a multi-turn environment.
 
     python scripts/bench_envs.py memory [--episodes 2] [--sections 10] [--section-words 300] [--render]
         long_doc episodes (trainer/rl/envs/long_doc.py) run through the real episode runner and renderer against
@@ -9,6 +10,11 @@
            cp=2 Ulysses (world 2): the peak memory per rank above the step's start (scripts/bench/measure.py
            PeakMemory: activations, logits chunks, communication buffers; not weights or gradients)
         -> docs/benchmarks/envs/memory.json, memory.png and the table in docs/benchmarks/envs/README.md
+
+    python scripts/bench_envs.py learn [--run outputs/rl_smollm2_retry]
+        runs `torchrun --nproc-per-node 2 -m trainer.rl experiment=smollm2_retry` (unless the run's output
+        directory already holds a finished run), then reads its eval.jsonl, metrics.jsonl and rollouts.jsonl
+        -> docs/benchmarks/envs/learning.json, learning.png, samples.md (episodes showing the turns)
 """
 
 from __future__ import annotations
@@ -124,14 +130,62 @@ def render(results: dict) -> None:
     (OUT / "memory_table.md").write_text("\n".join(lines) + "\n")
 
 
+LEARN_COMMAND = ["torchrun", "--nproc-per-node", "2", "-m", "trainer.rl", "experiment=smollm2_retry",
+                 "wandb.mode=disabled", "checkpoint.export_hf=false"]
+
+
+def learn(run: Path, argv) -> None:
+    """The learning run's curves and sample episodes (running it first if its directory has none)."""
+    import subprocess
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not (run / "eval.jsonl").exists():
+        subprocess.run(LEARN_COMMAND + [f"output_dir={run}", f"hydra.run.dir={run}/hydra"], check=True, cwd=ROOT)
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    episodes = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    keys = ("reward_mean", "reward_env_solved", "reward_env_first_try", "turns_mean", "env_token_frac",
+            "truncated_frac", "episode_len_mean", "step_time_s", "generate_s", "train_s")
+    results = {"command": " ".join(LEARN_COMMAND), "report": command_line(__file__, argv), "date": now(),
+               "machine": machine(), "code_state": code_state(("trainer/rl/envs/retry.py", "trainer/rl/episodes.py")),
+               "eval": evals, "steps": [{"step": s["step"], **{k: s.get(k) for k in keys}} for s in steps]}
+    (OUT / "learning.json").write_text(json.dumps(results, indent=1) + "\n")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", color="#2a7")
+    left.set_xlabel("step")
+    left.set_ylabel("held-out greedy episode reward (max 2)")
+    left.set_ylim(0, 2)
+    for key, label in (("reward_env_solved", "solved"), ("reward_env_first_try", "first try")):
+        right.plot([s["step"] for s in steps], [s[key] for s in steps], label=label)
+    right.set_xlabel("step")
+    right.set_ylabel("training episodes (T=0.7)")
+    right.set_ylim(0, 1)
+    right.legend()
+    fig.suptitle("SmolLM2-135M-Instruct, rollout.env=retry (2 attempts), cp=2, vLLM", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(OUT / "learning.png", dpi=120)
+    lines = []
+    for e in [e for e in episodes if e["turns"] > 1][:2] + [e for e in episodes if e["turns"] == 1][:1]:
+        lines.append(f"step {e['step']}, {e['turns']} turns, reward parts {e['reward_parts']}:\n")
+        lines += [f"> **{m['role']}**: {m['content'].strip()}  " for m in e["messages"]]
+        lines.append("")
+    (OUT / "samples.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=("memory",))
+    parser.add_argument("part", choices=("memory", "learn"))
+    parser.add_argument("--run", type=Path, default=ROOT / "outputs" / "rl_smollm2_retry")
     parser.add_argument("--render", action="store_true", help="redraw the plot and table from memory.json")
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--sections", type=int, default=10)
     parser.add_argument("--section-words", type=int, default=300)
     args = parser.parse_args(argv)
+    if args.part == "learn":
+        OUT.mkdir(parents=True, exist_ok=True)
+        return learn(args.run, argv)
     if args.render:
         render(json.loads((OUT / "memory.json").read_text()))
         return

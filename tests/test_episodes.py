@@ -289,3 +289,26 @@ def test_truncated_episodes_train_as_rollout_truncated_says():
         expected = 0.0 if len(ids) <= 6 else (6 - len(ids)) / 2  # L_max 8, buffer 2: 7 tokens -0.5, 8 tokens -1
         assert penalty_reward == pytest.approx(reward + expected)
     assert any(len(ids) == 8 for _, _, ids in one_turn)
+
+
+def test_retry_and_guess_environments_reply_from_the_answer():
+    """The built-in multi-turn environments: retry gives feedback until an attempt is right or attempts run out;
+    guess_number answers Higher / Lower and ends on the hidden number."""
+    from trainer.rl.envs.guess import GuessNumberEnv
+    from trainer.rl.envs.retry import FEEDBACK, RetryEnv
+    row = {"prompt": "What is 7 * 8?", "answer": "56", "prompt_messages": [{"role": "user", "content": "7 * 8?"}]}
+    env = RetryEnv(attempts=2)
+    conversation = env.reset(row) + [{"role": "assistant", "content": "7 * 8 = 54"}]
+    assert env.step(conversation, row) == ([{"role": "user", "content": FEEDBACK}], False)
+    conversation += [{"role": "user", "content": FEEDBACK}, {"role": "assistant", "content": "The answer is 56."}]
+    assert env.step(conversation, row) == ([], True)
+    assert env.reward(conversation, row) == {"solved": 1.0, "first_try": 0.0}
+    wrong_twice = conversation[:-1] + [{"role": "assistant", "content": "55"}]
+    assert env.step(wrong_twice, row) == ([], True) and env.reward(wrong_twice, row)["solved"] == 0.0
+    [guess_row] = GuessNumberEnv.make_rows(1, seed=4)
+    target, guess = int(guess_row["answer"]), GuessNumberEnv()
+    low = guess.reset(guess_row) + [{"role": "assistant", "content": f"<answer>{target - 1}</answer>"}]
+    assert guess.step(low, guess_row) == ([{"role": "user", "content": "Higher."}], False)
+    right = low + [{"role": "user", "content": "Higher."}, {"role": "assistant", "content": f"<answer>{target}</answer>"}]
+    assert guess.step(right, guess_row) == ([], True)
+    assert guess.reward(right, guess_row)["solved"] == 1.0

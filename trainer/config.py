@@ -278,8 +278,9 @@ class RolloutConfig:
     env: str = "single_turn"
     """The environment episodes run in (trainer/rl/envs): single_turn (one model turn per prompt, scored by
     reward.functions: GRPO on prompts), a built-in (calculator: a calculate tool; guess_number: feedback over
-    turns; long_doc: long tool results), or an importable "pkg.mod:Class" with reset / step / reward
-    (trainer/rl/envs/base.py). Built-ins bring their own task rows (data.source=builtin)."""
+    turns; long_doc: long tool results; retry: another attempt after a wrong answer, on the prompts), or an
+    importable "pkg.mod:Class" with reset / step / reward (trainer/rl/envs/base.py). calculator, guess_number and
+    long_doc bring their own task rows (with data.source=builtin)."""
     env_args: dict = field(default_factory=dict)
     """Keyword arguments of the environment's constructor (one instance per episode)."""
     max_turns: int = 8
@@ -544,8 +545,10 @@ def validate_rl(cfg, world_size: int) -> None:
            f"loss.normalization={l.normalization} is only used by loss.type=grpo; loss.type={l.type} fixes its own "
            "normaliser (trainer/rl/policy_losses.py): remove the override")
     _check(l.clip_eps_low > 0 and l.clip_eps_high > 0 and l.kl_coef >= 0, "loss clip eps must be > 0, kl_coef >= 0")
-    _check(len(w.functions) == len(w.weights) and len(w.functions) > 0,
-           f"reward.functions ({len(w.functions)}) and reward.weights ({len(w.weights)}) must pair up")
+    _check(len(w.functions) == len(w.weights), f"reward.functions ({len(w.functions)}) and reward.weights "
+                                                f"({len(w.weights)}) must pair up")
+    _check(len(w.functions) > 0 or r.env != "single_turn", "reward.functions is empty: rollout.env=single_turn has "
+                                                           "no reward of its own; name at least one reward")
     _check(cfg.optim.grad_accum == 1,
            f"optim.grad_accum={cfg.optim.grad_accum} is not used by GRPO: a step trains on all its "
            "rollout.prompts_per_step x rollout.group_size completions (in as many micro-batches of "

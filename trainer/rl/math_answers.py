@@ -22,8 +22,8 @@ it, the check is the old case-insensitive string comparison (normalise_text: \\t
 Timeouts: math-verify bounds parse() and verify() with signal.alarm (5 s), which only works in the main thread;
 from any other thread it raises ValueError ("Math-Verify doesn't support threaded environment ...") with its
 defaults. cptrain's async GRPO (rollout.max_off_policy_steps >= 1) scores rollouts in a producer thread, so off
-the main thread the signal timeout is disabled (parsing_timeout=None, timeout_seconds=None; math-verify logs one
-"Timeout is disabled" warning per process) and _too_big refuses, before verify(), the parsed predictions that
+the main thread the signal timeout is disabled (parsing_timeout=None, timeout_seconds=None; math-verify's
+"Timeout is disabled" warning is filtered out) and _too_big refuses, before verify(), the parsed predictions that
 made it hang in our tests: huge powers (10^{10^{10}}, (x+1)^{1000}), factorials / Gamma / binomials of huge
 numbers, sums and products over huge ranges. In the main thread both guards apply. The guard is a heuristic, not
 a timeout: an expression it misses could still stall the producer thread.
@@ -32,6 +32,7 @@ a timeout: an expression it misses could still stall the producer thread.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 import threading
@@ -61,8 +62,19 @@ def is_word_answer(gold: str) -> bool:
 
 
 def _timeout() -> int | None:
-    """math-verify's timeout here: signal.alarm only works in the main thread (elsewhere: None, no timeout)."""
-    return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    """math-verify's timeout here: signal.alarm only works in the main thread (elsewhere: None, no timeout, and
+    _too_big is the guard: math-verify's "Timeout is disabled" warning, printed once per racing thread, is
+    dropped)."""
+    if threading.current_thread() is threading.main_thread():
+        return TIMEOUT_S
+    _quiet_timeout_warning()
+    return None
+
+
+@functools.cache
+def _quiet_timeout_warning() -> None:
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(lambda record: "Timeout is disabled" not in record.getMessage())
 
 
 def _looks_like_prose(text: str) -> bool:

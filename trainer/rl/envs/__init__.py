@@ -4,6 +4,7 @@
     calculator      calculator.CalculatorEnv: arithmetic past a small model's head, a `calculate` tool (tools.py)
     guess_number    guess.GuessNumberEnv: find a hidden number from higher / lower feedback over turns
     long_doc        long_doc.LongDocEnv: a fact in one of many long sections read through a tool: long episodes
+    retry           retry.RetryEnv: any prompt with an answer, more attempts after "That is not correct"
     pkg.mod:Class   any class with reset / step / reward (base.py)
 """
 
@@ -14,7 +15,8 @@ import importlib
 BUILTIN_ENVS = {"single_turn": "trainer.rl.envs.base:SingleTurnEnv",
                 "calculator": "trainer.rl.envs.calculator:CalculatorEnv",
                 "guess_number": "trainer.rl.envs.guess:GuessNumberEnv",
-                "long_doc": "trainer.rl.envs.long_doc:LongDocEnv"}
+                "long_doc": "trainer.rl.envs.long_doc:LongDocEnv",
+                "retry": "trainer.rl.envs.retry:RetryEnv"}
 CONTRACT = ("reset", "step", "reward")
 
 
