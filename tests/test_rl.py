@@ -204,6 +204,12 @@ def test_a_multi_turn_grpo_run_logs_its_episodes(tmp_path):
         assert all(v == -1 and lp == 0.0 for v, lp, m in zip(e["versions"], e["logprobs"], e["loss_mask"]) if not m)
         assert e["messages"][0]["role"] == "system" and e["task"] == "guess_number"
         assert set(e["reward_parts"]) == {"format", "env_solved", "env_efficiency"}
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2]
+    for e in evals:  # the score is the mean total reward: its parts, weighted (format: reward.weights=[0.1])
+        assert {"reward_env_solved", "reward_env_efficiency", "reward_format"} <= set(e)
+        total = e["reward_env_solved"] + e["reward_env_efficiency"] + 0.1 * e["reward_format"]
+        assert e["accuracy"] == pytest.approx(total)
 
 
 def test_missing_sft_checkpoint_is_named():

@@ -156,15 +156,19 @@ def take_async_batch(cfg, trainer: Trainer, producer: RolloutProducer, sampler,
 
 
 def evaluate(maker: RolloutMaker, engine: RolloutEngine, prompts: list, *, open_answers: bool,
-             wait_group=None) -> float:
+             wait_group=None) -> tuple[float, dict[str, float]]:
     """Greedy score on held-out prompts, split over all ranks, each rank's share in one engine call per turn
-    (single_turn: the task's accuracy; another environment: its mean reward)."""
+    (single_turn: the task's accuracy; another environment: its mean reward), and the mean of each reward part."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    score, count = maker.evaluate(engine, prompts[rank::world], open_answers=open_answers)
+    score, count, parts = maker.evaluate(engine, prompts[rank::world], open_answers=open_answers)
     wait_for_generation(wait_group)
     t = torch.tensor([score, count], dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t[0] / max(t[1], 1))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, parts)
+    names = sorted({name for part in gathered for name in part})
+    count = max(float(t[1]), 1.0)
+    return float(t[0]) / count, {name: sum(part.get(name, 0.0) for part in gathered) / count for name in names}
 
 
 PROMPT_POOL = 4096  # training prompts drawn per run (the task spaces are small: repeats are fine)
@@ -232,11 +236,12 @@ def run_rl(cfg: DictConfig) -> list[dict]:
         episodes_log = EpisodeLog(Path(cfg.output_dir) / "rollouts.jsonl") if rank == 0 else None
 
         def held_out_eval() -> float:
-            """Greedy score at the current weights; a line of output_dir/eval.jsonl (step, accuracy, run time)."""
+            """Greedy score at the current weights; a line of output_dir/eval.jsonl (step, accuracy = the score, run
+            time, and an environment's reward parts: reward_env_<part>)."""
             sync_engine(engine, trainer)
-            accuracy = evaluate(maker, engine, eval_prompts, open_answers=open_answers, wait_group=wait_group)
-            logger.log_table("eval", ["accuracy", "elapsed_s"], [[accuracy, time.perf_counter() - run_start]],
-                             trainer.step)
+            accuracy, parts = evaluate(maker, engine, eval_prompts, open_answers=open_answers, wait_group=wait_group)
+            logger.log_table("eval", ["accuracy", "elapsed_s", *parts],
+                             [[accuracy, time.perf_counter() - run_start, *parts.values()]], trainer.step)
             return accuracy
 
         with closing(build_engine(cfg, trainer, wait_group)) as engine, closing(maker):

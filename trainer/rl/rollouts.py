@@ -173,22 +173,28 @@ class RolloutMaker:
                 sums[f"env_{key}"] = sums.get(f"env_{key}", 0.0) + float(value)
         return {**sums, "samples": samples, "episode_records": records}
 
-    def evaluate(self, engine: RolloutEngine, prompts: list, *, open_answers: bool) -> tuple[float, float]:
-        """(score sum, count) of greedy episodes on this rank's eval prompts: single_turn, the task's accuracy (the
-        <answer> tag; a user dataset: the open-answer check); other environments, the reward as trained."""
+    def evaluate(self, engine: RolloutEngine, prompts: list, *,
+                 open_answers: bool) -> tuple[float, float, dict[str, float]]:
+        """(score sum, count, reward part sums) of greedy episodes on this rank's eval prompts: single_turn, the
+        task's accuracy (the <answer> tag; a user dataset: the open-answer check; no parts); other environments,
+        the reward as trained and each of its parts (reward_<part>)."""
         if self.single_turn:
             grade = tasks.open_correctness_reward if open_answers else tasks.correctness_reward
             completions = engine.greedy([p.input_ids for p in prompts], max_new_tokens=self.budgets.max_new_tokens)
             decode = self.runner.tokenizer.decode
             return float(sum(grade(p.prompt, decode(c, skip_special_tokens=True), p.answer)
-                             for p, c in zip(prompts, completions))), float(len(prompts))
+                             for p, c in zip(prompts, completions))), float(len(prompts)), {}
         settings = SamplingSettings(n=1, max_new_tokens=self.budgets.max_new_tokens, temperature=1.0, top_p=1.0,
                                     seed=0)
         episodes = self.runner.run(engine, [p.env_row() for p in prompts], settings,
                                    routes=list(range(len(prompts))), greedy=True)
         kept = [e for e in episodes if e.error is None]
-        totals, _ = self._score(prompts, kept)
-        return float(sum(totals)), float(len(episodes))
+        totals, parts = self._score(prompts, kept)
+        part_sums: dict[str, float] = {}
+        for part in parts:
+            for name, value in part.items():
+                part_sums[f"reward_{name}"] = part_sums.get(f"reward_{name}", 0.0) + value
+        return float(sum(totals)), float(len(episodes)), part_sums
 
 
 def reward_metrics(sums: dict, rollouts: list, group=None) -> dict:
