@@ -312,3 +312,19 @@ def test_retry_and_guess_environments_reply_from_the_answer():
     right = low + [{"role": "user", "content": "Higher."}, {"role": "assistant", "content": f"<answer>{target}</answer>"}]
     assert guess.step(right, guess_row) == ([], True)
     assert guess.reward(right, guess_row)["solved"] == 1.0
+
+
+def test_a_multi_turn_run_refuses_the_template_at_startup(tmp_path):
+    """The loop's startup check (before any episode): data.chat_template set to a template that drops earlier
+    <think> blocks, with a multi-turn environment -> refused naming the key; single_turn never needs the check."""
+    from tests.test_rl import RL_FAST, compose_rl
+    from trainer.rl.loop import check_environment
+    from trainer.rl.rollouts import RolloutMaker
+    template = tmp_path / "drops_think.jinja"
+    template.write_text(QWEN3_LIKE)
+    tokenizer = load_tokenizer("builtin")
+    tokenizer.chat_template = template.read_text()  # what build_trainer does with data.chat_template
+    cfg = compose_rl(RL_FAST + ["rollout.env=guess_number", f"data.chat_template={template}"])
+    with pytest.raises(TemplateError, match="data.chat_template"):
+        check_environment(RolloutMaker(cfg, tokenizer, []), tokenizer)
+    check_environment(RolloutMaker(compose_rl(RL_FAST), tokenizer, []), tokenizer)
