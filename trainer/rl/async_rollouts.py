@@ -45,7 +45,7 @@ class Batch:
     step: int
     prompts: list  # this rank's Prompt objects
     rollouts: list  # grpo.Rollout, group by group, advantages assigned
-    sums: dict  # reward sums for logging (loop.generate_rollouts)
+    sums: dict  # reward sums for logging (rollouts.RolloutMaker.generate)
     generate_s: float
     ready_at: float  # time.perf_counter() when it was queued
     error: str | None = None

@@ -9,7 +9,7 @@ step, and ranks whose completions end at different lengths would call forward a 
 of times and deadlock (the FSDP lock-step trap). The copy has the policy's exact weights (gathered
 once per step, the only collective), runs transformers' own attention with a KV cache, and each
 rank is free to stop when its sequences end. CP is for the training forward/backward. The cost: every
-rank holds the whole model in the compute dtype; rollout.engine=vllm holds none (trainer/rl/rollout/vllm.py).
+rank holds the whole model in the compute dtype; rollout.engine=vllm holds none (trainer/rl/rollout/vllm_engine.py).
 
 One generate call per rank and step: prompts of different lengths are left-padded (pad tokens masked, positions
 counted from each row's first real token), so the batch is the rank's whole share. Log-probs: the log-softmax of

@@ -12,12 +12,15 @@
                              LoRA (rollout.vllm.lora_sync=adapter): weights.sync_adapters, the adapters only,
                              loaded as adapter cptrain-<run>-v<version> (vLLM's LoRA: --enable-lora; <run>: a token
                              of this run); requests name it
-    sample(prompts, s):      every prompt of this rank in flight at once (one request per prompt, n samples,
-                             a seed per prompt), spread round-robin over the servers by global prompt index;
-                             vLLM batches concurrent requests (continuous batching)
-        -> Completion(token ids, the server's log-prob of each token at T, version, newest): from the weight
-           version spans the server returns, the version of the first token and, when a sync overlapped the
-           request (async GRPO), of the last; the synchronous loop refuses anything but its own version
+    sample(prompts, s, routes):  every prompt of this rank in flight at once (one request per prompt, n samples,
+                             a seed per prompt), on server routes[i] % servers (an episode's turns share its
+                             prompt's route: its prefix stays in one server's cache; default: the global prompt
+                             index); vLLM batches concurrent requests (continuous batching)
+        -> Completion(token ids, the server's log-prob of each token at T, version, newest, token_versions): from
+           the weight version spans the server returns, the version of the first token and, when a sync overlapped
+           the request (async GRPO), of the last and of each token; the synchronous loop refuses anything but its
+           own version
+    step_metrics():          rank 0: the servers' prefix-cache hit rate since the last call (their /metrics)
     greedy(prompts):         temperature 0, same path
 
 Prefix cache: vLLM keeps the KV blocks of earlier prompts across a weight update (its weight transfer does not
