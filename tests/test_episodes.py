@@ -309,7 +309,8 @@ def test_retry_and_guess_environments_reply_from_the_answer():
     target, guess = int(guess_row["answer"]), GuessNumberEnv()
     low = guess.reset(guess_row) + [{"role": "assistant", "content": f"<answer>{target - 1}</answer>"}]
     assert guess.step(low, guess_row) == ([{"role": "user", "content": "Higher."}], False)
-    right = low + [{"role": "user", "content": "Higher."}, {"role": "assistant", "content": f"<answer>{target}</answer>"}]
+    right = low + [{"role": "user", "content": "Higher."},
+                   {"role": "assistant", "content": f"<answer>{target}</answer>"}]
     assert guess.step(right, guess_row) == ([], True)
     assert guess.reward(right, guess_row)["solved"] == 1.0
 
@@ -328,3 +329,51 @@ def test_a_multi_turn_run_refuses_the_template_at_startup(tmp_path):
     with pytest.raises(TemplateError, match="data.chat_template"):
         check_environment(RolloutMaker(cfg, tokenizer, []), tokenizer)
     check_environment(RolloutMaker(compose_rl(RL_FAST), tokenizer, []), tokenizer)
+
+
+class ScriptedTurns:
+    """A rollout engine whose turns are given texts (encoded + the end of turn): the tool path without a model
+    that has learned to call tools."""
+
+    def __init__(self, texts):
+        self.turns = [TOKENIZER(t, add_special_tokens=False)["input_ids"] + [STOPS[0]] for t in texts]
+        self.version, self.calls = 0, 0
+
+    def sample(self, prompts, settings, routes=None):
+        from trainer.rl.rollout.base import Completion
+        ids = self.turns[min(self.calls, len(self.turns) - 1)]
+        self.calls += 1
+        return [[Completion(list(ids), [-0.5] * len(ids), 0) for _ in range(settings.n)] for _ in prompts]
+
+
+def _tool_worker(rank, world):
+    """calculator through RolloutMaker: a tool call, its result, the answer; metrics as reward_metrics logs them."""
+    import torch.distributed as dist
+
+    from tests.test_rl import RL_FAST, compose_rl
+    from trainer.rl.envs.calculator import CalculatorEnv, calculate
+    from trainer.rl.prompts import env_prompts
+    from trainer.rl.rollouts import RolloutMaker, reward_metrics
+    cfg = compose_rl(RL_FAST + ["model.cp=1", "rollout.env=calculator", "rollout.max_turns=3", "data.seq_len=1536",
+                                "rollout.max_new_tokens=64", "reward.functions=[]", "reward.weights=[]"])
+    [row] = CalculatorEnv.make_rows(1, seed=2)
+    question = row["prompt"].removeprefix("What is ").rstrip("?")
+    engine = ScriptedTurns([f'<tool_call>{{"name": "calculate", "arguments": {{"expression": "{question}"}}}}'
+                            "</tool_call>", f"<answer>{calculate(question)}</answer>"])
+    maker = RolloutMaker(cfg, TOKENIZER, [])
+    rollouts, sums = maker.generate(engine, env_prompts([row]), 0)
+    metrics = reward_metrics(sums, rollouts)
+    maker.close()
+    dist.destroy_process_group()
+    return [(r.loss_mask, TOKENIZER.decode([t for t, m in zip(r.completion_ids, r.loss_mask) if not m]))
+            for r in rollouts], metrics, row["answer"], calculate(question)
+
+
+def test_a_tool_episode_runs_through_the_rollout_maker():
+    from tests.dist import run_distributed
+    episodes, metrics, answer, computed = run_distributed(_tool_worker, 1)[0]
+    assert computed == answer and len(episodes) == 4  # group_size episodes of the one prompt
+    for mask, environment_text in episodes:
+        assert mask.count(False) > 0 and f"<|im_start|>tool\n{answer}<|im_end|>" in environment_text
+    assert metrics["turns_mean"] == 2 and metrics["env_tool_calls"] == 4 and metrics["tool_call_success"] == 1.0
+    assert metrics["reward_env_correct"] == 1.0 and metrics["reward_env_used_tool"] == 1.0
