@@ -22,6 +22,7 @@ from trainer import config
     (["rollout.task=mixed", "rollout.eval_prompts=4"], r"rollout.eval_prompts=4 must be 0 .* or >= 5"),
     (["log_every=0"], r"log_every=0 must be >= 1"),
     (["checkpoint.keep_last=-1"], r"checkpoint.keep_last=-1 must be >= 0"),
+    (["rollout.env=verifiers:my_tasks"], r"verifiers environments are not supported yet.*verifiers_bridge.md"),
     (["model.lora.rank=4", "model.dtype=bfloat16", "checkpoint.export_hf=true", "checkpoint.export_merged=true"],
      r"export_merged=true writes W \+ scale B A in bfloat16.*checkpoint.export_dtype=float32"),
     (["model.mixer_cp=scan"], r"model.mixer_cp='scan': choose ulysses or state"),

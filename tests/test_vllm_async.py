@@ -127,9 +127,8 @@ def test_a_resumed_async_run_regenerates_what_was_in_flight(tmp_path, shared_vll
 
 def generated_tokens(client) -> float:
     """The server's count of generated tokens so far (Prometheus counter vllm:generation_tokens_total)."""
-    text = client.get("/metrics")["text"]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:generation_tokens_total"))
+    from trainer.rl.rollout.vllm_client import prometheus_total
+    return prometheus_total(client.get("/metrics")["text"], "vllm:generation_tokens_total")
 
 
 def _perturb(trainer, seed: int) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from trainer.rl.envs.base import call, check_messages
 from trainer.rl.rendering import EpisodeRenderer
@@ -142,10 +142,8 @@ class EpisodeRunner:
             live = [e for e in live if e.live]
             if not live:
                 break
-            turn_settings = SamplingSettings(
-                n=1, max_new_tokens=min(self.budgets.max_new_tokens, max(room[id(e)] for e in live)),
-                temperature=settings.temperature, top_p=settings.top_p,
-                seed=settings.seed + turn * TURN_SEED_STRIDE)
+            turn_settings = replace(settings, n=1, seed=settings.seed + turn * TURN_SEED_STRIDE,
+                                    max_new_tokens=min(self.budgets.max_new_tokens, max(room[id(e)] for e in live)))
             completions = self._sample(engine, live, turn_settings, routes, greedy, first=turn == 0, n=n)
             for e, completion in zip(live, completions):
                 self._add_turn(e, completion, room[id(e)])
@@ -166,7 +164,7 @@ class EpisodeRunner:
         groups = [live[i:i + n] for i in range(0, len(live), n)] if first and n > 1 else []
         if groups and all(len(g) == n and len({tuple(e.prompt_ids) for e in g}) == 1
                           and len({e.group for e in g}) == 1 for g in groups):
-            replies = engine.sample([g[0].prompt_ids for g in groups], settings_with(settings, n=n),
+            replies = engine.sample([g[0].prompt_ids for g in groups], replace(settings, n=n),
                                     routes=[routes[g[0].group] for g in groups])
             return [c for group in replies for c in group]
         replies = engine.sample([e.prompt_ids + e.ids for e in live], settings,
@@ -217,7 +215,3 @@ class EpisodeRunner:
                                f"rollout.max_failed_episodes={self.budgets.max_failed_fraction}); the first, on task "
                                f"{str(task)[:120]!r}: {first.error}")
 
-
-def settings_with(settings: SamplingSettings, *, n: int) -> SamplingSettings:
-    return SamplingSettings(n=n, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                            top_p=settings.top_p, seed=settings.seed)

@@ -23,6 +23,10 @@ CONTRACT = ("reset", "step", "reward")
 def resolve_env(spec: str) -> type:
     """rollout.env -> the environment class; ValueError naming the key when it cannot be found or lacks the
     contract's methods."""
+    if spec.startswith("verifiers:"):
+        raise ValueError(f"rollout.env={spec!r}: verifiers environments are not supported yet (the plan: "
+                         "docs/design/verifiers_bridge.md); write the task as a cptrain environment "
+                         "(trainer/rl/envs/base.py) meanwhile")
     path = BUILTIN_ENVS.get(spec, spec)
     module_name, _, attr = path.partition(":")
     if not attr:

@@ -29,6 +29,12 @@ CONNECT_TIMEOUT_S = 10.0
 UNIX_PREFIX = "unix:"  # unix:/abs/path/to/socket
 
 
+def prometheus_total(text: str, name: str) -> float:
+    """A counter of a vLLM server's /metrics (Prometheus text), summed over its label sets (engines)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.split("{", 1)[0].split(" ", 1)[0] == name)
+
+
 class VLLMError(RuntimeError):
     """A vLLM server failed a request, timed out, or is gone."""
 

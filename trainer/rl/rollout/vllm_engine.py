@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.rl.rollout.base import Completion, RolloutEngine, SamplingSettings, cut_at_end, stop_token_ids
-from trainer.rl.rollout.vllm_client import VLLMClient, VLLMError
+from trainer.rl.rollout.vllm_client import VLLMClient, VLLMError, prometheus_total
 from trainer.rl.rollout.vllm_server import ServerSpec, VLLMServer, install_termination_handler, resolve_python
 from trainer.rl.rollout.weights.adapter_transport import AdapterSender
 from trainer.rl.rollout.weights.file_transport import FileWeightSender
@@ -247,12 +247,8 @@ class VLLMRolloutEngine(RolloutEngine):
 
 def prefix_cache_counters(prometheus_text: str) -> tuple[float, float]:
     """(queries, hits) in tokens, summed over engines, from a vLLM server's /metrics."""
-    totals = {"vllm:prefix_cache_queries_total": 0.0, "vllm:prefix_cache_hits_total": 0.0}
-    for line in prometheus_text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]
+    return (prometheus_total(prometheus_text, "vllm:prefix_cache_queries_total"),
+            prometheus_total(prometheus_text, "vllm:prefix_cache_hits_total"))
 
 
 def wait_all_healthy(clients: list[VLLMClient], timeout_s: float) -> None:
